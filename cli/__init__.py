@@ -1,0 +1,1 @@
+"""minicnn command line (installed as the minicnn.cli package)."""

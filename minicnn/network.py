@@ -1,0 +1,427 @@
+"""Network: layers built from a spec, parameters in one flat buffer with PyTorch-layout views.
+
+    net = Network.from_spec("small", input_shape=(1, 28, 28), seed=0)
+    loss, grads = net.loss_and_grads(x, y)     # x: (N, C, H, W), y: (N,) int
+
+Like llm.c, all parameters live in one allocation (``net.flat_params``) and ``net.params`` are
+named views into it, in layer order: conv weight (F, C, K, K), conv bias (F,), dense weight
+(O, D), dense bias (O,). Gradients live in a twin buffer (``net.flat_grads``). Flat buffers make
+the SGD update, gradient norms and gradient cosines one vector operation each.
+
+The ops come from a backend module with the same names in every backend:
+``numpy`` (minicnn.ops.ref, the oracle), ``cpu`` (Numba, the default), ``cuda`` (Numba CUDA).
+Work buffers for activations and gradients are allocated once per batch size and reused.
+"""
+import math
+
+import numpy as np
+
+from .errors import ConfigError, SpecError
+from .spec import canonical_spec, parse_spec
+
+DEVICES = ("cpu", "numpy", "cuda")
+INITS = ("torch", "he", "xavier")
+
+
+def get_backend(device):
+    """The ops module for a device name; only the requested backend is imported (and compiled)."""
+    if device == "cpu":
+        from .ops import cpu
+        return cpu
+    if device == "numpy":
+        from .ops import ref
+        return ref
+    if device == "cuda":
+        from .ops import cuda
+        cuda.require_gpu()
+        return cuda
+    raise ConfigError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
+
+
+# --------------------------------------------------------------------------- layers
+class Layer:
+    """A layer: shapes fixed at build time; forward saves what backward needs."""
+    kind = ""
+    param_shapes = ()
+
+    def __init__(self, name, in_shape):
+        self.name = name
+        self.in_shape = in_shape          # per-sample shape, e.g. (C, H, W)
+        self.out_shape = in_shape
+        self.params = []                  # views into the network's flat buffer
+        self.grads = []
+
+    def fan_in_out(self):
+        return 0, 0
+
+
+class Conv2d(Layer):
+    kind = "conv"
+
+    def __init__(self, name, in_shape, ls):
+        super().__init__(name, in_shape)
+        C, H, W = in_shape
+        self.F, self.K, self.S, self.P = ls.out, ls.k, ls.stride, ls.pad
+        OH = (H + 2 * self.P - self.K) // self.S + 1
+        OW = (W + 2 * self.P - self.K) // self.S + 1
+        if OH < 1 or OW < 1:
+            raise SpecError(f"layer '{ls.token()}' does not fit its input {C}x{H}x{W}: output would be "
+                            f"{OH}x{OW}; use a smaller kernel, more padding or a larger input")
+        self.out_shape = (self.F, OH, OW)
+        self.param_shapes = ((self.F, C, self.K, self.K), (self.F,))
+
+    def fan_in_out(self):
+        C = self.in_shape[0]
+        return C * self.K * self.K, self.F * self.K * self.K
+
+    def forward(self, ops, ws, x):
+        w, b = self.params
+        self.x = x
+        return ops.conv2d_forward(x, w, b, self.S, self.P, **ws.out(self.name, "out"))
+
+    def backward(self, ops, ws, dout, need_dx):
+        w, _ = self.params
+        dw, db = self.grads
+        if not ws.takes_out:
+            return _ref_into(ops.conv2d_backward(dout, self.x, w, self.S, self.P), (dw, db))[0]
+        bufs = ws.out(self.name, "dx") if need_dx else {}
+        dx, _, _ = ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)
+        return dx
+
+
+class ReLU(Layer):
+    kind = "relu"
+
+    def forward(self, ops, ws, x):
+        self.out = ops.relu_forward(x, **ws.out(self.name, "out"))
+        return self.out
+
+    def backward(self, ops, ws, dout, need_dx):
+        return ops.relu_backward(dout, self.out, **ws.out(self.name, "dx"))
+
+
+class MaxPool2d(Layer):
+    kind = "maxpool"
+
+    def __init__(self, name, in_shape, ls):
+        super().__init__(name, in_shape)
+        C, H, W = in_shape
+        self.K, self.S = ls.k, ls.stride
+        OH, OW = (H - self.K) // self.S + 1, (W - self.K) // self.S + 1
+        if OH < 1 or OW < 1:
+            raise SpecError(f"layer '{ls.token()}' does not fit its input {C}x{H}x{W}; "
+                            f"use a smaller pooling window")
+        self.out_shape = (C, OH, OW)
+
+    def forward(self, ops, ws, x):
+        self.x_shape = x.shape
+        out, self.argmax = ops.maxpool2d_forward(x, self.K, self.S, **ws.out(self.name, "out", "argmax"))
+        return out
+
+    def backward(self, ops, ws, dout, need_dx):
+        return ops.maxpool2d_backward(dout, self.argmax, self.x_shape, **ws.out(self.name, "dx"))
+
+
+class Flatten(Layer):
+    kind = "flatten"
+
+    def __init__(self, name, in_shape):
+        super().__init__(name, in_shape)
+        self.out_shape = (int(np.prod(in_shape)),)
+
+    def forward(self, ops, ws, x):
+        return x.reshape(x.shape[0], -1)           # a view: C,H,W order, as torch.flatten
+
+    def backward(self, ops, ws, dout, need_dx):
+        return dout.reshape((dout.shape[0],) + tuple(self.in_shape))
+
+
+class Dense(Layer):
+    kind = "fc"
+
+    def __init__(self, name, in_shape, ls):
+        super().__init__(name, in_shape)
+        (D,) = in_shape
+        self.out_shape = (ls.out,)
+        self.param_shapes = ((ls.out, D), (ls.out,))
+
+    def fan_in_out(self):
+        return self.in_shape[0], self.out_shape[0]
+
+    def forward(self, ops, ws, x):
+        w, b = self.params
+        self.x = x
+        return ops.dense_forward(x, w, b, **ws.out(self.name, "out"))
+
+    def backward(self, ops, ws, dout, need_dx):
+        w, _ = self.params
+        dw, db = self.grads
+        if not ws.takes_out:
+            return _ref_into(ops.dense_backward(dout, self.x, w), (dw, db))[0]
+        bufs = ws.out(self.name, "dx") if need_dx else {}
+        dx, _, _ = ops.dense_backward(dout, self.x, w, dw=dw, db=db, need_dx=need_dx, **bufs)
+        return dx
+
+
+def _ref_into(result, grad_views):
+    """For the allocating (reference) backend: copy (dx, dw, db) grads into the flat buffer views."""
+    dx, *grads = result
+    for view, g in zip(grad_views, grads):
+        view[...] = g
+    return (dx,) + tuple(grads)
+
+
+class _Workspace:
+    """Preallocated per-batch-size buffers, handed to the ops as out=/dx=/argmax= keywords.
+
+    The reference backend allocates its own results (clarity over speed), so it gets none.
+    """
+
+    def __init__(self, takes_out):
+        self.takes_out = takes_out
+        self.batch = None
+        self.bufs = {}
+
+    def out(self, layer_name, *names):
+        if not self.takes_out:
+            return {}
+        return {n: self.bufs[(layer_name, n)] for n in names if (layer_name, n) in self.bufs}
+
+
+# --------------------------------------------------------------------------- network
+class Network:
+    """A feed-forward CNN: conv / relu / maxpool / flatten / fc layers, softmax cross-entropy loss."""
+
+    def __init__(self, spec, input_shape, seed=0, dtype=np.float32, init="torch", init_scale=1.0,
+                 device="cpu"):
+        if len(input_shape) != 3 or min(input_shape) < 1:
+            raise SpecError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ConfigError(f"dtype must be float32 or float64, got {dtype}")
+        if init not in INITS:
+            raise ConfigError(f"unknown init '{init}'; accepted: {', '.join(INITS)}")
+        if not (np.isfinite(init_scale) and init_scale >= 0):
+            raise ConfigError(f"init_scale must be a finite number >= 0, got {init_scale}")
+        self.spec = canonical_spec(spec)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.dtype = dtype
+        self.device = device
+        self.seed, self.init, self.init_scale = seed, init, init_scale
+        self.ops = get_backend(device)
+        self.layers = self._build(parse_spec(spec), self.input_shape)
+        self.num_classes = self.layers[-1].out_shape[0]
+
+        # one flat buffer for all parameters, one for all gradients; per-layer views into them
+        shapes = [s for layer in self.layers for s in layer.param_shapes]
+        self.param_names = [f"{layer.name}.{pn}" for layer in self.layers
+                            for pn in ("weight", "bias")[:len(layer.param_shapes)]]
+        sizes = [int(np.prod(s)) for s in shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.flat_params = np.zeros(self.offsets[-1], dtype=dtype)
+        self.flat_grads = np.zeros(self.offsets[-1], dtype=dtype)
+        self.params = [self.flat_params[a:b].reshape(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
+        self.grads = [self.flat_grads[a:b].reshape(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
+        i = 0
+        for layer in self.layers:
+            n = len(layer.param_shapes)
+            layer.params, layer.grads = self.params[i:i + n], self.grads[i:i + n]
+            i += n
+        self.reset_parameters(seed, init, init_scale)
+        self._ws = _Workspace(takes_out=(device != "numpy"))
+        self.probs = None
+        self.logits = None
+
+    @classmethod
+    def from_spec(cls, spec, input_shape, seed=0, dtype=np.float32, init="torch", init_scale=1.0, device="cpu"):
+        return cls(spec, input_shape, seed=seed, dtype=dtype, init=init, init_scale=init_scale, device=device)
+
+    @staticmethod
+    def _build(specs, shape):
+        layers, counts = [], {}
+        for ls in specs:
+            counts[ls.kind] = counts.get(ls.kind, 0) + 1
+            name = {"maxpool": "pool"}.get(ls.kind, ls.kind) + str(counts[ls.kind])
+            if ls.kind == "conv":
+                if len(shape) != 3:
+                    raise SpecError(f"layer '{ls.token()}' needs a (C, H, W) input, got {shape}")
+                layer = Conv2d(name, shape, ls)
+            elif ls.kind == "maxpool":
+                layer = MaxPool2d(name, shape, ls)
+            elif ls.kind == "relu":
+                layer = ReLU(name, shape)
+            elif ls.kind == "flatten":
+                layer = Flatten(name, shape)
+            else:
+                layer = Dense(name, shape, ls)
+            layers.append(layer)
+            shape = layer.out_shape
+        return layers
+
+    # ----------------------------------------------------------------------- parameters
+    def reset_parameters(self, seed=0, init="torch", init_scale=1.0):
+        """Initialise every parameter from ``seed``, drawn in layer order in float64.
+
+        torch:  PyTorch's default for Conv2d/Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                (kaiming_uniform_ with a=sqrt(5) reduces to that bound)
+        he:     weight ~ N(0, 2/fan_in), bias 0          (Kaiming normal, fan_in, for ReLU)
+        xavier: weight ~ U(-a, a), a = sqrt(6/(fan_in+fan_out)), bias 0   (Glorot uniform)
+        Then every parameter is multiplied by init_scale.
+        """
+        rng = np.random.default_rng(seed)
+        for layer in self.layers:
+            if not layer.params:
+                continue
+            w, b = layer.params
+            fan_in, fan_out = layer.fan_in_out()
+            if init == "torch":
+                bound = 1.0 / math.sqrt(fan_in)
+                w[...] = rng.uniform(-bound, bound, size=w.shape)
+                b[...] = rng.uniform(-bound, bound, size=b.shape)
+            elif init == "he":
+                w[...] = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=w.shape)
+                b[...] = 0
+            else:
+                a = math.sqrt(6.0 / (fan_in + fan_out))
+                w[...] = rng.uniform(-a, a, size=w.shape)
+                b[...] = 0
+        self.flat_params *= self.dtype.type(init_scale)
+
+    def set_params(self, arrays):
+        """Copy a list of arrays (same order and shapes as ``params``) into the network."""
+        arrays = list(arrays)
+        if len(arrays) != len(self.params):
+            raise ConfigError(f"set_params got {len(arrays)} arrays; this network has {len(self.params)} "
+                              f"({', '.join(self.param_names)})")
+        for name, p, a in zip(self.param_names, self.params, arrays):
+            a = np.asarray(a)
+            if a.shape != p.shape:
+                raise ConfigError(f"set_params: {name} has shape {p.shape}, got {a.shape}")
+            p[...] = a
+
+    def state_dict(self):
+        """{name: array copy}, names as PyTorch's (conv1.weight, conv1.bias, fc1.weight, ...)."""
+        return {n: p.copy() for n, p in zip(self.param_names, self.params)}
+
+    def load_state_dict(self, state):
+        missing = [n for n in self.param_names if n not in state]
+        if missing:
+            raise ConfigError(f"load_state_dict: missing {', '.join(missing)}")
+        self.set_params([state[n] for n in self.param_names])
+
+    @property
+    def num_params(self):
+        return int(self.flat_params.size)
+
+    def param_layers(self):
+        """[(layer name, slice into flat_params)] for the layers that have parameters."""
+        out, i = [], 0
+        for layer in self.layers:
+            n = len(layer.param_shapes)
+            if n:
+                out.append((layer.name, slice(int(self.offsets[i]), int(self.offsets[i + n]))))
+            i += n
+        return out
+
+    def summary(self):
+        """Rows of (layer name, kind, output shape, number of parameters)."""
+        rows = []
+        for layer in self.layers:
+            rows.append((layer.name, layer.kind, layer.out_shape, sum(int(np.prod(s)) for s in layer.param_shapes)))
+        return rows
+
+    # ----------------------------------------------------------------------- forward/backward
+    def _check_input(self, x):
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ConfigError(f"input must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if x.dtype != self.dtype or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=self.dtype)
+        return x
+
+    def _prepare(self, n):
+        """(Re)allocate work buffers for batch size n (kept for the last few sizes used)."""
+        ws = self._ws
+        if not ws.takes_out or ws.batch == n:
+            return
+        cache = getattr(self, "_ws_cache", {})
+        self._ws_cache = cache
+        if n not in cache:
+            bufs, dt = {}, self.dtype
+            for layer in self.layers:
+                shp = (n,) + tuple(layer.out_shape)
+                if layer.kind in ("conv", "relu", "maxpool", "fc"):
+                    bufs[(layer.name, "out")] = np.empty(shp, dt)
+                if layer.kind == "maxpool":
+                    bufs[(layer.name, "argmax")] = np.empty(shp, np.int32)
+                if layer.kind in ("conv", "relu", "maxpool", "fc"):
+                    bufs[(layer.name, "dx")] = np.empty((n,) + tuple(layer.in_shape), dt)
+            bufs[("loss", "probs")] = np.empty((n, self.num_classes), dt)
+            bufs[("loss", "dlogits")] = np.empty((n, self.num_classes), dt)
+            if len(cache) >= 4:                       # train batch, last partial batch, eval batch
+                cache.pop(next(iter(cache)))
+            cache[n] = bufs
+        ws.bufs, ws.batch = cache[n], n
+
+    def _forward(self, x):
+        self._prepare(x.shape[0])
+        for layer in self.layers:
+            x = layer.forward(self.ops, self._ws, x)
+        self.logits = x
+        return x
+
+    def forward(self, x):
+        """Logits (N, classes) for a batch x: (N, C, H, W). Returns a new array."""
+        return np.array(self._forward(self._check_input(x)))
+
+    def predict(self, x, batch_size=512):
+        """Class predictions for any number of samples, in batches."""
+        x = np.asarray(x)
+        return np.concatenate([self.forward(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+    def _check_labels(self, y, n):
+        y = np.asarray(y)
+        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+            raise ConfigError(f"labels must be an integer array of shape ({n},), got {y.dtype} {y.shape}")
+        if n and (y.min() < 0 or y.max() >= self.num_classes):
+            raise ConfigError(f"labels must be in 0..{self.num_classes - 1}, got {y.min()}..{y.max()}")
+        return np.ascontiguousarray(y, dtype=np.int64)
+
+    def _loss(self, x, y):
+        """Forward and loss; keeps probs for the backward pass."""
+        logits = self._forward(x)
+        loss, self.probs = self.ops.softmax_cross_entropy_forward(logits, y, **self._ws.out("loss", "probs"))
+        return float(loss)
+
+    def _backward(self, y):
+        """Backward from the last _loss call; gradients land in flat_grads."""
+        dout = self.ops.softmax_cross_entropy_backward(self.probs, y, **self._ws.out("loss", "dlogits"))
+        for i in range(len(self.layers) - 1, -1, -1):
+            dout = self.layers[i].backward(self.ops, self._ws, dout, need_dx=i > 0)
+
+    def loss(self, x, y):
+        """Mean softmax cross-entropy of the batch (forward only)."""
+        x = self._check_input(x)
+        return self._loss(x, self._check_labels(y, x.shape[0]))
+
+    def loss_and_grads(self, x, y):
+        """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new arrays."""
+        x = self._check_input(x)
+        y = self._check_labels(y, x.shape[0])
+        loss = self._loss(x, y)
+        self._backward(y)
+        return loss, [g.copy() for g in self.grads]
+
+    def evaluate(self, x, y, batch_size=500):
+        """(mean loss, accuracy) over a whole dataset, in batches."""
+        n = len(x)
+        total, correct = 0.0, 0
+        for i in range(0, n, batch_size):
+            xb = self._check_input(x[i:i + batch_size])
+            yb = np.ascontiguousarray(y[i:i + batch_size], dtype=np.int64)
+            total += self._loss(xb, yb) * len(yb)
+            correct += int((np.asarray(self.logits).argmax(1) == yb).sum())
+        return total / n, correct / n
+
+    def __repr__(self):
+        return (f"Network('{self.spec}', input_shape={self.input_shape}, params={self.num_params}, "
+                f"dtype={self.dtype.name}, device='{self.device}')")

@@ -1,0 +1,190 @@
+"""The per-step trace: what each SGD step did, in numbers, written as it happens.
+
+Levels
+    off    only the step's loss and lr (needed for the loss curve)
+    light  what the step's own forward/backward gives: gradient/weight/update norms per layer,
+           gradient cosine with the previous step, dead ReLU fractions, logit statistics
+    full   light + one more forward/backward on the SAME batch after the update: the loss after
+           the step (the direct test of overshoot), the first-order prediction -lr*<g, d> beside
+           the actual change, and Cockpit's alpha from a quadratic fitted along the step
+
+Sharpness (every K steps, any level): lambda_max of the loss Hessian on a fixed batch by power
+iteration on Hessian-vector products from centred finite differences of gradients (no autograd),
+reported beside 2/lr, the stability threshold of gradient descent on a quadratic.
+
+The trace file is a CSV with a header: ``numpy.genfromtxt(path, delimiter=",", names=True)`` or
+``pandas.read_csv(path)`` reads it in one call. Rows are flushed as they are written, so a crash,
+NaN or Ctrl-C leaves every finished step on disk.
+"""
+import csv
+import math
+
+import numpy as np
+
+TRACE_LEVELS = ("off", "light", "full")
+
+# Power iteration for lambda_max: stop when the estimate changes by less than this (relative),
+# or after POWER_ITERS_MAX iterations (each costs two gradient evaluations).
+POWER_TOL = 1e-3
+POWER_ITERS_MAX = 30
+# Finite-difference step for Hessian-vector products, relative to the weight norm: in float64
+# the centred difference error is O(eps^2 * third derivative) while rounding is O(1e-16 / eps);
+# 1e-4 of ||w|| balances both for the networks here.
+HVP_REL_EPS = 1e-4
+
+
+def columns(net, level, sharpness):
+    """Column names of the trace for a network and trace level."""
+    cols = ["step", "epoch", "lr", "loss", "time_s"]
+    if level in ("light", "full"):
+        cols += ["grad_norm", "weight_norm", "update_norm", "grad_cos", "logit_max", "entropy",
+                 "top_class_share", "batch_acc"]
+        for name, _ in net.param_layers():
+            cols += [f"grad_norm.{name}", f"weight_norm.{name}", f"update_ratio.{name}"]
+        cols += [f"dead.{layer.name}" for layer in net.layers if layer.kind == "relu"]
+    if level == "full":
+        cols += ["loss_after", "loss_change", "predicted_change", "alpha"]
+    if sharpness:
+        cols += ["lambda_max", "two_over_lr", "hvp_evals"]
+    return cols
+
+
+class TraceWriter:
+    """Append-only CSV of step records, flushed after every row."""
+
+    def __init__(self, path, cols):
+        self.cols = cols
+        self.f = open(path, "w", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=cols, restval="", extrasaction="ignore")
+        self.w.writeheader()
+        self.f.flush()
+
+    def write(self, record):
+        self.w.writerow({k: _fmt(v) for k, v in record.items()})
+        self.f.flush()
+
+    def close(self):
+        if not self.f.closed:
+            self.f.close()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    return v
+
+
+def read_trace(path):
+    """The trace as a dict of column name -> numpy array (pandas.read_csv works too)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return {}
+    head, body = rows[0], rows[1:]
+    out = {}
+    for j, name in enumerate(head):
+        vals = [r[j] if j < len(r) else "" for r in body]
+        out[name] = np.array([float(v) if v != "" else np.nan for v in vals])
+    return out
+
+
+# --------------------------------------------------------------------------- step metrics
+def dead_fraction(relu_out):
+    """Share of units (positions c,h,w or neurons) that are zero for every sample of the batch."""
+    a = np.asarray(relu_out).reshape(relu_out.shape[0], -1)
+    return float(1.0 - np.count_nonzero(a.any(axis=0)) / a.shape[1])
+
+
+def logit_stats(logits, probs, y):
+    """Largest |logit|, mean softmax entropy, share of the batch predicted as the top class, accuracy."""
+    logits, probs = np.asarray(logits), np.asarray(probs)
+    pred = logits.argmax(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.sum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1)
+    counts = np.bincount(pred, minlength=logits.shape[1])
+    return {"logit_max": float(np.abs(logits).max()), "entropy": float(ent.mean()),
+            "top_class_share": float(counts.max() / len(pred)), "batch_acc": float((pred == y).mean())}
+
+
+def alpha_from_step(f0, f1, df0, df1):
+    """Cockpit's alpha: where the step ended relative to the minimum of a 1-D quadratic.
+
+    Along the step w(t) = w + t*d, t in [0, 1], fit q(t) = a t^2 + b t + c by least squares to
+    q(0) = f0, q(1) = f1, q'(0) = df0, q'(1) = df1 (df = <grad, d>). With t* = -b / (2a) the
+    minimum, alpha = 1/t* - 1: -1 no move, 0 landed on the minimum, 1 landed on the mirror point
+    (loss back where it started), > 1 overshot further (loss rose). Concave fits (a <= 0) or a
+    step that went uphill have no such minimum: alpha is nan there.
+    """
+    A = np.array([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
+    rhs = np.array([f0, f1, df0, df1], dtype=np.float64)
+    if not np.all(np.isfinite(rhs)):
+        return math.nan
+    a, b, _ = np.linalg.lstsq(A, rhs, rcond=None)[0]
+    if a <= 0 or b >= 0:
+        return math.nan
+    t_star = -b / (2 * a)
+    return float(1.0 / t_star - 1.0)
+
+
+def layer_norms(net, flat_grads, flat_delta):
+    """Per-layer gradient norm, weight norm and update-to-weight ratio ||dw|| / ||w||."""
+    rec = {}
+    for name, sl in net.param_layers():
+        wn = float(np.linalg.norm(net.flat_params[sl]))
+        rec[f"grad_norm.{name}"] = float(np.linalg.norm(flat_grads[sl]))
+        rec[f"weight_norm.{name}"] = wn
+        rec[f"update_ratio.{name}"] = float(np.linalg.norm(flat_delta[sl]) / wn) if wn > 0 else math.nan
+    return rec
+
+
+# --------------------------------------------------------------------------- sharpness
+class Sharpness:
+    """lambda_max of the loss Hessian on a fixed batch, by power iteration with finite-difference HVPs.
+
+    Works on a float64 twin of the network (same spec, weights copied in), so the finite
+    differences are accurate even when training runs in float32. ``evals`` counts gradient
+    evaluations spent (two per Hessian-vector product).
+    """
+
+    def __init__(self, net, x, y, seed=0):
+        from .network import Network
+        self.net = net
+        self.twin = Network(net.spec, net.input_shape, seed=0, dtype=np.float64,
+                            device="numpy" if net.device == "numpy" else "cpu")
+        self.x = np.ascontiguousarray(x, dtype=np.float64)
+        self.y = np.ascontiguousarray(y, dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.v = None            # warm start: the previous top eigenvector
+        self.evals = 0
+
+    def _grad(self, w):
+        self.twin.flat_params[...] = w
+        self.twin._loss(self.x, self.y)
+        self.twin._backward(self.y)
+        self.evals += 1
+        return self.twin.flat_grads.copy()
+
+    def hvp(self, w, v):
+        eps = HVP_REL_EPS * max(1.0, float(np.linalg.norm(w)))
+        return (self._grad(w + eps * v) - self._grad(w - eps * v)) / (2 * eps)
+
+    def __call__(self, flat_params=None):
+        """(lambda_max, gradient evaluations used) at the given (default: current) weights."""
+        w = np.array(self.net.flat_params if flat_params is None else flat_params, dtype=np.float64)
+        v = self.v if self.v is not None else self.rng.standard_normal(w.size)
+        v = v / np.linalg.norm(v)
+        start, lam = self.evals, math.nan
+        for _ in range(POWER_ITERS_MAX):
+            hv = self.hvp(w, v)
+            new = float(v @ hv)
+            norm = np.linalg.norm(hv)
+            if not (math.isfinite(new) and norm > 0):
+                lam = new
+                break
+            v = hv / norm
+            if math.isfinite(lam) and abs(new - lam) <= POWER_TOL * abs(new):
+                lam = new
+                break
+            lam = new
+        self.v = v
+        return lam, self.evals - start

@@ -1,0 +1,124 @@
+"""Whole networks: loss_and_grads against centred finite differences (float64), init, set_params."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from minicnn import ConfigError, Network
+from conftest import random_batch
+
+
+@st.composite
+def small_specs(draw):
+    """A random small network spec and an input shape it fits."""
+    C = draw(st.integers(1, 2))
+    H = draw(st.integers(5, 9))
+    W = draw(st.integers(5, 9))
+    tokens, h, w = [], H, W
+    for _ in range(draw(st.integers(0, 2))):
+        k = draw(st.integers(1, 3))
+        s = draw(st.integers(1, 2))
+        p = draw(st.integers(0, 1))
+        oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        if oh < 1 or ow < 1:
+            continue
+        tokens.append(f"conv{draw(st.integers(1, 3))}k{k}s{s}p{p}")
+        h, w = oh, ow
+        if draw(st.booleans()):
+            tokens.append("relu")
+        if h >= 2 and w >= 2 and draw(st.booleans()):
+            tokens.append("maxpool2")
+            h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+    if draw(st.booleans()):
+        tokens += [f"fc{draw(st.integers(2, 5))}", "relu"]
+    tokens.append(f"fc{draw(st.integers(2, 4))}")
+    return "-".join(tokens), (C, H, W)
+
+
+def numeric_grad(net, x, y, idx, eps=1e-6):
+    out = []
+    for i in idx:
+        old = net.flat_params[i]
+        net.flat_params[i] = old + eps
+        lp = net.loss(x, y)
+        net.flat_params[i] = old - eps
+        lm = net.loss(x, y)
+        net.flat_params[i] = old
+        out.append((lp - lm) / (2 * eps))
+    return np.array(out)
+
+
+def rel_error(a, b):
+    return np.max(np.abs(a - b)) / max(1e-8, np.max(np.abs(a) + np.abs(b)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(spec=small_specs(), seed=st.integers(0, 10_000), device=st.sampled_from(["numpy", "cpu"]))
+def test_loss_and_grads_match_finite_differences(spec, seed, device):
+    spec, shape = spec
+    net = Network.from_spec(spec, input_shape=shape, seed=seed, dtype=np.float64, device=device)
+    rng = np.random.default_rng(seed)
+    x, y = random_batch(rng, 3, shape, classes=net.num_classes)
+    loss, grads = net.loss_and_grads(x, y)
+    flat = np.concatenate([g.ravel() for g in grads])
+    idx = rng.choice(net.num_params, size=min(40, net.num_params), replace=False)
+    num = numeric_grad(net, x, y, idx)
+    assert rel_error(flat[idx], num) < 1e-6, (spec, rel_error(flat[idx], num))
+    assert np.isclose(loss, net.loss(x, y), rtol=0, atol=0)
+
+
+def test_cpu_backend_matches_reference_float32():
+    rng = np.random.default_rng(0)
+    x, y = random_batch(rng, 8, (1, 28, 28), dtype=np.float32)
+    a = Network.from_spec("small", (1, 28, 28), seed=3, device="numpy")
+    b = Network.from_spec("small", (1, 28, 28), seed=3, device="cpu")
+    la, ga = a.loss_and_grads(x, y)
+    lb, gb = b.loss_and_grads(x, y)
+    assert abs(la - lb) < 1e-5
+    for u, v in zip(ga, gb):
+        assert np.max(np.abs(u - v)) <= 1e-5 * max(1.0, np.max(np.abs(u)))
+
+
+@pytest.mark.parametrize("init", ["torch", "he", "xavier"])
+def test_init_statistics(init):
+    net = Network.from_spec("conv64k3-relu-fc200-relu-fc10", (8, 10, 10), seed=0, init=init, device="numpy")
+    w = net.params[0]
+    fan_in = 8 * 9
+    if init == "torch":
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+        assert np.abs(net.params[1]).max() <= bound
+    elif init == "he":
+        assert abs(w.std() - np.sqrt(2 / fan_in)) < 0.05 * np.sqrt(2 / fan_in)
+        assert not net.params[1].any()
+    else:
+        a = np.sqrt(6 / (fan_in + 64 * 9))
+        assert np.abs(w).max() <= a and np.abs(w).max() > 0.95 * a
+
+
+def test_init_scale_and_seed():
+    a = Network.from_spec("small", (1, 28, 28), seed=1, device="numpy")
+    b = Network.from_spec("small", (1, 28, 28), seed=1, init_scale=3.0, device="numpy")
+    c = Network.from_spec("small", (1, 28, 28), seed=2, device="numpy")
+    np.testing.assert_allclose(b.flat_params, 3 * a.flat_params, rtol=1e-6)
+    assert not np.array_equal(a.flat_params, c.flat_params)
+    d64 = Network.from_spec("small", (1, 28, 28), seed=1, dtype=np.float64, device="numpy")
+    np.testing.assert_array_equal(d64.flat_params.astype(np.float32), a.flat_params)
+
+
+def test_set_params_checks_shapes():
+    net = Network.from_spec("small", (1, 28, 28), device="numpy")
+    new = [np.full(p.shape, 0.5) for p in net.params]
+    net.set_params(new)
+    assert np.all(net.flat_params == 0.5)
+    with pytest.raises(ConfigError, match="conv1.weight has shape"):
+        net.set_params([np.zeros((3, 3))] + new[1:])
+    with pytest.raises(ConfigError, match="got 2 arrays"):
+        net.set_params(new[:2])
+
+
+def test_bad_inputs_to_forward():
+    net = Network.from_spec("small", (1, 28, 28), device="numpy")
+    with pytest.raises(ConfigError, match="input must have shape"):
+        net.forward(np.zeros((2, 3, 28, 28)))
+    with pytest.raises(ConfigError, match="labels must be in 0..9"):
+        net.loss_and_grads(np.zeros((2, 1, 28, 28)), np.array([0, 10]))

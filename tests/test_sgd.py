@@ -1,0 +1,62 @@
+import math
+
+import numpy as np
+import pytest
+
+from minicnn import SGD, ConfigError, parse_schedule
+
+
+def torch_rule(p, grads, lr, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
+    """torch.optim.SGD written out in NumPy (the documented algorithm)."""
+    buf = None
+    for g in grads:
+        g = g + weight_decay * p
+        if momentum:
+            buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
+            g = g + momentum * buf if nesterov else buf
+        p = p - lr * g
+    return p
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+                                dict(weight_decay=0.01), dict(momentum=0.5, dampening=0.3, weight_decay=0.1)])
+def test_update_rule(kw):
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(7)
+    grads = [rng.standard_normal(7) for _ in range(5)]
+    p = p0.copy()
+    opt = SGD(lr=0.1, **kw)
+    for g in grads:
+        opt.step([p], [g])
+    np.testing.assert_allclose(p, torch_rule(p0, grads, 0.1, **kw), rtol=1e-14, atol=1e-14)
+
+
+def test_bad_hyperparameters():
+    with pytest.raises(ConfigError):
+        SGD(lr=-1)
+    with pytest.raises(ConfigError):
+        SGD(lr=float("nan"))
+    with pytest.raises(ConfigError, match="Nesterov"):
+        SGD(lr=0.1, nesterov=True)
+
+
+def test_schedules():
+    assert parse_schedule("constant", 0.1, 100)(57) == 0.1
+    s = parse_schedule("step:10:0.5", 0.1, 100)
+    assert s(9) == 0.1 and s(10) == 0.05 and s(25) == 0.025
+    c = parse_schedule("cosine", 1.0, 100)
+    assert c(0) == 1.0 and abs(c(50) - 0.5) < 1e-12 and c(100) == 0.0
+    w = parse_schedule("warmup:10+cosine", 1.0, 100)
+    assert abs(w(0) - 0.1) < 1e-12 and abs(w(9) - c(9)) < 1e-12
+    lin = parse_schedule("linear:0.2", 1.0, 10)
+    assert abs(lin(5) - 0.6) < 1e-12
+    pw = parse_schedule("0:0.01,500:1.0,501:0.01", 0.1, 1000)
+    assert pw(0) == 0.01 and pw(499) == 0.01 and pw(500) == 1.0 and pw(501) == 0.01 and pw(999) == 0.01
+    assert parse_schedule("100:0.5", 0.1, 1000)(50) == 0.1
+    assert math.isclose(parse_schedule("exp:1.1", 1e-3, 10)(2), 1e-3 * 1.21)
+
+
+@pytest.mark.parametrize("bad", ["cosin", "step", "step:0", "warmup:x+cosine", "0:abc", "0:-1", "exp", "linear:1:2"])
+def test_bad_schedules(bad):
+    with pytest.raises(ConfigError, match="accepted"):
+        parse_schedule(bad, 0.1, 100)
