@@ -189,61 +189,76 @@ def _md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_NETWORK_ERRORS = (urllib.error.URLError, OSError, http.client.HTTPException, ValueError)
+
+
+def _network_error(url: str, exc: BaseException) -> DataError:
+    if isinstance(exc, urllib.error.HTTPError):
+        reason = f"HTTP error {exc.code} ({exc.reason})"
+    elif isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+    else:
+        reason = exc
+    return DataError(_one_line(f"could not download {url}: {reason or type(exc).__name__}"))
+
+
 def download_file(url: str, dest, md5: Optional[str] = None, progress: Progress = None,
                   timeout: Optional[float] = None) -> Path:
     """Download ``url`` to ``dest`` atomically, verifying ``md5`` when given.
 
     The data goes to a hidden temporary file next to ``dest`` and is moved into place with
     ``os.replace`` only once complete and verified; on any failure, including Ctrl-C, the
-    temporary file is removed and nothing is left at ``dest``. ``progress(bytes_done,
-    bytes_total)`` is called as chunks arrive (``bytes_total`` is None if the server does not
-    say). Network problems and checksum mismatches raise ``DataError``.
+    temporary file is removed and nothing is left at ``dest`` (the folder is only created once
+    the server answers). ``progress(bytes_done, bytes_total)`` is called as chunks arrive
+    (``bytes_total`` is None if the server does not say). Network problems and checksum
+    mismatches raise ``DataError``.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    request = urllib.request.Request(url, headers={"User-Agent": "minicnn"})
     try:
+        response = urllib.request.urlopen(request, timeout=timeout or DOWNLOAD_TIMEOUT)
+    except _NETWORK_ERRORS as exc:
+        raise _network_error(url, exc) from exc
+    with response:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         try:
-            digest, done, total = _fetch(url, fd, progress, timeout or DOWNLOAD_TIMEOUT)
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-            if isinstance(exc, urllib.error.HTTPError):
-                reason = f"HTTP error {exc.code} ({exc.reason})"
-            else:
-                reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            raise DataError(_one_line(f"could not download {url}: {reason or type(exc).__name__}")) from exc
-        if total is not None and done != total:
-            raise DataError(f"could not download {url}: the connection closed after {done} of {total} bytes")
-        if md5 is not None and digest != md5:
-            raise DataError(f"download of {url} has MD5 {digest} but the published checksum is {md5}; "
-                            f"nothing was saved (the mirror may serve a different or damaged file)")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    digest, done, total = _stream(response, out, progress)
+            except _NETWORK_ERRORS as exc:
+                raise _network_error(url, exc) from exc
+            if total is not None and done != total:
+                raise DataError(f"could not download {url}: the connection closed after {done} of {total} bytes")
+            if md5 is not None and digest != md5:
+                raise DataError(f"download of {url} has MD5 {digest} but the published checksum is {md5}; "
+                                f"nothing was saved (the mirror may serve a different or damaged file)")
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
     return dest
 
 
-def _fetch(url: str, fd: int, progress: Progress, timeout: float):
-    """Stream ``url`` into the open file descriptor ``fd``; returns (md5, bytes, total)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "minicnn"})
+def _stream(response, out, progress: Progress):
+    """Copy ``response`` to the file ``out`` in chunks; returns (md5, bytes copied, bytes announced)."""
+    length = response.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
     digest = hashlib.md5()
     done = 0
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
+    if progress is not None:
+        progress(0, total)
+    while True:
+        chunk = response.read(CHUNK_SIZE)
+        if not chunk:
+            break
+        out.write(chunk)
+        digest.update(chunk)
+        done += len(chunk)
         if progress is not None:
-            progress(0, total)
-        while True:
-            chunk = response.read(CHUNK_SIZE)
-            if not chunk:
-                break
-            out.write(chunk)
-            digest.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, total)
+            progress(done, total)
     return digest.hexdigest(), done, total
 
 
@@ -505,14 +520,15 @@ def _split_one(x: np.ndarray, y: np.ndarray, split: float, source: str, files: S
     return x[a], y[a], x[b], y[b], note
 
 
-def _missing_message(name, dirs, target, located, plain_names, alt_suffix, download, download_error) -> str:
+def _missing_message(name, dirs, target, located, plain_names, alt_suffix, download, download_error,
+                     alternative="") -> str:
     """One line: what failed, what was found, what is missing, where to put it, and --split."""
     found = [str(p) for p in located.values() if p is not None]
     missing = [n + alt_suffix for n, p in located.items() if p is None]
     have = {part: all(located[f] is not None for f in files) for part, files in plain_names.items()}
     parts = [f"{name}: " + (f"{download_error}; " if download_error else "")]
-    parts.append(f"found {', '.join(found)}" if found else f"found none of its files")
-    parts.append(f"; missing {', '.join(missing)}")
+    parts.append(f"found {', '.join(found)}" if found else "found none of its files")
+    parts.append(f"; missing {', '.join(missing)}{alternative}")
     parts.append(f"; place them in {target}")
     others = [str(d) for d in dirs if d != target]
     if others:
@@ -535,9 +551,12 @@ def _assemble(name, loaded: dict, split, located, note_files) -> dict:
     else:
         source = "test" if "test" in loaded else "train"
         x_train, y_train, x_test, y_test, note = _split_one(*loaded[source], split, source, note_files[source])
-    return {"name": name, "x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
-            "class_names": list(CLASS_NAMES[name]), "note": note,
-            "files": [str(p) for p in located.values() if p is not None]}
+    result = {"name": name, "x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+              "class_names": list(CLASS_NAMES[name]),
+              "files": [str(p) for p in located.values() if p is not None]}
+    if note is not None:
+        result["note"] = note
+    return result
 
 
 def _load_idx_dataset(name, data_dir, download, split, progress) -> dict:
@@ -581,9 +600,8 @@ def _load_cifar_dataset(name, data_dir, download, split, progress) -> dict:
             located = {f: located[f] or _find_cifar(dirs, f) for f in every}
     have = {part: all(located[f] is not None for f in files) for part, files in _CIFAR_FILES.items()}
     if not all(have.values()) and (split is None or not any(have.values())):
-        message = _missing_message(name, dirs, target, located, _CIFAR_FILES, "", download, download_error)
-        raise DataError(message.replace("; place them in",
-                                        f" (or {_CIFAR_ARCHIVE}); place them in", 1))
+        raise DataError(_missing_message(name, dirs, target, located, _CIFAR_FILES, "", download, download_error,
+                                         alternative=f" (or {_CIFAR_ARCHIVE})"))
     loaded = {}
     for part, files in _CIFAR_FILES.items():
         if have[part]:
@@ -599,8 +617,8 @@ def load_dataset(name: str, data_dir=None, download: bool = True, split: Optiona
     """Load ``name`` (one of ``DATASETS``) as float32 arrays in [0, 1].
 
     Returns a dict with ``x_train`` (N, C, H, W) float32, ``y_train`` int64, ``x_test``,
-    ``y_test``, ``class_names``, ``name``, ``note`` (None, or a sentence about how the data was
-    split) and ``files`` (the paths read). See the module docstring for where files are looked
+    ``y_test``, ``class_names``, ``name`` and ``files`` (the paths read), plus ``note`` (a
+    sentence about how the data was split) only when there is something to say. See the module docstring for where files are looked
     for and downloaded to. ``split`` (a fraction in (0, 1)) is used only when just one of the
     train/test splits is present: that split is then divided deterministically (seed 0).
     ``progress(bytes_done, bytes_total)`` is called while downloading.

@@ -20,7 +20,10 @@ from .errors import ConfigError, SpecError
 from .spec import canonical_spec, parse_spec
 
 DEVICES = ("cpu", "numpy", "cuda")
-INITS = ("torch", "he", "xavier")
+INITS = ("torch", "he", "xavier", "dead")
+# init "dead": He weights, every bias before a ReLU set to this, so every ReLU starts dead
+# (inputs here are O(1), so pre-activations stay far below 0): a network initialised on the plateau.
+DEAD_BIAS = -10.0
 
 
 def get_backend(device):
@@ -266,10 +269,12 @@ class Network:
                 (kaiming_uniform_ with a=sqrt(5) reduces to that bound)
         he:     weight ~ N(0, 2/fan_in), bias 0          (Kaiming normal, fan_in, for ReLU)
         xavier: weight ~ U(-a, a), a = sqrt(6/(fan_in+fan_out)), bias 0   (Glorot uniform)
+        dead:   he, but every layer feeding a ReLU gets bias DEAD_BIAS: all ReLUs start dead
+                (for demonstrations: a network initialised on the flat plateau)
         Then every parameter is multiplied by init_scale.
         """
         rng = np.random.default_rng(seed)
-        for layer in self.layers:
+        for li, layer in enumerate(self.layers):
             if not layer.params:
                 continue
             w, b = layer.params
@@ -278,9 +283,10 @@ class Network:
                 bound = 1.0 / math.sqrt(fan_in)
                 w[...] = rng.uniform(-bound, bound, size=w.shape)
                 b[...] = rng.uniform(-bound, bound, size=b.shape)
-            elif init == "he":
+            elif init in ("he", "dead"):
                 w[...] = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=w.shape)
-                b[...] = 0
+                feeds_relu = li + 1 < len(self.layers) and self.layers[li + 1].kind == "relu"
+                b[...] = DEAD_BIAS if (init == "dead" and feeds_relu) else 0
             else:
                 a = math.sqrt(6.0 / (fan_in + fan_out))
                 w[...] = rng.uniform(-a, a, size=w.shape)

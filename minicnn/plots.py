@@ -67,3 +67,55 @@ def plot_losses(run_or_path, path=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+EVENT_COLORS = {"overshoot": "tab:orange", "spike": "tab:red", "oscillation": "tab:purple", "eos": "tab:brown",
+                "dead": "black", "collapse": "tab:gray", "stall": "tab:olive", "diverged": "red",
+                "overfit": "tab:cyan"}
+
+
+def plot_inspect(run, diagnosis, path):
+    """The multi-panel inspection figure: losses with events, gradient norms, update ratios,
+    dead fractions, and lambda_max against 2/lr."""
+    plt = _plt()
+    s = run.steps
+    fig, axes = plt.subplots(5, 1, figsize=(9, 13), sharex=True)
+    ax = axes[0]
+    draw_losses(ax, run, title=diagnosis.title)
+    seen = set()
+    for ev in diagnosis.events:
+        c = EVENT_COLORS.get(ev.kind, "k")
+        ax.axvspan(ev.step, max(ev.end, ev.step + 0.5), color=c, alpha=0.15,
+                   label=None if ev.kind in seen else ev.kind)
+        seen.add(ev.kind)
+    if diagnosis.decisive_step is not None:
+        ax.axvline(diagnosis.decisive_step, color="red", ls="--", lw=1, label="decisive step")
+    ax.legend(fontsize=6, loc="upper right", ncol=2)
+    steps = s.get("step", np.array([]))
+    layers = [k[len("grad_norm."):] for k in s if k.startswith("grad_norm.")]
+    for name in layers:
+        axes[1].semilogy(steps, s[f"grad_norm.{name}"], lw=0.8, label=name)
+        axes[2].semilogy(steps, s[f"update_ratio.{name}"], lw=0.8, label=name)
+    axes[1].set_ylabel("gradient norm")
+    axes[2].set_ylabel("|dw| / |w|")
+    for k in s:
+        if k.startswith("dead."):
+            axes[3].plot(steps, s[k], lw=0.8, label=k[5:])
+    axes[3].set_ylabel("dead ReLU fraction")
+    axes[3].set_ylim(-0.02, 1.02)
+    if "lambda_max" in s:
+        ok = np.isfinite(s["lambda_max"])
+        axes[4].semilogy(steps[ok], s["lambda_max"][ok], "o-", ms=3, label="lambda_max")
+        axes[4].semilogy(steps, 2.0 / np.maximum(s["lr"], 1e-30), "k--", lw=0.8, label="2 / lr")
+    else:
+        axes[4].text(0.5, 0.5, "no sharpness measured (use --sharpness-every K)", ha="center",
+                     va="center", transform=axes[4].transAxes, fontsize=8)
+    axes[4].set_ylabel("sharpness")
+    axes[4].set_xlabel("step")
+    for a in axes[1:]:
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

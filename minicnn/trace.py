@@ -126,11 +126,12 @@ def alpha_from_step(f0, f1, df0, df1):
     return float(1.0 / t_star - 1.0)
 
 
-def layer_norms(net, flat_grads, flat_delta):
-    """Per-layer gradient norm, weight norm and update-to-weight ratio ||dw|| / ||w||."""
+def layer_norms(net, flat_grads, flat_delta, flat_before):
+    """Per-layer gradient norm, weight norm and update-to-weight ratio ||dw|| / ||w||, with w the
+    weights before the step."""
     rec = {}
     for name, sl in net.param_layers():
-        wn = float(np.linalg.norm(net.flat_params[sl]))
+        wn = float(np.linalg.norm(flat_before[sl]))
         rec[f"grad_norm.{name}"] = float(np.linalg.norm(flat_grads[sl]))
         rec[f"weight_norm.{name}"] = wn
         rec[f"update_ratio.{name}"] = float(np.linalg.norm(flat_delta[sl]) / wn) if wn > 0 else math.nan

@@ -192,7 +192,8 @@ def train(config=None, out=None, data=None, on_step=None, on_eval=None, on_start
         os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, "config.json"), {
             "config": cfg.to_dict(), "spec": net.spec, "input_shape": net.input_shape,
-            "num_params": net.num_params, "dataset": data.describe(), "num_classes": data.num_classes, "steps_total": total,
+            "num_params": net.num_params, "dataset": data.describe(), "num_classes": data.num_classes,
+            "label_entropy": _entropy(data.y_train, data.num_classes), "steps_total": total,
             "steps_per_epoch": steps_per_epoch, "trace_level": level, "eval_every": eval_every,
             "environment": _environment()})
         writer = tr.TraceWriter(os.path.join(out, "steps.csv"), tr.columns(net, level, bool(sharp)))
@@ -250,12 +251,12 @@ def train(config=None, out=None, data=None, on_step=None, on_eval=None, on_start
                         g = net.flat_grads
                         delta = net.flat_params - flat_before
                         gn = float(np.linalg.norm(g))
-                        rec.update(grad_norm=gn, weight_norm=float(np.linalg.norm(net.flat_params)),
+                        rec.update(grad_norm=gn, weight_norm=float(np.linalg.norm(flat_before)),
                                    update_norm=float(np.linalg.norm(delta)))
                         if step > 0:
                             pn = float(np.linalg.norm(prev_grad))
                             rec["grad_cos"] = float(g @ prev_grad) / (gn * pn) if gn > 0 and pn > 0 else math.nan
-                        rec.update(tr.layer_norms(net, g, delta))
+                        rec.update(tr.layer_norms(net, g, delta, flat_before))
                         prev_grad[...] = g
                         if level == "full":
                             df0 = float(np.dot(g.astype(np.float64), delta.astype(np.float64)))
@@ -306,6 +307,12 @@ def train(config=None, out=None, data=None, on_step=None, on_eval=None, on_start
         from .plots import plot_losses
         plot_losses(out)
     return result
+
+
+def _entropy(y, k):
+    p = np.bincount(y, minlength=k) / len(y)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
 
 
 def _fmt(v):

@@ -1,0 +1,113 @@
+"""Diagnosis on problems with known answers and on engineered runs with a known truth."""
+import math
+
+import numpy as np
+import pytest
+
+from minicnn import Network, load_run, train
+from minicnn.data import load_shapes
+from minicnn.diagnose import diagnose, find_events
+from minicnn.trace import Sharpness, alpha_from_step
+
+
+# ------------------------------------------------------------------ known answers
+@pytest.mark.parametrize("t_star", [0.25, 0.5, 1.0, 2.0, 4.0])
+def test_alpha_on_an_exact_quadratic(t_star):
+    # q(t) = (t - t*)^2 along the step: f0 = t*^2, f1 = (1 - t*)^2, q'(t) = 2(t - t*)
+    a = alpha_from_step(t_star ** 2, (1 - t_star) ** 2, -2 * t_star, 2 * (1 - t_star))
+    assert math.isclose(a, 1 / t_star - 1, rel_tol=1e-12, abs_tol=1e-12)
+    # alpha > 1 exactly when the loss rose (past the mirror point t = 2 t*)
+    assert (a > 1) == ((1 - t_star) ** 2 > t_star ** 2 and 1 > 2 * t_star)
+
+
+def test_alpha_undefined_on_concave_or_uphill():
+    assert math.isnan(alpha_from_step(1.0, 0.0, -0.5, -2.0))   # concave along the step
+    assert math.isnan(alpha_from_step(1.0, 2.0, 1.0, 3.0))     # the step went uphill
+
+
+def dense_hessian(net, x, y, eps=1e-5):
+    """The full Hessian of the loss by centred differences of (analytic) gradients, float64."""
+    w0 = net.flat_params.copy()
+    n = w0.size
+    H = np.empty((n, n))
+    for i in range(n):
+        for sgn, store in ((1, "p"), (-1, "m")):
+            net.flat_params[...] = w0
+            net.flat_params[i] += sgn * eps
+            _, g = net.loss_and_grads(x, y)
+            flat = np.concatenate([v.ravel() for v in g])
+            if store == "p":
+                gp = flat
+            else:
+                gm = flat
+        H[:, i] = (gp - gm) / (2 * eps)
+    net.flat_params[...] = w0
+    return 0.5 * (H + H.T)
+
+
+@pytest.mark.parametrize("spec", ["fc3", "conv2k3-relu-fc3"])
+def test_lambda_max_matches_dense_hessian(spec):
+    rng = np.random.default_rng(0)
+    net = Network.from_spec(spec, (1, 5, 5), seed=1, dtype=np.float64, init_scale=3.0, device="numpy")
+    x = rng.standard_normal((16, 1, 5, 5))
+    y = rng.integers(0, 3, 16)
+    top = np.linalg.eigvalsh(dense_hessian(net, x, y))[-1]
+    lam, evals = Sharpness(net, x, y, seed=0)()
+    assert abs(lam - top) <= 0.01 * abs(top), (lam, top)
+    assert evals >= 2 and evals % 2 == 0
+
+
+# ------------------------------------------------------------------ engineered runs
+@pytest.fixture(scope="module")
+def shapes():
+    return load_shapes(seed=0, n_train=4000, n_val=500)
+
+
+def test_first_order_prediction_is_minus_lr_g_squared(tmp_path, shapes):
+    out = str(tmp_path / "r")
+    train(out=out, data=shapes, steps=15, lr=0.05, batch_size=32, trace="full")
+    s = load_run(out).steps
+    np.testing.assert_allclose(s["predicted_change"], -0.05 * s["grad_norm"] ** 2, rtol=1e-4)
+    np.testing.assert_allclose(s["loss_change"], s["loss_after"] - s["loss"], rtol=1e-12)
+
+
+def test_injected_huge_step_is_flagged_at_exactly_that_step(tmp_path, shapes):
+    out = str(tmp_path / "inject")
+    train(out=out, data=shapes, steps=240, lr=0.1, lr_schedule="0:0.1,150:10,151:0.1", batch_size=32)
+    d = diagnose(load_run(out))
+    assert d.verdict == "collapse", d.text
+    assert d.decisive_step == 150, d.text
+    assert any(e.kind == "overshoot" and e.step == 150 for e in d.events)
+    assert not any(e.kind in ("overshoot", "spike") and e.step < 150 and "lr 10" in e.evidence for e in d.events)
+    assert "step 150" in d.text and "dead" in d.text
+
+
+def test_init_that_kills_every_relu_is_stuck_from_the_start(tmp_path, shapes):
+    out = str(tmp_path / "dead")
+    train(out=out, data=shapes, steps=120, lr=1e-4, init="dead", batch_size=32)
+    d = diagnose(load_run(out))
+    assert d.verdict == "stuck", d.text
+    assert "dead from step 0" in d.text and "ln 10" in d.text
+
+
+def test_well_tuned_run_is_healthy_without_events(tmp_path, shapes):
+    out = str(tmp_path / "ok")
+    train(out=out, data=shapes, steps=300, lr=0.05, batch_size=32)
+    d = diagnose(load_run(out))
+    assert d.verdict == "healthy", d.text
+    assert d.events == [], [str(e) for e in d.events]
+
+
+def test_diverged_run(tmp_path, shapes):
+    out = str(tmp_path / "div")
+    train(out=out, data=shapes, steps=50, lr=1e20, batch_size=32)
+    d = diagnose(load_run(out))
+    assert d.verdict == "diverged" and d.decisive_step is not None
+
+
+def test_sharpness_in_trace(tmp_path, shapes):
+    out = str(tmp_path / "sharp")
+    train(out=out, data=shapes, steps=6, lr=0.1, batch_size=32, sharpness_every=3, arch="conv4k3p1-relu-maxpool2-fc10")
+    s = load_run(out).steps
+    assert np.isfinite(s["lambda_max"][[0, 3]]).all() and np.isnan(s["lambda_max"][[1, 2, 4, 5]]).all()
+    assert (s["two_over_lr"][[0, 3]] == 20).all() and (s["hvp_evals"][[0, 3]] >= 2).all()

@@ -1,0 +1,276 @@
+"""The Numba CPU kernels (minicnn/ops/cpu.py) against the NumPy reference.
+
+float64: every result within rtol 1e-12 of the reference (relative to the result's scale).
+float32: cpu.py runs in float32 and is compared with the reference run in float64 on the same
+(float32-rounded) inputs, within 1e-5 of the result's scale.
+Also: preallocated outputs (pre-filled with NaN, so anything not written shows), need_dx=False,
+bit-identical results between runs and between 1 and 2 threads, and argument checks.
+"""
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+
+from minicnn.ops import cpu, ref
+from tests.strategies import (FEW_EXAMPLES, JIT_SETTINGS, conv_case, dense_case, loss_case,
+                              normal_array, pool_case, relu_case, separated_array)
+
+DTYPES = [np.float64, np.float32]
+RTOL = {np.float64: 1e-12, np.float32: 1e-5}
+
+
+def assert_close(got, expected, dtype):
+    """max|got - expected| <= rtol * max(1, max|expected|), and the dtype is the input's."""
+    assert got.dtype == dtype
+    assert got.shape == expected.shape
+    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    err = float(np.max(np.abs(got.astype(np.float64) - expected))) if expected.size else 0.0
+    assert err <= RTOL[dtype] * scale, f"max error {err:.3g} > {RTOL[dtype]:.0e} * {scale:.3g}"
+
+
+def cast(dtype, *arrays):
+    """The arrays cast to dtype (what cpu.py gets) and back to float64 (what ref.py gets)."""
+    low = [np.asarray(a, dtype=dtype) for a in arrays]
+    return low, [a.astype(np.float64) for a in low]
+
+
+def nan_like(shape, dtype):
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- conv2d
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=conv_case())
+def test_conv2d_matches_ref(dtype, case):
+    (x, w, b, dout), (x64, w64, b64, dout64) = cast(dtype, case["x"], case["w"], case["b"], case["dout"])
+    _, _, _, _, _, _, S, P = case["shape"]
+    assert_close(cpu.conv2d_forward(x, w, b, S, P), ref.conv2d_forward(x64, w64, b64, S, P), dtype)
+    for got, expected in zip(cpu.conv2d_backward(dout, x, w, S, P), ref.conv2d_backward(dout64, x64, w64, S, P)):
+        assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW_EXAMPLES
+@given(case=conv_case())
+def test_conv2d_preallocated_outputs_and_need_dx(dtype, case):
+    (x, w, b, dout), (x64, w64, b64, dout64) = cast(dtype, case["x"], case["w"], case["b"], case["dout"])
+    _, _, _, _, _, _, S, P = case["shape"]
+    out = nan_like(dout.shape, dtype)
+    assert cpu.conv2d_forward(x, w, b, S, P, out=out) is out
+    assert_close(out, ref.conv2d_forward(x64, w64, b64, S, P), dtype)
+
+    dx, dw, db = nan_like(x.shape, dtype), nan_like(w.shape, dtype), nan_like(b.shape, dtype)
+    got = cpu.conv2d_backward(dout, x, w, S, P, dx=dx, dw=dw, db=db)
+    assert got[0] is dx and got[1] is dw and got[2] is db
+    for g, e in zip(got, ref.conv2d_backward(dout64, x64, w64, S, P)):
+        assert_close(g, e, dtype)
+
+    dw2, db2 = nan_like(w.shape, dtype), nan_like(b.shape, dtype)
+    none, dw2_out, db2_out = cpu.conv2d_backward(dout, x, w, S, P, dw=dw2, db=db2, need_dx=False)
+    assert none is None and dw2_out is dw2 and db2_out is db2
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+
+
+def test_conv2d_large_pad_and_stride_cases():
+    """Fixed corner cases: pad > K - 1 (dx crops), stride that skips input, 1x1 kernel, K = H."""
+    rng = np.random.default_rng(1)
+    for (N, C, H, W, F, K, S, P) in [(2, 2, 3, 4, 3, 1, 1, 2), (1, 3, 8, 7, 2, 2, 3, 0),
+                                     (2, 1, 4, 4, 5, 4, 1, 0), (1, 2, 5, 5, 3, 3, 2, 2),
+                                     (1, 1, 1, 1, 1, 4, 1, 2)]:
+        x = rng.standard_normal((N, C, H, W))
+        w = rng.standard_normal((F, C, K, K))
+        b = rng.standard_normal(F)
+        out = ref.conv2d_forward(x, w, b, S, P)
+        dout = rng.standard_normal(out.shape)
+        assert_close(cpu.conv2d_forward(x, w, b, S, P), out, np.float64)
+        for g, e in zip(cpu.conv2d_backward(dout, x, w, S, P), ref.conv2d_backward(dout, x, w, S, P)):
+            assert_close(g, e, np.float64)
+
+
+def test_conv2d_rejects_bad_arguments():
+    x, w, b = np.zeros((1, 2, 5, 5)), np.zeros((3, 2, 3, 3)), np.zeros(3)
+    with pytest.raises(ValueError):
+        cpu.conv2d_forward(x, np.zeros((3, 1, 3, 3)), b, 1, 0)              # channel mismatch
+    with pytest.raises(ValueError):
+        cpu.conv2d_forward(x, w, b, 1, 0, out=np.zeros((1, 3, 5, 5)))      # wrong out shape
+    with pytest.raises(ValueError):
+        cpu.conv2d_forward(x, w, b, 1, 0, out=np.zeros((1, 3, 3, 3), np.float32))  # wrong out dtype
+    with pytest.raises(ValueError):
+        cpu.conv2d_forward(np.zeros((1, 2, 2, 2)), w, b, 1, 0)             # kernel larger than input
+    with pytest.raises(ValueError):
+        cpu.conv2d_forward(x, w, b, 0, 0)                                   # stride 0
+
+
+# --------------------------------------------------------------------------- max-pool
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=pool_case())
+def test_maxpool2d_matches_ref(dtype, case):
+    (x, dout), (x64, dout64) = cast(dtype, case["x"], case["dout"])
+    _, _, _, _, K, S = case["shape"]
+    out, argmax = cpu.maxpool2d_forward(x, K, S)
+    out_ref, argmax_ref = ref.maxpool2d_forward(x64, K, S)
+    assert argmax.dtype == np.int32
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    assert_close(out, out_ref, dtype)
+    assert_close(cpu.maxpool2d_backward(dout, argmax, x.shape), ref.maxpool2d_backward(dout64, argmax_ref, x.shape), dtype)
+
+    out2, argmax2, dx2 = nan_like(out.shape, dtype), np.full(out.shape, -7, np.int32), nan_like(x.shape, dtype)
+    got = cpu.maxpool2d_forward(x, K, S, out=out2, argmax=argmax2)
+    assert got[0] is out2 and got[1] is argmax2
+    np.testing.assert_array_equal(out2, out)
+    np.testing.assert_array_equal(argmax2, argmax)
+    assert cpu.maxpool2d_backward(dout, argmax, x.shape, dx=dx2) is dx2
+    np.testing.assert_array_equal(dx2, cpu.maxpool2d_backward(dout, argmax, x.shape))
+
+
+def test_maxpool2d_ties_pick_first_in_row_major_order():
+    for dtype in DTYPES:
+        x = np.array([[[[1.0, 5.0, 2.0],
+                        [5.0, 5.0, 0.0],
+                        [3.0, 4.0, 5.0]]]], dtype=dtype)
+        out, argmax = cpu.maxpool2d_forward(x, 2, 1)
+        np.testing.assert_array_equal(argmax[0, 0], [[1, 1], [3, 4]])
+        np.testing.assert_array_equal(argmax, ref.maxpool2d_forward(x, 2, 1)[1])
+        _, argmax = cpu.maxpool2d_forward(np.zeros((2, 3, 4, 4), dtype), 2, 2)
+        np.testing.assert_array_equal(argmax[1, 2], [[0, 2], [8, 10]])
+
+
+# --------------------------------------------------------------------------- ReLU
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=relu_case())
+def test_relu_matches_ref(dtype, case):
+    (x, dout), (x64, dout64) = cast(dtype, case["x"], case["dout"])
+    out = cpu.relu_forward(x)
+    assert_close(out, ref.relu_forward(x64), dtype)
+    assert_close(cpu.relu_backward(dout, out), ref.relu_backward(dout64, ref.relu_forward(x64)), dtype)
+
+    out2, dx2 = nan_like(x.shape, dtype), nan_like(x.shape, dtype)
+    assert cpu.relu_forward(x, out=out2) is out2
+    assert cpu.relu_backward(dout, out2, dx=dx2) is dx2
+    np.testing.assert_array_equal(out2, out)
+    np.testing.assert_array_equal(dx2, cpu.relu_backward(dout, out))
+
+
+def test_relu_edge_values_follow_ref():
+    x = np.array([-np.inf, -1.0, -0.0, 0.0, 2.0, np.inf, np.nan])
+    np.testing.assert_array_equal(cpu.relu_forward(x), ref.relu_forward(x))            # NaN passes through
+    out = cpu.relu_forward(x)
+    np.testing.assert_array_equal(cpu.relu_backward(np.ones_like(x), out), ref.relu_backward(np.ones_like(x), out))
+
+
+# --------------------------------------------------------------------------- dense
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=dense_case())
+def test_dense_matches_ref(dtype, case):
+    (x, w, b, dout), (x64, w64, b64, dout64) = cast(dtype, case["x"], case["w"], case["b"], case["dout"])
+    assert_close(cpu.dense_forward(x, w, b), ref.dense_forward(x64, w64, b64), dtype)
+    for got, expected in zip(cpu.dense_backward(dout, x, w), ref.dense_backward(dout64, x64, w64)):
+        assert_close(got, expected, dtype)
+
+    out = nan_like(dout.shape, dtype)
+    assert cpu.dense_forward(x, w, b, out=out) is out
+    assert_close(out, ref.dense_forward(x64, w64, b64), dtype)
+    dx, dw, db = nan_like(x.shape, dtype), nan_like(w.shape, dtype), nan_like(b.shape, dtype)
+    got = cpu.dense_backward(dout, x, w, dx=dx, dw=dw, db=db)
+    assert got[0] is dx and got[1] is dw and got[2] is db
+    for g, e in zip(got, ref.dense_backward(dout64, x64, w64)):
+        assert_close(g, e, dtype)
+    none, dw2, db2 = cpu.dense_backward(dout, x, w, need_dx=False)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+
+
+def test_dense_long_rows():
+    """D = 1568 (a 32x7x7 feature map) exercises the lane-blocked dot product with a tail of 0."""
+    x, w, b = normal_array(0, (5, 1568)), normal_array(1, (10, 1568)), normal_array(2, (10,))
+    assert_close(cpu.dense_forward(x, w, b), ref.dense_forward(x, w, b), np.float64)
+    x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
+    assert_close(cpu.dense_forward(x32, w32, b32), ref.dense_forward(*(a.astype(np.float64) for a in (x32, w32, b32))), np.float32)
+
+
+# --------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=loss_case())
+def test_softmax_cross_entropy_matches_ref(dtype, case):
+    (logits,), (logits64,) = cast(dtype, case["logits"])
+    y = case["y"]
+    loss, probs = cpu.softmax_cross_entropy_forward(logits, y)
+    loss_ref, probs_ref = ref.softmax_cross_entropy_forward(logits64, y)
+    assert isinstance(loss, float)
+    assert abs(loss - loss_ref) <= RTOL[dtype] * max(1.0, abs(loss_ref))
+    assert_close(probs, probs_ref, dtype)
+    assert_close(cpu.softmax_cross_entropy_backward(probs, y), ref.softmax_cross_entropy_backward(probs_ref, y), dtype)
+
+    probs2, dlogits2 = nan_like(probs.shape, dtype), nan_like(probs.shape, dtype)
+    loss2, got = cpu.softmax_cross_entropy_forward(logits, y.astype(np.int32), probs=probs2)
+    assert got is probs2 and loss2 == loss
+    np.testing.assert_array_equal(probs2, probs)
+    assert cpu.softmax_cross_entropy_backward(probs, y.astype(np.int32), dlogits=dlogits2) is dlogits2
+    np.testing.assert_array_equal(dlogits2, cpu.softmax_cross_entropy_backward(probs, y))
+
+
+def test_softmax_cross_entropy_large_logits_and_bad_labels():
+    logits = np.array([[1000.0, 0.0, -1000.0], [-1000.0, -1000.0, -999.0]])
+    y = np.array([0, 2])
+    loss, probs = cpu.softmax_cross_entropy_forward(logits, y)
+    loss_ref, probs_ref = ref.softmax_cross_entropy_forward(logits, y)
+    assert np.isfinite(loss) and abs(loss - loss_ref) <= 1e-12
+    assert_close(probs, probs_ref, np.float64)
+    with pytest.raises(ValueError):
+        cpu.softmax_cross_entropy_forward(logits, np.array([0, 3]))
+    with pytest.raises(ValueError):
+        cpu.softmax_cross_entropy_backward(probs, np.array([-1, 0]))
+
+
+# --------------------------------------------------------------------------- determinism
+def _all_ops(dtype):
+    """Run every op on one medium problem; return every output array."""
+    x = separated_array(0, (8, 3, 12, 12)).astype(dtype)
+    w = normal_array(1, (6, 3, 3, 3), 0.5).astype(dtype)
+    b = normal_array(2, (6,)).astype(dtype)
+    results = []
+    for S, P in [(1, 1), (2, 0)]:
+        out = cpu.conv2d_forward(x, w, b, S, P)
+        dout = normal_array(3, out.shape).astype(dtype)
+        results += [out, *cpu.conv2d_backward(dout, x, w, S, P)]
+    a = cpu.relu_forward(x)
+    p, argmax = cpu.maxpool2d_forward(a, 2, 2)
+    dp = cpu.maxpool2d_backward(p, argmax, a.shape)
+    results += [a, p, argmax, dp, cpu.relu_backward(dp, a)]
+    flat = p.reshape(8, -1)
+    wd, bd = normal_array(4, (5, flat.shape[1]), 0.2).astype(dtype), normal_array(5, (5,)).astype(dtype)
+    logits = cpu.dense_forward(flat, wd, bd)
+    y = np.arange(8) % 5
+    loss, probs = cpu.softmax_cross_entropy_forward(logits, y)
+    dlogits = cpu.softmax_cross_entropy_backward(probs, y)
+    results += [logits, np.array([loss]), probs, dlogits, *cpu.dense_backward(dlogits, flat, wd)]
+    return results
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_are_bit_identical_across_runs_and_thread_counts(dtype):
+    first = _all_ops(dtype)
+    second = _all_ops(dtype)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    max_threads = numba.config.NUMBA_NUM_THREADS
+    if max_threads < 2:
+        pytest.skip("needs 2 Numba threads")
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _all_ops(dtype)
+        numba.set_num_threads(2)
+        two = _all_ops(dtype)
+    finally:
+        numba.set_num_threads(before)
+    for a, b, c in zip(first, one, two):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
