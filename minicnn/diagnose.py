@@ -327,7 +327,8 @@ def diagnose(run):
     loss = np.asarray(s["loss"], dtype=np.float64)
     step = s["step"].astype(int)
     sm = _smooth(loss, SMOOTH)
-    start = float(np.nanmean(loss[:min(n, 5)]))
+    head = loss[:min(n, 5)]
+    start = float(np.mean(head[np.isfinite(head)])) if np.isfinite(head).any() else math.nan
     finite = np.isfinite(sm)
     best_i = int(np.nanargmin(np.where(finite, sm, np.inf)))
     best = float(sm[best_i])
