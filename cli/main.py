@@ -46,6 +46,7 @@ def training_options(f):
     from minicnn.network import DEVICES, INITS
     from minicnn.sgd import SCHEDULE_HELP
     from minicnn.spec import PRESETS
+    from minicnn.train import CHECKPOINT_EVERY
     opts = [
         click.option("--data", default="shapes", show_default=True, help=f"Dataset: {DATA_HELP}."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
@@ -84,6 +85,9 @@ def training_options(f):
         click.option("--sharpness-every", type=click.IntRange(0), default=0, show_default=True,
                      help="Every K steps, measure lambda_max of the loss Hessian on a fixed batch (0: never)."),
         click.option("--threads", type=click.IntRange(1), default=None, help="Numba threads (default: all cores)."),
+        click.option("--checkpoint-every", type=click.IntRange(0), default=CHECKPOINT_EVERY, show_default=True,
+                     help="Steps between checkpoints under RUN_DIR/checkpoints/ (0: none); "
+                          "'minicnn debug --from' replays from the nearest one."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -240,6 +244,12 @@ def _num(v):
     if v == int(v) and abs(v) < 1e9:
         return str(int(v))
     return f"{v:.5g}"
+
+
+from .debug import debug_command; main.add_command(debug_command)  # noqa: E402,E702  (cli/debug.py)
+from .sweep import lr_find_command, sweep_command  # noqa: E402  (cli/sweep.py)
+main.add_command(sweep_command)
+main.add_command(lr_find_command)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from .network import Network
 from .runs import Run, load_run
 from .sgd import SGD, parse_schedule
 from .spec import PRESETS, parse_spec
+from .stepper import Stepper
 from .train import RunResult, TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = ["Network", "SGD", "parse_schedule", "train", "TrainConfig", "RunResult", "load_data", "Dataset",
-           "load_run", "Run", "parse_spec", "PRESETS", "MinicnnError", "SpecError", "DataError",
+           "load_run", "Run", "Stepper", "parse_spec", "PRESETS", "MinicnnError", "SpecError", "DataError",
            "ConfigError", "DeviceError", "__version__"]

@@ -119,3 +119,110 @@ def plot_inspect(run, diagnosis, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# one colour per diagnosis verdict (minicnn.diagnose) and for a run that raised
+VERDICT_COLORS = {"healthy": "tab:green", "slow": "tab:olive", "overfitting": "tab:cyan",
+                  "unstable": "tab:orange", "collapse": "tab:purple", "stuck": "tab:gray",
+                  "diverged": "tab:red", "empty": "lightgray", "error": "black"}
+
+
+def plot_grid(cells, path, title=None, panel_size=(3.4, 2.6), dpi=90):
+    """One panel per run in a grid: training and validation loss against steps, each panel titled
+    with its verdict and framed in the verdict's colour, the decisive step marked.
+
+    cells: a list of dicts, one per panel:
+        run            a Run or a run directory (None for a run that produced nothing)
+        row, col       labels; rows and columns appear in order of first appearance
+        verdict        optional; diagnose(run).verdict when missing
+        decisive_step  optional; diagnose(run)'s when the verdict is missing too
+        subtitle       optional second title line (e.g. the diagnosis title or an error)
+        label          optional panel title (default "<verdict>")
+    Used by ``minicnn sweep`` (rows architectures, columns learning rates) and to show runs side by side.
+    """
+    import os
+    import textwrap
+    from .runs import load_run
+    plt = _plt()
+    row_labels = list(dict.fromkeys(c.get("row", "") for c in cells))
+    col_labels = list(dict.fromkeys(c.get("col", "") for c in cells))
+    nr, nc = max(1, len(row_labels)), max(1, len(col_labels))
+    fig, axes = plt.subplots(nr, nc, figsize=(panel_size[0] * nc, panel_size[1] * nr + 0.6), squeeze=False)
+    used = set()
+    legend_ax = None
+    for cell in cells:
+        i, j = row_labels.index(cell.get("row", "")), col_labels.index(cell.get("col", ""))
+        ax = axes[i][j]
+        used.add((i, j))
+        run = cell.get("run")
+        verdict, decisive = cell.get("verdict"), cell.get("decisive_step")
+        if isinstance(run, str):
+            run = load_run(run) if os.path.isfile(os.path.join(run, "config.json")) else None
+        if run is not None and run.steps and verdict is None:
+            from .diagnose import diagnose
+            d = diagnose(run)
+            verdict, decisive = d.verdict, d.decisive_step
+            cell = {"subtitle": d.title, **cell}
+        verdict = verdict or "error"
+        color = VERDICT_COLORS.get(verdict, "black")
+        if run is not None and run.steps:
+            draw_losses(ax, run)
+            if decisive is not None and _finite(decisive):
+                ax.axvline(float(decisive), color=color, ls="--", lw=1.2, label="decisive step")
+            legend_ax = legend_ax or ax
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        sub = str(cell.get("subtitle") or "")
+        if sub and (run is None or not run.steps):      # nothing to plot: the message fills the panel
+            ax.text(0.5, 0.5, textwrap.fill(sub, 36), ha="center", va="center", transform=ax.transAxes, fontsize=7)
+            sub = ""
+        sub = textwrap.shorten(sub, width=int(12 * panel_size[0]), placeholder="...") if sub else ""
+        label = cell.get("label") or verdict
+        ax.set_title(label + ("\n" + sub if sub else ""), fontsize=8, color=color,
+                     fontweight="bold" if verdict != "healthy" else "normal")
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2.0)
+        ax.set_facecolor(_tint(color))
+        ax.tick_params(labelsize=7)
+        ax.xaxis.label.set_size(7)
+        ax.yaxis.label.set_size(7)
+        if j > 0:
+            ax.set_ylabel("")
+        if i < nr - 1:
+            ax.set_xlabel("")
+    for i in range(nr):
+        for j in range(nc):
+            if (i, j) not in used:
+                axes[i][j].axis("off")
+    for j, lab in enumerate(col_labels):
+        axes[0][j].annotate(lab, xy=(0.5, 1.0), xytext=(0, 26), xycoords="axes fraction",
+                            textcoords="offset points", ha="center", va="bottom", fontsize=9, fontweight="bold")
+    for i, lab in enumerate(row_labels):
+        axes[i][0].annotate(lab, xy=(0, 0.5), xytext=(-42, 0), xycoords="axes fraction",
+                            textcoords="offset points", ha="right", va="center", fontsize=9,
+                            fontweight="bold", rotation=90)
+    if legend_ax is not None:
+        handles, labels = legend_ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0.02, 0.05, 1, 0.96 if title else 1))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _finite(v):
+    try:
+        return np.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _tint(color, amount=0.08):
+    """A very light version of a colour for a panel's background."""
+    from matplotlib.colors import to_rgb
+    r, g, b = to_rgb(color)
+    return (1 - amount * (1 - r), 1 - amount * (1 - g), 1 - amount * (1 - b))

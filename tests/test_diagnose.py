@@ -95,10 +95,9 @@ def test_well_tuned_run_is_healthy_without_events(tmp_path, shapes):
     train(out=out, data=shapes, steps=300, lr=0.05, batch_size=32)
     d = diagnose(load_run(out))
     assert d.verdict == "healthy", d.text
-    # No damaging events. Isolated same-batch overshoots and short anti-aligned gradient stretches
-    # do occur at lr 0.05 (calibrating their thresholds on many healthy runs is open work, issue 3).
-    bad = [str(e) for e in d.events if e.kind in ("spike", "dead", "collapse", "stall", "diverged")]
-    assert bad == [], bad
+    # No events at all: the isolated same-batch rises of SGD noise are counted, not flagged.
+    assert [str(e) for e in d.events] == []
+    assert "isolated" in d.text or "0% of steps" in d.text
 
 
 def test_diverged_run(tmp_path, shapes):

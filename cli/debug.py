@@ -1,0 +1,413 @@
+"""``minicnn debug``: a pdb-like REPL over minicnn.Stepper (step, until, show, layer, whatif,
+slice, sharpness, back, save, quit).
+
+Interactive on a terminal (``help`` and tab completion from ``cmd.Cmd``); with ``--commands FILE``
+or piped standard input it runs the commands one by one, echoing each after the prompt, so a
+session's transcript is stable enough to assert on. A bad command prints one ``error: ...`` line
+and the session goes on. Registered on the ``minicnn`` group at the end of cli/main.py.
+"""
+import cmd
+import math
+import os
+import sys
+
+import click
+import numpy as np
+
+from .main import config_from_options, training_options
+
+PROMPT = "(minicnn) "
+PLOT_W, PLOT_H = 61, 15          # text plot of `slice`: columns, rows
+HIST_W = 40                      # widest bar of a text histogram
+
+
+# --------------------------------------------------------------------------- formatting
+def _g(v, p=6):
+    if v is None:
+        return "-"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    v = float(v)
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.{p}g}"
+
+
+def step_line(rec):
+    """One line per step: loss before -> after on the same batch, |g|, events."""
+    after = rec.get("loss_after")
+    loss = f"loss {rec['loss']:.6f}" + (f" -> {after:.6f}" if after is not None else "")
+    parts = [f"step {rec['step']:>5}", f"lr {rec['lr']:<8g}", loss]
+    if "grad_norm" in rec:
+        parts.append(f"|g| {rec['grad_norm']:.4g}")
+    if "lambda_max" in rec:
+        parts.append(f"lambda_max {rec['lambda_max']:.4g}")
+    ev = rec.get("events") or {}
+    if ev:
+        parts.append("events: " + ", ".join(ev))
+    return "  ".join(parts)
+
+
+def text_hist(counts, edges, width=HIST_W):
+    top = max(int(np.max(counts)), 1)
+    return [f"    [{edges[i]:+10.4g}, {edges[i + 1]:+10.4g})  {'#' * int(round(width * c / top)):<{width}} {int(c)}"
+            for i, c in enumerate(counts)]
+
+
+def text_plot(x, series, marks=(), ylim=None, width=PLOT_W, height=PLOT_H):
+    """A character plot. series: [(char, y values)], drawn in order (later on top); marks:
+    [(char, x, y)] single points drawn last; ylim: (lo, hi), default the range of the first
+    series. Returns the lines, y axis labelled on the left, integer x values ticked below."""
+    if ylim is None:
+        y0 = np.asarray(series[0][1], dtype=np.float64)
+        y0 = y0[np.isfinite(y0)]
+        ylim = (float(y0.min()), float(y0.max())) if len(y0) else (0.0, 1.0)
+    lo, hi = ylim
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    x0, x1 = float(x[0]), float(x[-1])
+    col = lambda xv: int(round((xv - x0) / (x1 - x0) * (width - 1)))
+    grid = [[" "] * width for _ in range(height)]
+
+    def put(ch, xv, yv):
+        if not (math.isfinite(xv) and math.isfinite(yv)) or yv < lo or yv > hi:
+            return
+        c, r = col(xv), height - 1 - int(round((yv - lo) / (hi - lo) * (height - 1)))
+        if 0 <= c < width and 0 <= r < height:
+            grid[r][c] = ch
+    if x0 <= 0 <= x1:
+        for r in range(height):
+            grid[r][col(0.0)] = "|"
+    for ch, y in series:
+        for xv, yv in zip(x, y):
+            put(ch, float(xv), float(yv))
+    for ch, xv, yv in marks:
+        put(ch, xv, yv)
+    lines = []
+    for r, row in enumerate(grid):
+        label = f"{hi - (hi - lo) * r / (height - 1):10.4f}" if r in (0, height // 2, height - 1) else " " * 10
+        lines.append(f"{label} |{''.join(row)}")
+    ticks, labels = [" "] * width, [" "] * (width + 4)
+    for k in range(math.ceil(x0), math.floor(x1) + 1):
+        ticks[col(k)] = "^"
+        for j, ch in enumerate(f"{k:g}"):
+            if col(k) + j < len(labels):
+                labels[col(k) + j] = ch
+    lines.append(" " * 12 + "".join(ticks))
+    lines.append(" " * 12 + "".join(labels).rstrip())
+    return lines
+
+
+def _parse_lrs(arg):
+    text = arg.strip()
+    if text.startswith("lr"):
+        text = text[2:].lstrip(" =")
+    vals = [v for v in text.replace(",", " ").split() if v]
+    if not vals:
+        raise click.UsageError("give learning rates: whatif lr=0.1,0.03")
+    try:
+        return [float(v) for v in vals]
+    except ValueError:
+        raise click.UsageError(f"bad learning rate in '{arg}'; e.g. whatif lr=0.1,0.03") from None
+
+
+def _int_arg(arg, default, name):
+    arg = arg.strip()
+    if not arg:
+        return default
+    try:
+        n = int(arg)
+    except ValueError:
+        raise click.UsageError(f"{name} takes a whole number, got '{arg}'") from None
+    if n < 1:
+        raise click.UsageError(f"{name} takes a number >= 1, got {n}")
+    return n
+
+
+# --------------------------------------------------------------------------- the REPL
+class DebugShell(cmd.Cmd):
+    """Commands over a Stepper; every line of output goes through click.echo."""
+    prompt = PROMPT
+    doc_header = "commands (help COMMAND for each):"
+
+    def __init__(self, stepper, out_dir="."):
+        super().__init__(stdout=sys.stdout)
+        self.s = stepper
+        self.out_dir = out_dir
+        self.errors = 0
+
+    # ---------------------------------------------------------------- plumbing
+    def onecmd(self, line):
+        from minicnn.errors import MinicnnError
+        try:
+            return super().onecmd(line)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted; at step {self.s.step_count}")
+        except (MinicnnError, click.ClickException) as e:
+            self.errors += 1
+            click.echo(f"error: {e.format_message() if isinstance(e, click.ClickException) else e}")
+        except Exception as e:            # a debugger session survives anything a command does
+            self.errors += 1
+            click.echo(f"error: {type(e).__name__}: {e}")
+        return False
+
+    def default(self, line):
+        self.errors += 1
+        click.echo(f"error: unknown command '{line.split()[0]}'; type 'help' for the list")
+
+    def emptyline(self):
+        return False
+
+    def run_script(self, lines):
+        """Run commands one per line (blank lines and # comments skipped), echoing each."""
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            click.echo(PROMPT + line)
+            if self.onecmd(line):
+                return
+
+    def _where(self):
+        r = self.s.record
+        last = f"last step {r['step']}" if r else "no step taken yet"
+        return f"at step {self.s.step_count} ({last}; next lr {self.s.next_lr:g})"
+
+    # ---------------------------------------------------------------- commands
+    def do_step(self, arg):
+        """step [N]: take N SGD steps (default 1), one line each: lr, the loss on the step's batch
+        before -> after the step, the gradient norm, events."""
+        for rec in self.s.step(_int_arg(arg, 1, "step")):
+            click.echo(step_line(rec))
+
+    def do_until(self, arg):
+        """until EVENT [MAX_STEPS]: step until EVENT, MAX_STEPS steps, the end of the run, or NaN.
+        EVENT: overshoot (the loss on the step's own batch rose), spike, dead (a ReLU layer >= 90%
+        dead), collapse (constant prediction for 50 steps), nan, eos (lr * lambda_max >= 2),
+        loss>X, loss<X, step N."""
+        words = arg.split()
+        if not words:
+            raise click.UsageError("until needs an event: " + self.EVENTS_HELP)
+        limit = None
+        if len(words) > 1 and words[-1].isdigit() and not (words[0] == "step" and len(words) == 2):
+            limit = int(words.pop())
+        res = self.s.until(" ".join(words), max_steps=limit)
+        if res.records:
+            click.echo(step_line(res.records[-1]))
+        if res.hit:
+            click.echo(f"stopped at step {res.records[-1]['step']} after {res.steps} step(s): "
+                       f"{res.event}: {res.evidence}")
+        else:
+            click.echo(f"no {res.event} in {res.steps} step(s)" + (f"; {res.evidence}" if res.evidence else ""))
+
+    EVENTS_HELP = "overshoot, spike, dead, collapse, nan, eos, loss>X, loss<X, step N"
+
+    def complete_until(self, text, line, begidx, endidx):
+        from minicnn.diagnose import STEP_EVENTS
+        return [e for e in STEP_EVENTS + ("loss>", "loss<", "step") if e.startswith(text)]
+
+    def do_show(self, arg):
+        """show: the full record of the last step (every trace column, and its events)."""
+        r = self.s.record
+        if r is None:
+            click.echo(f"no step taken yet; {self._where()}")
+            return
+        click.echo(f"step {r['step']} (epoch {r['epoch']}):")
+        width = max(len(k) for k in r)
+        for k, v in r.items():
+            if k == "events":
+                continue
+            click.echo(f"  {k:<{width}}  {_g(v, 8)}")
+        ev = r.get("events") or {}
+        click.echo("  events" + (":" if ev else ": none"))
+        for k, v in ev.items():
+            click.echo(f"    {k}: {v}")
+
+    def do_layer(self, arg):
+        """layer NAME: weights, gradient and activations of one layer, with text histograms:
+        the current weights, on the batch the next step will use."""
+        name = arg.strip()
+        if not name:
+            raise click.UsageError("layer needs a name: " + ", ".join(self.s.layer_names()))
+        st = self.s.layer(name)
+        click.echo(f"layer {name} ({st['kind']}, output {st['out_shape']}) at step {st['step']}, "
+                   f"next batch loss {st['loss']:.6f}")
+        if "dead" in st:
+            click.echo(f"  dead units on the batch: {100 * st['dead']:.1f}%")
+        keys = [k for k in ("weight", "weight.grad", "bias", "bias.grad", "activation") if k in st]
+        click.echo(f"  {'':<12}{'size':>9}{'mean':>12}{'std':>12}{'min':>12}{'max':>12}{'norm':>12}{'zeros':>8}")
+        for k in keys:
+            v = st[k]
+            click.echo(f"  {k:<12}{v['size']:>9}" + "".join(f"{_g(v[c], 4):>12}" for c in ("mean", "std", "min", "max", "norm"))
+                       + f"{100 * v['zero_share']:>7.1f}%")
+        for k in ("weight", "weight.grad", "activation"):
+            if k in st:
+                click.echo(f"  {k} histogram:")
+                for line in text_hist(*st[k]["hist"]):
+                    click.echo(line)
+
+    def complete_layer(self, text, line, begidx, endidx):
+        return [n for n in self.s.layer_names() if n.startswith(text)]
+
+    def do_whatif(self, arg):
+        """whatif lr=X[,Y,...]: redo the last step from the same state and batch with other
+        learning rates and show the loss on that batch after each, without committing."""
+        rows = self.s.whatif(_parse_lrs(arg))
+        click.echo(f"step {self.s.record['step']}, same state and batch (not committed):")
+        click.echo(f"  {'lr':>10}  {'loss':>10}  {'after':>10}  {'change':>10}  {'|update|':>10}  {'alpha':>7}")
+        for r in rows:
+            click.echo(f"  {r['lr']:>10g}  {r['loss']:>10.6f}  {r['loss_after']:>10.6f}  {r['change']:>+10.6f}  "
+                       f"{_g(r['update_norm'], 4):>10}  {_g(r['alpha'], 3):>7}" + ("  (committed)" if r["committed"] else ""))
+
+    def do_slice(self, arg):
+        """slice [PNG]: the loss on the last step's batch along its update direction, from -1 to +3
+        step lengths (0: before the step, 1: where it landed), with the quadratic fitted from the
+        gradient and the curvature lambda along that line; as a text plot and a PNG."""
+        r = self.s.record
+        png = arg.strip() or (os.path.join(self.out_dir, f"slice_step{r['step']}.png") if r else None)
+        s = self.s.slice(png=png)
+        click.echo(f"step {s.step} (lr {s.lr:g}): loss on its batch along the update; * measured, . quadratic, "
+                   f"S start, L landed, M 1-D minimum")
+        marks = [("S", 0.0, s.f0), ("L", 1.0, s.landed)]
+        if math.isfinite(s.min_alpha):
+            marks.append(("M", s.min_alpha, float(s.losses[s.alphas == s.min_alpha][0])))
+        for line in text_plot(s.alphas, [(".", s.quadratic), ("*", s.losses)], marks, ylim=s.view_range()):
+            click.echo(line)
+        click.echo(f"start {s.f0:.6f}; landed {s.landed:.6f} ({s.landed - s.f0:+.6f}); "
+                   f"1-D minimum {np.nanmin(s.losses):.6f} at {s.min_alpha:g} step lengths")
+        quad = f"quadratic: slope <g,d> {s.slope:+.4g}, curvature along d lambda {s.lam_dir:.4g}"
+        if math.isfinite(s.quad_min_alpha):
+            quad += f", its minimum at {s.quad_min_alpha:.3g} step lengths"
+            if s.quad_min_alpha < 0.5:
+                quad += " (the step went past the mirror point: overshoot)"
+        else:
+            quad += " (not convex along d: no minimum)"
+        click.echo(quad)
+        if s.png:
+            click.echo(f"figure: {s.png}")
+
+    def do_sharpness(self, arg):
+        """sharpness: lambda_max of the loss Hessian now (fixed batch of 256), against 2/lr."""
+        sh = self.s.sharpness()
+        ratio = sh["lr_times_lambda"]
+        verdict = ">= 2: past the edge of stability" if ratio >= 2 else "< 2: stable on a quadratic"
+        click.echo(f"step {sh['step']}: lambda_max {sh['lambda_max']:.5g}, lr {sh['lr']:g}, 2/lr {sh['two_over_lr']:.5g}; "
+                   f"lr*lambda_max {ratio:.4g} {verdict} ({sh['hvp_evals']} gradient evaluations)")
+
+    def do_back(self, arg):
+        """back [N]: restore the state N steps ago (default 1); a bounded history is kept."""
+        self.s.back(_int_arg(arg, 1, "back"))
+        click.echo(f"back {self._where()}")
+
+    def do_save(self, arg):
+        """save PATH: write a checkpoint of the current state (weights, momentum, data position)."""
+        path = arg.strip()
+        if not path:
+            raise click.UsageError("save needs a path, e.g. save state.npz")
+        self.s.save(path)
+        click.echo(f"saved step {self.s.step_count} to {path}")
+
+    def do_where(self, arg):
+        """where: the current step and the next learning rate."""
+        click.echo(self._where())
+
+    def do_quit(self, arg):
+        """quit: leave the debugger."""
+        return True
+
+    do_exit = do_quit
+
+    def do_EOF(self, arg):
+        click.echo("")
+        return True
+
+
+@click.command("debug")
+@training_options
+@click.option("--from", "from_run", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A run directory to replay (its config.json replaces the training options).")
+@click.option("--step", "at_step", type=click.IntRange(0), default=None,
+              help="With --from: the recorded step to rebuild (default: the last one).")
+@click.option("--commands", type=click.File("r"), default=None,
+              help="Run the commands in this file (one per line) instead of prompting.")
+@click.option("--history", type=click.IntRange(1), default=None,
+              help="Steps 'back' can undo (default 100).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for slice figures (default: the --from run directory, else the current one).")
+def debug_command(from_run, at_step, commands, history, out, **kw):
+    """Step through SGD like pdb: step, until EVENT, show, layer, whatif, slice, sharpness, back.
+
+    Starts before step 0 of the run the training options describe, or, with --from RUN_DIR
+    --step T, right after step T of a recorded run, rebuilt by replay from its nearest checkpoint
+    and checked against the recorded loss. Reads commands from --commands FILE or piped standard
+    input when given; 'help' lists them.
+
+    \b
+    Example:
+      minicnn debug --lr 0.5 --arch tiny
+      minicnn debug --from runs/x --step 1412
+      printf 'until overshoot\\nwhatif lr=0.1,0.03\\nslice\\n' | minicnn debug --lr 1.0
+    """
+    from minicnn.stepper import HISTORY, Stepper
+    history = history or HISTORY
+    if at_step is not None and not from_run:
+        raise click.UsageError("--step needs --from RUN_DIR")
+    if from_run:
+        from minicnn.runs import load_run
+        if at_step is None:
+            steps = load_run(from_run).steps.get("step")
+            if steps is None or not len(steps):
+                raise click.ClickException(f"{from_run}: no steps recorded")
+            at_step = int(steps[-1])
+        s = Stepper.from_run(from_run, at_step, history=history)
+        _echo_start(s)
+        _echo_replay(s.replay)
+        click.echo(step_line(s.record))
+        out = out or from_run
+    else:
+        cfg = config_from_options(**kw)
+        cfg.validate()
+        s = Stepper(cfg, history=history)
+        _echo_start(s)
+        click.echo("at step 0, before the first step; 'help' lists the commands")
+        out = out or "."
+    shell = DebugShell(s, out_dir=out)
+    if commands is not None:
+        shell.run_script(commands)
+    elif not sys.stdin.isatty():
+        shell.run_script(sys.stdin)
+    else:
+        try:
+            import readline  # noqa: F401  (line editing and tab completion)
+        except ImportError:
+            pass
+        while True:
+            try:
+                shell.cmdloop()
+                break
+            except KeyboardInterrupt:
+                click.echo("\n(Ctrl-C) type quit to leave")
+
+
+def _echo_start(s):
+    t, net = s.trainer, s.net
+    click.echo(f"data: {t.data.describe()}")
+    click.echo(f"net:  {net.spec}  ({net.num_params:,} parameters, {net.dtype.name}, {net.device}); "
+               f"{t.total:,} steps, {t.steps_per_epoch:,} per epoch, trace {t.level}; lr {s.cfg.lr:g} "
+               f"({s.cfg.lr_schedule}), momentum {s.cfg.momentum:g}")
+
+
+def _echo_replay(r):
+    src = (f"checkpoint at step {r['checkpoint_step']}" if r["checkpoint_step"] is not None
+           else "the initial weights (no checkpoints in the run)")
+    click.echo(f"replayed {r['replayed_steps']} step(s) from {src} in {r['seconds']:.2f} s")
+    cols = "loss" + (" and loss_after" if "loss_after" in r else "")
+    if r["match"]:
+        click.echo(f"step {r['step']}: replayed loss {r['loss']!r} = recorded {r['recorded_loss']!r}: "
+                   f"{cols} match the record bit for bit at every replayed step")
+    else:
+        t, col, got, want = r["first_mismatch"]
+        click.echo(f"step {r['step']}: replayed loss {r['loss']!r}, recorded {r['recorded_loss']!r}: "
+                   f"DOES NOT MATCH; first difference at step {t} ({col} {got!r} vs recorded {want!r}, "
+                   f"diff {got - want:+.3g})")
+        click.echo(f"why: {r['reason']}")
