@@ -74,6 +74,8 @@ def training_options(f):
                      help="Weight initialisation: PyTorch's default, He (Kaiming normal) or Xavier (Glorot uniform)."),
         click.option("--init-scale", type=click.FloatRange(0), default=1.0, show_default=True,
                      help="Multiply every initial parameter by this."),
+        click.option("--input-scale", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+                     help="Multiply every input by this (e.g. 255: see what un-normalised pixels do)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for data, init and data order."),
         click.option("--eval-every", type=click.IntRange(1), default=None,
                      help="Steps between evaluations (default: once per epoch)."),
@@ -250,6 +252,8 @@ from .debug import debug_command; main.add_command(debug_command)  # noqa: E402,
 from .sweep import lr_find_command, sweep_command  # noqa: E402  (cli/sweep.py)
 main.add_command(sweep_command)
 main.add_command(lr_find_command)
+from .explain import explain_command  # noqa: E402  (cli/explain.py)
+main.add_command(explain_command)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Every loader returns a ``Dataset`` with float arrays in NCHW and int64 labels, v
 file gets one ``DataError`` line saying what was wrong and what is accepted.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -36,6 +36,13 @@ class Dataset:
     @property
     def input_shape(self):
         return tuple(self.x_train.shape[1:])
+
+    def scaled(self, factor):
+        """The same data with every input multiplied by ``factor`` (e.g. 255: pixels left un-normalised)."""
+        if factor == 1:
+            return self
+        return replace(self, x_train=self.x_train * np.float32(factor), x_val=self.x_val * np.float32(factor),
+                       note="; ".join(filter(None, [self.note, f"inputs x {factor:g}"])))
 
     def describe(self):
         C, H, W = self.input_shape

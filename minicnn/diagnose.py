@@ -404,25 +404,32 @@ def diagnose(run):
     # a plateau that lasts to the end of the run: dead layers or a constant prediction
     plateau = [e for e in events if e.kind in ("dead", "collapse") and e.end >= step[-1] - 5]
     T0 = min((e.step for e in plateau), default=None)
-    if never and T0 is not None and T0 <= 1:
-        dead0 = sorted({e.evidence.split(":")[0] for e in plateau if e.kind == "dead" and e.step <= 1})
+    dead0 = sorted({e.evidence.split(":")[0] for e in plateau if e.kind == "dead" and e.step == 0})
+    if never and T0 == 0 and dead0:     # dead from the initialisation, before any step
         d = Diagnosis("stuck", f"stuck from the start: initialised on a plateau (loss {start:.3f}, best {best:.3f})",
                       0, events=events)
-        if dead0:
-            d.lines.append(f"{', '.join(dead0)} dead from step 0: no gradient flows below them, so the weights "
-                           "under a dead layer never change, whatever the learning rate")
+        d.lines.append(f"{', '.join(dead0)} dead from step 0: no gradient flows below them, so the weights "
+                       "under a dead layer never change, whatever the learning rate")
         d.lines += _after_story(run, 0)
         d.lines.append("mechanism: the gradient is (near) zero on this plateau, so SGD has nothing to follow; "
                        "a smaller learning rate does not help, a different initialisation does")
         return d
 
-    rose = np.isfinite(final) and final > best + max(PLATEAU_RISE, PLATEAU_RISE_FRAC * (start - best))
-    if (learned and rose) or (T0 is not None and not learned):
+    rose = np.isfinite(final) and final > best + max(PLATEAU_RISE, PLATEAU_RISE_FRAC * (base - best))
+    unstable_evidence = ((np.isfinite(over_share) and over_share >= UNSTABLE_OVERSHOOT_SHARE)
+                         or "spike" in by_kind or "oscillation" in by_kind)
+    # risen again without a plateau (no dead layer / constant prediction at the end) while jumping
+    # around: that is instability, not a collapse
+    relapse = learned and rose and T0 is None and unstable_evidence
+    if (learned and rose and not relapse) or (T0 is not None and not learned):
         # thrown onto a plateau: after learning (the loss rose and stayed up), or before it could learn
         # the decisive step: the largest same-batch rise (or batch loss, on a light trace) between the
         # best point (or the start) and the plateau's start
         lo_i = max(0, best_i - SMOOTH) if learned else 0
-        hi_i = int(np.flatnonzero(step >= T0)[0]) if T0 is not None else n - 1
+        # ... up to where the last of the plateau's conditions set in (a fresh network often predicts
+        # one class from step 0; the step that killed its ReLUs comes after)
+        T1 = max((e.step for e in plateau), default=None)
+        hi_i = int(np.flatnonzero(step >= T1)[0]) + 1 if T1 is not None else n - 1
         window = slice(lo_i, max(hi_i, lo_i + 1))
         jump = (after - loss)[window] if np.isfinite(after[window]).any() else loss[window]
         jump = np.where(np.isfinite(jump), jump, np.inf)
@@ -445,13 +452,13 @@ def diagnose(run):
                        "pulls them back")
         return d
 
-    unstable_evidence = ((np.isfinite(over_share) and over_share >= UNSTABLE_OVERSHOOT_SHARE)
-                         or "spike" in by_kind or "oscillation" in by_kind)
-    if never and unstable_evidence:
+    if (never or relapse) and unstable_evidence:
         osc = by_kind.get("oscillation", [])
-        d = Diagnosis("unstable", f"unstable from the start: the loss jumps around and never learns "
-                                  f"(start {start:.3f}, best smoothed {best:.3f}, final {final:.3f})",
-                      0, events=events)
+        title = (f"unstable from the start: the loss jumps around and never learns (start {start:.3f}, "
+                 f"best smoothed {best:.3f}, final {final:.3f})" if never else
+                 f"unstable: the loss jumps around; it fell to {best:.3f} (smoothed, step {int(step[best_i])}) "
+                 f"and is back at {final:.3f}")
+        d = Diagnosis("unstable", title, 0, events=events)
         if np.isfinite(over_share):
             d.lines.append(f"{100 * over_share:.0f}% of steps raised the loss on their own batch (overshoot)")
         if osc:

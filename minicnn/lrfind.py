@@ -139,6 +139,7 @@ def lr_find(config=None, data=None, lr_min=LR_MIN, lr_max=LR_MAX, steps=LRFIND_S
     if data is None:
         data = load_data(cfg.data, seed=cfg.seed, data_dir=cfg.data_dir, n_train=cfg.n_train,
                          n_val=cfg.n_val, split=cfg.split, image_size=cfg.image_size)
+    data = data.scaled(cfg.input_scale)
     net = Network.from_spec(cfg.arch, input_shape=data.input_shape, seed=cfg.seed, dtype=cfg.dtype,
                             init=cfg.init, init_scale=cfg.init_scale, device=cfg.device)
     if net.num_classes < data.num_classes:

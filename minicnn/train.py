@@ -63,6 +63,7 @@ class TrainConfig:
     steps: int = None
     init: str = "torch"
     init_scale: float = 1.0
+    input_scale: float = 1.0      # multiply every input by this (255: what un-normalised pixels do)
     seed: int = 0
     eval_every: int = None        # steps between evaluations; default once per epoch
     dtype: str = "float32"
@@ -91,6 +92,8 @@ class TrainConfig:
                 raise ConfigError(msg)
         need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0,
              f"--lr must be a finite number >= 0, got {self.lr}")
+        need(isinstance(self.input_scale, (int, float)) and math.isfinite(self.input_scale) and self.input_scale > 0,
+             f"--input-scale must be a finite number > 0, got {self.input_scale}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         need(self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
@@ -205,6 +208,7 @@ class Trainer:
         if data is None:
             data = load_data(cfg.data, seed=cfg.seed, data_dir=cfg.data_dir, n_train=cfg.n_train,
                              n_val=cfg.n_val, split=cfg.split, image_size=cfg.image_size)
+        data = data.scaled(cfg.input_scale)
         net = Network.from_spec(cfg.arch, input_shape=data.input_shape, seed=cfg.seed, dtype=cfg.dtype,
                                 init=cfg.init, init_scale=cfg.init_scale, device=cfg.device)
         if net.num_classes < data.num_classes:
