@@ -77,29 +77,41 @@ class Conv2d(Layer):
         C = self.in_shape[0]
         return C * self.K * self.K, self.F * self.K * self.K
 
+    relu_fused = False           # set by Network when the next layer is a ReLU the backend fuses in
+
     def forward(self, ops, ws, x):
         w, b = self.params
         self.x = x
-        return ops.conv2d_forward(x, w, b, self.S, self.P, **ws.out(self.name, "out"))
+        kw = ws.out(self.name, "out", "work")
+        if self.relu_fused:
+            kw["relu"] = True
+        return ops.conv2d_forward(x, w, b, self.S, self.P, **kw)
 
     def backward(self, ops, ws, dout, need_dx):
         w, _ = self.params
         dw, db = self.grads
         if not ws.takes_out:
             return _ref_into(ops.conv2d_backward(dout, self.x, w, self.S, self.P), (dw, db))[0]
-        bufs = ws.out(self.name, "dx") if need_dx else {}
+        bufs = ws.out(self.name, "dx", "work") if need_dx else ws.out(self.name, "work")
         dx, _, _ = ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
 
 
 class ReLU(Layer):
     kind = "relu"
+    forward_fused = False        # the conv before it already applied the ReLU
+    backward_fused = False       # the max-pool after it already applied the ReLU's backward
 
     def forward(self, ops, ws, x):
-        self.out = ops.relu_forward(x, **ws.out(self.name, "out"))
+        if self.forward_fused:
+            self.out = x
+        else:
+            self.out = ops.relu_forward(x, **ws.out(self.name, "out"))
         return self.out
 
     def backward(self, ops, ws, dout, need_dx):
+        if self.backward_fused:
+            return dout
         return ops.relu_backward(dout, self.out, **ws.out(self.name, "dx"))
 
 
@@ -116,13 +128,18 @@ class MaxPool2d(Layer):
                             f"use a smaller pooling window")
         self.out_shape = (C, OH, OW)
 
+    relu_fused = False           # set by Network when the previous layer is a ReLU: its backward is fused in
+
     def forward(self, ops, ws, x):
         self.x_shape = x.shape
-        out, self.argmax = ops.maxpool2d_forward(x, self.K, self.S, **ws.out(self.name, "out", "argmax"))
-        return out
+        self.out, self.argmax = ops.maxpool2d_forward(x, self.K, self.S, **ws.out(self.name, "out", "argmax"))
+        return self.out
 
     def backward(self, ops, ws, dout, need_dx):
-        return ops.maxpool2d_backward(dout, self.argmax, self.x_shape, **ws.out(self.name, "dx"))
+        kw = ws.out(self.name, "dx")
+        if self.relu_fused:
+            kw["relu_pooled"] = self.out
+        return ops.maxpool2d_backward(dout, self.argmax, self.x_shape, **kw)
 
 
 class Flatten(Layer):
@@ -174,6 +191,23 @@ def _ref_into(result, grad_views):
     return (dx,) + tuple(grads)
 
 
+def _share_transient(bufs, names):
+    """Let every conv workspace use one allocation for each buffer in ``names``.
+
+    Those buffers live only inside one conv2d_forward/backward call (layers run one at a time),
+    so the layers can share them; only ``cols`` carries data from a layer's forward to its
+    backward and stays per layer. Each shared buffer is sized for the largest layer.
+    """
+    works = [b for (_, kind), b in bufs.items() if kind == "work"]
+    for name in names:
+        arrays = [w[name] for w in works]
+        if len(arrays) < 2:
+            continue
+        flat = np.empty(max(a.size for a in arrays), arrays[0].dtype)
+        for w, a in zip(works, arrays):
+            w[name] = flat[:a.size].reshape(a.shape)
+
+
 class _Workspace:
     """Preallocated per-batch-size buffers, handed to the ops as out=/dx=/argmax= keywords.
 
@@ -213,6 +247,8 @@ class Network:
         self.seed, self.init, self.init_scale = seed, init, init_scale
         self.ops = get_backend(device)
         self.layers = self._build(parse_spec(spec), self.input_shape)
+        if getattr(self.ops, "FUSES_RELU", False):
+            self._fuse_relus()
         self.num_classes = self.layers[-1].out_shape[0]
 
         # one flat buffer for all parameters, one for all gradients; per-layer views into them
@@ -234,6 +270,16 @@ class Network:
         self._ws = _Workspace(takes_out=(device != "numpy"))
         self.probs = None
         self.logits = None
+
+    def _fuse_relus(self):
+        """conv -> relu: the conv writes relu(out); relu -> maxpool: the pool's backward applies
+        the ReLU's mask. Each saves a pass over the activations (benchmarks/NOTES.md); the ReLU
+        layer keeps its .out (the same buffer) for the trace's dead-unit fractions."""
+        for prev, layer in zip(self.layers, self.layers[1:]):
+            if prev.kind == "conv" and layer.kind == "relu":
+                prev.relu_fused = layer.forward_fused = True
+            if prev.kind == "relu" and layer.kind == "maxpool":
+                layer.relu_fused = prev.backward_fused = True
 
     @classmethod
     def from_spec(cls, spec, input_shape, seed=0, dtype=np.float32, init="torch", init_scale=1.0, device="cpu"):
@@ -355,12 +401,17 @@ class Network:
             bufs, dt = {}, self.dtype
             for layer in self.layers:
                 shp = (n,) + tuple(layer.out_shape)
-                if layer.kind in ("conv", "relu", "maxpool", "fc"):
+                if layer.kind in ("conv", "relu", "maxpool", "fc") and not getattr(layer, "forward_fused", False):
                     bufs[(layer.name, "out")] = np.empty(shp, dt)
                 if layer.kind == "maxpool":
                     bufs[(layer.name, "argmax")] = np.empty(shp, np.int32)
-                if layer.kind in ("conv", "relu", "maxpool", "fc"):
+                if layer.kind == "conv" and hasattr(self.ops, "conv2d_workspace"):
+                    # im2col and product buffers; the forward fills them, the backward reuses them
+                    bufs[(layer.name, "work")] = self.ops.conv2d_workspace(
+                        (n,) + tuple(layer.in_shape), layer.param_shapes[0], layer.S, layer.P, dt)
+                if layer.kind in ("conv", "relu", "maxpool", "fc") and not getattr(layer, "backward_fused", False):
                     bufs[(layer.name, "dx")] = np.empty((n,) + tuple(layer.in_shape), dt)
+            _share_transient(bufs, ("prod", "gt", "xp"))
             bufs[("loss", "probs")] = np.empty((n, self.num_classes), dt)
             bufs[("loss", "dlogits")] = np.empty((n, self.num_classes), dt)
             if len(cache) >= 4:                       # train batch, last partial batch, eval batch

@@ -89,6 +89,55 @@ def test_conv2d_large_pad_and_stride_cases():
             assert_close(g, e, np.float64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW_EXAMPLES
+@given(case=conv_case())
+def test_conv2d_workspace_is_filled_by_forward_and_reused_by_backward(dtype, case):
+    """work=: the forward fills the cols, the backward reuses them; results as without work."""
+    (x, w, b, dout), (x64, w64, b64, dout64) = cast(dtype, case["x"], case["w"], case["b"], case["dout"])
+    _, _, _, _, _, _, S, P = case["shape"]
+    work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
+    for arr in work.values():
+        if isinstance(arr, np.ndarray):
+            arr.fill(np.nan)                        # anything read before it is written shows
+    out = cpu.conv2d_forward(x, w, b, S, P, work=work)
+    assert_close(out, ref.conv2d_forward(x64, w64, b64, S, P), dtype)
+    got = cpu.conv2d_backward(dout, x, w, S, P, work=work)
+    for g, e, plain in zip(got, ref.conv2d_backward(dout64, x64, w64, S, P), cpu.conv2d_backward(dout, x, w, S, P)):
+        assert_close(g, e, dtype)
+        np.testing.assert_array_equal(g, plain)
+    with pytest.raises(ValueError):
+        cpu.conv2d_forward(x[:, :, :, :-1] if x.shape[3] > 1 else np.concatenate([x, x], 3), w, b, S, P, work=work)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(48, 16, 14, 14, 32, 3, 1, 1),    # above the BLAS split and parallel sizes
+                                   (40, 3, 12, 12, 8, 3, 2, 1)])     # strided, parallel im2col/col2im
+def test_conv2d_large_batches_use_split_products_and_parallel_kernels(dtype, shape):
+    """Shapes past _SPLIT_MIN_COLS / _PARALLEL_MIN: against the reference, and bit-identical with
+    1 and 2 threads (the column blocks do not depend on the thread count)."""
+    N, C, H, W, F, K, S, P = shape
+    rng = np.random.default_rng(5)
+    (x, w, b), (x64, w64, b64) = cast(dtype, rng.standard_normal((N, C, H, W)),
+                                      rng.standard_normal((F, C, K, K)) * 0.2, rng.standard_normal(F))
+    out64 = ref.conv2d_forward(x64, w64, b64, S, P)
+    assert N * out64.shape[2] * (W + 2 * P if S == 1 else out64.shape[3]) >= cpu._SPLIT_MIN_COLS or S > 1
+    dout = rng.standard_normal(out64.shape).astype(dtype)
+    expected = [out64, *ref.conv2d_backward(dout.astype(np.float64), x64, w64, S, P)]
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            results.append([cpu.conv2d_forward(x, w, b, S, P), *cpu.conv2d_backward(dout, x, w, S, P)])
+    finally:
+        numba.set_num_threads(before)
+    for got, e in zip(results[0], expected):
+        assert_close(got, e, dtype)
+    for a, c in zip(results[0], results[-1]):
+        np.testing.assert_array_equal(a, c)
+
+
 def test_conv2d_rejects_bad_arguments():
     x, w, b = np.zeros((1, 2, 5, 5)), np.zeros((3, 2, 3, 3)), np.zeros(3)
     with pytest.raises(ValueError):
@@ -274,3 +323,68 @@ def test_results_are_bit_identical_across_runs_and_thread_counts(dtype):
     for a, b, c in zip(first, one, two):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_serial_and_parallel_twins_agree_bit_for_bit(dtype):
+    """Sizes past _PARALLEL_MIN run the parallel kernels (2 threads) or their serial twins
+    (1 thread): same body, so the same bits; and both match the reference."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((64, 16, 16, 16)).astype(dtype)
+    assert x.size >= cpu._PARALLEL_MIN
+    wd = (rng.standard_normal((300, 16 * 8 * 8)) * 0.05).astype(dtype)
+    bd = rng.standard_normal(300).astype(dtype)
+
+    def run():
+        a = cpu.relu_forward(x)
+        p, argmax = cpu.maxpool2d_forward(a, 2, 2)
+        da = cpu.relu_backward(cpu.maxpool2d_backward(p, argmax, a.shape), a)
+        flat = p.reshape(64, -1)
+        out = cpu.dense_forward(flat, wd, bd)
+        return [a, p, argmax, da, out, *cpu.dense_backward(out, flat, wd)]
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    x64 = x.astype(np.float64)
+    a64 = ref.relu_forward(x64)
+    p64, _ = ref.maxpool2d_forward(a64, 2, 2)
+    assert_close(one[1], p64, dtype)
+    assert_close(one[4], ref.dense_forward(p64.reshape(64, -1), wd.astype(np.float64), bd.astype(np.float64)), dtype)
+
+
+# --------------------------------------------------------------------------- fused ops
+@pytest.mark.parametrize("dtype", DTYPES)
+@FEW_EXAMPLES
+@given(case=conv_case())
+def test_conv2d_forward_with_fused_relu_matches_ref_composition(dtype, case):
+    (x, w, b), (x64, w64, b64) = cast(dtype, case["x"], case["w"], case["b"])
+    _, _, _, _, _, _, S, P = case["shape"]
+    expected = ref.relu_forward(ref.conv2d_forward(x64, w64, b64, S, P))
+    got = cpu.conv2d_forward(x, w, b, S, P, relu=True)
+    assert_close(got, expected, dtype)
+    np.testing.assert_array_equal(got, cpu.relu_forward(cpu.conv2d_forward(x, w, b, S, P)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=pool_case())
+def test_maxpool2d_backward_with_fused_relu_matches_ref_composition(dtype, case):
+    """relu -> maxpool backward in one pass == ref.relu_backward(ref.maxpool2d_backward(...))."""
+    k, s = case["shape"][4:]
+    (x, dout), _ = cast(dtype, case["x"], case["dout"])
+    a = cpu.relu_forward(x)                          # some windows are all ReLU zeros (ties at 0)
+    pooled, argmax = cpu.maxpool2d_forward(a, k, s)
+    a64 = a.astype(np.float64)
+    _, am64 = ref.maxpool2d_forward(a64, k, s)
+    expected = ref.relu_backward(ref.maxpool2d_backward(dout.astype(np.float64), am64, a.shape), a64)
+    got = cpu.maxpool2d_backward(dout, argmax, a.shape, relu_pooled=pooled)
+    assert_close(got, expected, dtype)
+    np.testing.assert_array_equal(got, cpu.relu_backward(cpu.maxpool2d_backward(dout, argmax, a.shape), a))

@@ -2,9 +2,9 @@
 
 Every public function is a thin Python wrapper: it checks shapes, allocates any output that was
 not passed in (C-contiguous, dtype of the first input; other inputs are cast to it) and calls
-``@njit`` kernels ``_<name>_kernel(outputs..., inputs..., sizes...)``. Passing preallocated outputs (``out=``,
-``dx=``, ``dw=``, ...) lets the training loop run without allocating its results; conv2d still
-allocates padded scratch planes inside each call (see the conv2d section).
+``@njit`` kernels ``_<name>_kernel(outputs..., inputs..., sizes...)``. Passing preallocated outputs
+(``out=``, ``dx=``, ``dw=``, ...) and, for conv2d, a ``work=`` workspace (``conv2d_workspace``) lets
+the training loop run without allocating anything per step.
 
 Dimension glossary (the same as ref.py):
     N  batch size             C  input channels       F  output channels (filters)
@@ -12,23 +12,47 @@ Dimension glossary (the same as ref.py):
     K  kernel size (square)   S  stride               P  zero padding
     D  dense input features   O  dense output features   L  classes (logits)
 
+Where the time goes (benchmarks/NOTES.md): almost all FLOPs are in the three conv matrix products
+(forward, dW, dX), which go to numpy's BLAS; the Numba kernels here move data around them
+(im2col, col2im, layout swaps) and do the cheap layers. Each parallel kernel has a serial twin
+used for small work, since a parallel launch costs more than a small kernel.
+
 Kernel rules:
 - ``cache=True`` everywhere, so sizes are arguments (module globals would be frozen into the cache).
-- Determinism: every output element is written by exactly one ``prange`` iteration, which sums
-  its terms in a fixed serial order. Results are therefore bit-identical between runs and do
-  not depend on the number of threads. ``fastmath`` stays off (no reassociation, no FMA
-  contraction), so the vectorised and the scalar remainder of a loop round identically.
+- Determinism: every output element is written by exactly one loop iteration, which sums its
+  terms in a fixed serial order; a parallel kernel and its serial twin share one body function.
+  BLAS products are split into column blocks fixed by the shapes (not the thread count), and
+  partial sums over blocks are added in block order. Results are therefore bit-identical between
+  runs and do not depend on the number of threads. ``fastmath`` stays off (no reassociation).
 - Reductions that would be a serial chain of dependent adds (a dot product, dw, db) keep one
-  partial sum per lane (per wide output index, or _DOT_LANES fixed lanes), which vectorises
-  without reassociation; the lanes are added up in a fixed order at the end.
-- Inner loops index 1-D views with the bare loop variable (``acc[q] += w * xs[q]`` where
-  ``xs = xp[n, c, s0:s0 + L]``). Numba wraps negative indices, so an index like ``xs[q + s0]``
-  costs a select per element and stops LLVM from vectorising: measured 10x slower.
+  partial sum per lane (_DOT_LANES fixed lanes), which vectorises without reassociation; the
+  lanes are added up in a fixed order at the end.
+- Inner loops index 1-D views with the bare loop variable (``acc[q] += a[q]`` on slices).
+  Numba wraps negative indices, so an index like ``xs[q + s0]`` costs a select per element and
+  stops LLVM from vectorising: measured 10x slower.
 """
+import itertools
+import os
+
+import numba
 import numpy as np
 from numba import njit, prange
 
 from .ref import conv_out_size
+
+# Threading layer: Numba's default here is OpenMP, whose worker threads spin after each parallel
+# loop; on a 2-core machine that spin steals the core from the BLAS call that follows and, when
+# other processes share the cores, makes every parallel launch wait for a time slice (measured:
+# im2col 1.8 ms with workqueue against 11.9 ms with OpenMP under load). The workqueue layer
+# sleeps instead. Only set when the user has not chosen one, and it takes effect only if no
+# parallel Numba code has run yet in this process.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+# Fusions this backend offers the Network: conv2d_forward(relu=True) and
+# maxpool2d_backward(relu_pooled=...) (a ReLU's forward into the conv before it, its backward into
+# the max-pool after it: one pass over the activations less each way).
+FUSES_RELU = True
 
 
 # --------------------------------------------------------------------------- helpers
@@ -57,6 +81,19 @@ def _float_dtype(x):
     return x.dtype
 
 
+# Each parallel kernel has a serial twin (same body function, so bit-identical results): a
+# parallel launch costs 5-10 us on an idle machine and ~65 us when other processes share the
+# cores (measured, workqueue layer), against 0.4 us for a serial call, so small work (batch 1-8)
+# runs serially. _PARALLEL_MIN: elements touched by a call below which it stays serial (about
+# 50-100 us of serial copying).
+_PARALLEL_MIN = 1 << 17
+
+
+def _parallel(size):
+    """Whether a kernel touching ``size`` elements should run its parallel version."""
+    return size >= _PARALLEL_MIN and numba.get_num_threads() > 1
+
+
 @njit(cache=True)
 def _valid_range(u, S, P, size, osize):
     """Indices i in [0, osize) whose target index i*S + u - P lies in [0, size).
@@ -74,30 +111,203 @@ def _valid_range(u, S, P, size, osize):
     return lo, hi
 
 
+
+# --------------------------------------------------------------------------- BLAS products
+# The conv products go to numpy's BLAS (OpenBLAS) from Python. OpenBLAS's own threads synchronise
+# with busy waits; on a 2-core machine shared with other processes one product then waits for the
+# other thread's time slice (measured: a 32x145x28672 product took 3-24 ms with 2 OpenBLAS threads
+# against 5 ms split in two halves over 2 Python threads with OpenBLAS at 1 thread). So each
+# product runs with OpenBLAS at one thread, and a long one is split into _SPLIT fixed column
+# blocks, run on Numba's thread count of Python threads (numpy releases the GIL in matmul).
+# The split does not depend on the thread count, so neither do the results.
+_SPLIT = 2
+_SPLIT_MIN_COLS = 4096            # below this a product is one call (thread hand-off ~20-50 us)
+
+
+def _find_blas_threads():
+    """(get, set) ctypes functions for the thread count of numpy's OpenBLAS, or None."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", "", "_64"):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    put.argtypes = [ctypes.c_int]
+                    return get, put
+    return None
+
+
+class _Products:
+    """Runs the conv matrix products: OpenBLAS at one thread, long ones split over a thread pool."""
+
+    def __init__(self):
+        self.blas = _find_blas_threads()
+        self.pool = None
+
+    def _pool(self):
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(max_workers=_SPLIT - 1, thread_name_prefix="minicnn-blas")
+        return self.pool
+
+    def run(self, calls):
+        """calls: a list of (a, b, out) products out = a @ b, independent of each other."""
+        old = None
+        if self.blas is not None:
+            old = self.blas[0]()
+            if old != 1:
+                self.blas[1](1)
+        try:
+            if len(calls) > 1 and numba.get_num_threads() > 1:
+                futures = [self._pool().submit(np.matmul, a, b, out=o) for a, b, o in calls[1:]]
+                np.matmul(*calls[0][:2], out=calls[0][2])
+                for fut in futures:
+                    fut.result()
+            else:
+                for a, b, o in calls:
+                    np.matmul(a, b, out=o)
+        finally:
+            if old is not None and old != 1:
+                self.blas[1](old)
+
+
+_products = _Products()
+
+
+def _blocks(M):
+    """Column blocks [(lo, hi)] of a product's long dimension M: _SPLIT of them when long."""
+    if M < _SPLIT_MIN_COLS:
+        return [(0, M)]
+    edges = [M * k // _SPLIT for k in range(_SPLIT + 1)]
+    return list(itertools.pairwise(edges))
+
+
 # --------------------------------------------------------------------------- conv2d
-# Every conv pass works on "wide" flat planes. The input is copied once into zero-padded planes
-# xp: (N, C, Hp*Wp), Hp = H + 2P, Wp = W + 2P, and an output pixel (i, j) gets the wide index
-# q = i*Wp + j. Then the input under kernel tap (u, v) of output q is xp[S*q + u*Wp + v]: for a
-# fixed tap, all outputs of a plane read one evenly spaced run of xp, so the inner loop is a single
-# long loop over q (about OH*Wp iterations instead of OW per row) that vectorises. The columns
-# j >= OW of a wide row are computed and thrown away (Wp/OW - 1 extra work: 14% for 14x14, pad 1).
+# Convolution as matrix products (im2col + BLAS), batch folded into the long dimension:
 #
-# dx is the same computation run backwards: dout is spread into planes of (H+K-1) x (W+K-1), each
-# value at (i*S + K-1-P, j*S + K-1-P) (zeros between them when S > 1, cropped when P > K-1), and
-# correlated with the weights transposed to (C, F) and flipped.
+#   cols: (CKK + 1, N*OH*OW)   row r = (c*K + u)*K + v holds xpad[n, c, i*S+u, j*S+v] at column
+#                              n*OH*OW + i*OW + j; the last row is all ones (it carries the bias)
+#   wb:   (F, CKK + 1)         w reshaped to (F, C*K*K), with b as the last column
 #
-# Stride 1 is the fast path. Stride S > 1 is exact but slow: strided loads, about S times the work
-# in the forward and dw passes (Wp ~ S*OW wide columns), S*S times in dx (the zeros between values).
+#   forward   out (F, N*OH*OW)   = wb @ cols                     then swapped to (N, F, OH, OW)
+#   dW, db    dwb (F, CKK + 1)   = dout (F, N*OH*OW) @ cols.T    (dout swapped from (N, F, ...))
+#   dX        dcols (CKK, N*OH*OW) = w.T @ dout                  then col2im (a gather, below)
+#
+# One large product per pass rather than one per image: BLAS runs near its peak on them even at
+# small batches, and the three products are all the FLOPs. The Numba kernels only move data, each
+# output element written by one prange iteration. Determinism: a BLAS product sums each element
+# in an order fixed by the shapes and BLAS's thread count (OpenBLAS splits the rows and columns
+# of the result between threads, never the summed dimension), so results repeat bit for bit.
+#
+# The caller may pass ``work`` (conv2d_workspace): the cols, product and transposed-gradient
+# buffers, allocated once per batch size. The forward pass fills work["cols"]; a backward pass
+# given the same work reuses them instead of recomputing im2col.
+
+def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
+    """Scratch buffers for conv2d_forward/backward on inputs of x_shape (reuse across calls).
+
+    x_shape: (N, C, H, W), w_shape: (F, C, K, K) -> dict of arrays (WR = row width of a product
+    column block: W + 2P for stride 1 (wide rows), OW otherwise; M = N*OH*WR):
+      cols (CKK+1, M), prod (max(F, CKK), M), gt (F, M), wb (F, CKK+1), dwb (_SPLIT, F, CKK+1),
+      xp (N, C, (H+2P)*(W+2P) + K) padded planes (stride 1 only)
+    """
+    N, C, H, W = x_shape
+    F, _, K, _ = w_shape
+    OH, OW = conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad)
+    WR = W + 2 * pad if stride == 1 else OW
+    CKK, M = C * K * K, N * OH * WR
+    xp_len = (H + 2 * pad) * (W + 2 * pad) + K if stride == 1 else 0
+    return {"cols": np.empty((CKK + 1, M), dtype), "prod": np.empty((max(F, CKK), M), dtype),
+            "gt": np.empty((F, M), dtype), "wb": np.empty((F, CKK + 1), dtype),
+            "dwb": np.empty((_SPLIT, F, CKK + 1), dtype), "xp": np.empty((N, C, xp_len), dtype),
+            "key": (tuple(x_shape), tuple(w_shape), stride, pad)}
+
+
+@njit(parallel=True, cache=True)
+def _im2col_kernel(cols, x, N, C, H, W, K, S, P, OH, OW):
+    # cols: (C*K*K + 1, N*OH*OW), x: (N, C, H, W)
+    # cols[(c*K+u)*K+v, n*OH*OW + i*OW + j] = x[n, c, i*S+u-P, j*S+v-P] (0 outside); last row = 1.
+    M = OH * OW
+    CKK = C * K * K
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc % C
+        if c == 0:
+            ones = cols[CKK, n * M:(n + 1) * M]
+            for q in range(M):
+                ones[q] = 1
+        for u in range(K):
+            i_lo, i_hi = _valid_range(u, S, P, H, OH)
+            for v in range(K):
+                j_lo, j_hi = _valid_range(v, S, P, W, OW)
+                row = cols[(c * K + u) * K + v, n * M:(n + 1) * M]
+                for i in range(OH):
+                    dst = row[i * OW:(i + 1) * OW]
+                    if i < i_lo or i >= i_hi:
+                        for j in range(OW):
+                            dst[j] = 0
+                        continue
+                    src = x[n, c, i * S + u - P]
+                    for j in range(j_lo):
+                        dst[j] = 0
+                    if S == 1:
+                        L = j_hi - j_lo
+                        if L > 0:
+                            _copy_run(dst[j_lo:j_hi], src[j_lo + v - P:j_hi + v - P], L)
+                    else:
+                        for j in range(j_lo, j_hi):
+                            dst[j] = src[j * S + v - P]
+                    for j in range(max(j_hi, j_lo), OW):
+                        dst[j] = 0
+
 
 @njit(cache=True)
-def _axpy4(a0, a1, a2, a3, xs, w0, w1, w2, w3, L):
-    # a0..a3: (L,) accumulators of 4 output channels, xs: (L,) input run shared by all four
+def _copy_run(dst, src, L):
+    # dst, src: (L,)
     for q in range(L):
-        xv = xs[q]
-        a0[q] += w0 * xv
-        a1[q] += w1 * xv
-        a2[q] += w2 * xv
-        a3[q] += w3 * xv
+        dst[q] = src[q]
+
+
+@njit(parallel=True, cache=True)
+def _col2im_kernel(dx, dcols, N, C, H, W, K, S, P, OH, OW):
+    # dx: (N, C, H, W), dcols: (C*K*K, N*OH*OW)
+    # dx[n,c,h,w] = sum over taps (u, v) in order of dcols[(c*K+u)*K+v, n, i, j] where h = i*S+u-P,
+    # w = j*S+v-P (a gather: each dx element is summed by one iteration in a fixed order).
+    M = OH * OW
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc % C
+        for h in range(H):
+            dst = dx[n, c, h]
+            for w in range(W):
+                dst[w] = 0
+            for u in range(K):
+                a = h + P - u                     # = i*S
+                if a < 0 or a % S != 0 or a // S >= OH:
+                    continue
+                i = a // S
+                for v in range(K):
+                    row = dcols[(c * K + u) * K + v, n * M + i * OW:n * M + (i + 1) * OW]
+                    if S == 1:
+                        j_lo, j_hi = _valid_range(v, 1, P, W, OW)   # j with 0 <= j+v-P < W
+                        L = j_hi - j_lo
+                        if L > 0:
+                            _add_into(dst[j_lo + v - P:j_hi + v - P], row[j_lo:j_hi], L)
+                    else:
+                        for w in range(W):
+                            bb = w + P - v
+                            if bb >= 0 and bb % S == 0 and bb // S < OW:
+                                dst[w] += row[bb // S]
 
 
 @njit(cache=True)
@@ -114,132 +324,210 @@ def _add_into(acc, a, L):
         acc[q] += a[q]
 
 
+@njit(cache=True)
+def _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc):
+    # Stride 1. cols: (C*K*K + 1, N*OH*Wp), xp: (N, C, Hp*Wp + K) scratch, x: (N, C, H, W)
+    # xp[n, c] is the zero-padded plane (plus K zeros of tail); then row (c, u, v) of image n is
+    # the run xp[n, c, u*Wp + v : u*Wp + v + OH*Wp]: column i*Wp + j holds xpad[i+u, j+v] for
+    # j < OW (the "wide" columns OW <= j < Wp hold neighbours and are dropped later). Last row = 1.
+    # one iteration (nc) of the loop in _im2col_wide_kernel / _im2col_wide_serial
+    Hp, Wp = H + 2 * P, W + 2 * P
+    Mw = OH * Wp
+    CKK = C * K * K
+    n = nc // C
+    c = nc % C
+    plane = xp[n, c]
+    for q in range(Hp * Wp + K):
+        plane[q] = 0
+    for h in range(H):
+        _copy_run(plane[(h + P) * Wp + P:(h + P) * Wp + P + W], x[n, c, h], W)
+    if c == 0:
+        ones = cols[CKK, n * Mw:(n + 1) * Mw]
+        for q in range(Mw):
+            ones[q] = 1
+    for u in range(K):
+        for v in range(K):
+            s0 = u * Wp + v
+            _copy_run(cols[(c * K + u) * K + v, n * Mw:(n + 1) * Mw], plane[s0:s0 + Mw], Mw)
+
+
 @njit(parallel=True, cache=True)
-def _spread_kernel(dst, src, N, C, H, W, S, Q, Hd, Wd):
-    # dst: (N, C, Hd*Wd) flat planes, src: (N, C, H, W)
-    # dst[n, c, (h*S + Q)*Wd + w*S + Q] = src[n, c, h, w] where that lands inside the Hd x Wd plane;
-    # every other entry is 0. S=1, Q=P zero-pads; S>1 dilates; Q<0 crops.
-    w_lo, w_hi = _valid_range(Q, S, 0, Wd, W)
+def _im2col_wide_kernel(cols, xp, x, N, C, H, W, K, P, OH):
     for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        plane = dst[n, c]
-        for q in range(Hd * Wd):
-            plane[q] = 0
-        for h in range(H):
-            a = h * S + Q
-            if a >= 0 and a < Hd:
-                row = plane[a * Wd:(a + 1) * Wd]
-                for w in range(w_lo, w_hi):
-                    row[w * S + Q] = src[n, c, h, w]
+        _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc)
+
+
+@njit(cache=True)
+def _im2col_wide_serial(cols, xp, x, N, C, H, W, K, P, OH):
+    for nc in range(N * C):
+        _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc)
+
+
+@njit(cache=True)
+def _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc):
+    # Stride 1, the transpose of _im2col_wide_kernel. dx: (N, C, H, W), dxp: (N, C, Hp*Wp + K)
+    # scratch, dcols: (C*K*K, N*OH*Wp), zero in the wide columns.
+    # dxp[n, c, u*Wp + v + q] += dcols[(c, u, v), n, q] over taps (u, v) in order, then cropped.
+    # one iteration (nc) of the loop in _col2im_wide_kernel / _col2im_wide_serial
+    Hp, Wp = H + 2 * P, W + 2 * P
+    Mw = OH * Wp
+    n = nc // C
+    c = nc % C
+    plane = dxp[n, c]
+    for q in range(Hp * Wp + K):
+        plane[q] = 0
+    for u in range(K):
+        for v in range(K):
+            s0 = u * Wp + v
+            _add_into(plane[s0:s0 + Mw], dcols[(c * K + u) * K + v, n * Mw:(n + 1) * Mw], Mw)
+    for h in range(H):
+        _copy_run(dx[n, c, h], plane[(h + P) * Wp + P:(h + P) * Wp + P + W], W)
 
 
 @njit(parallel=True, cache=True)
-def _correlate_kernel(out, xp, w, b, N, CI, CO, K, S, Wp, OH, OW):
-    # out: (N, CO, OH, OW), xp: (N, CI, Hp*Wp) padded input planes, w: (CO, CI, K, K), b: (CO,)
-    # out[n,o,i,j] = b[o] + sum_{c,u,v} w[o,c,u,v] * xp[n, c, S*(i*Wp + j) + u*Wp + v]
-    # (forward: CI=C, CO=F;  dx: CI=F, CO=C.)
-    # One iteration per image n and block of 4 output channels: each input run is loaded once
-    # for four accumulators. A partial last block repeats channel CO-1 and does not store it.
-    L = (OH - 1) * Wp + OW                        # wide indices 0..L-1 cover every output pixel
-    OB = (CO + 3) // 4
-    for it in prange(N * OB):
-        n = it // OB
-        o0 = (it % OB) * 4
-        o1 = min(o0 + 1, CO - 1)
-        o2 = min(o0 + 2, CO - 1)
-        o3 = min(o0 + 3, CO - 1)
-        acc = np.empty((4, L), dtype=out.dtype)
-        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
-        a0[:] = b[o0]
-        a1[:] = b[o1]
-        a2[:] = b[o2]
-        a3[:] = b[o3]
-        for c in range(CI):
-            for u in range(K):
-                for v in range(K):
-                    s0 = u * Wp + v
-                    w0, w1, w2, w3 = w[o0, c, u, v], w[o1, c, u, v], w[o2, c, u, v], w[o3, c, u, v]
-                    if S == 1:                    # contiguous run: its own, faster specialisation
-                        _axpy4(a0, a1, a2, a3, xp[n, c, s0:s0 + L], w0, w1, w2, w3, L)
-                    else:
-                        _axpy4(a0, a1, a2, a3, xp[n, c, s0:s0 + S * (L - 1) + 1:S], w0, w1, w2, w3, L)
-        for k in range(4):
-            if o0 + k < CO:
-                for i in range(OH):
-                    src = acc[k, i * Wp:i * Wp + OW]
-                    dst = out[n, o0 + k, i]
-                    for j in range(OW):
-                        dst[j] = src[j]
+def _col2im_wide_kernel(dx, dxp, dcols, N, C, H, W, K, P, OH):
+    for nc in prange(N * C):
+        _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc)
+
+
+@njit(cache=True)
+def _col2im_wide_serial(dx, dxp, dcols, N, C, H, W, K, P, OH):
+    for nc in range(N * C):
+        _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc)
+
+
+@njit(cache=True)
+def _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf):
+    # out: (N, F, OH, OW), prod: (F, N*OH*WR);  out[n, f, i, j] = prod[f, n, i, j] for j < OW,
+    # through ReLU when RELU (the ReLU layer fused into this pass: 'v < 0 -> 0', as relu_forward)
+    # one iteration (nf) of the loop in _rows_to_nchw_kernel / _rows_to_nchw_serial
+    n = nf // F
+    f = nf % F
+    base = n * OH * WR
+    for i in range(OH):
+        if RELU:
+            _relu_run(out[n, f, i], prod[f, base + i * WR:base + i * WR + OW], OW)
+        else:
+            _copy_run(out[n, f, i], prod[f, base + i * WR:base + i * WR + OW], OW)
+
+
+@njit(cache=True)
+def _relu_run(dst, src, L):
+    # dst, src: (L,);  dst = relu(src)
+    for q in range(L):
+        v = src[q]
+        dst[q] = 0 if v < 0 else v
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_dw_kernel(dw, g, xp, N, C, F, K, S, Wp, OH, OW):
-    # dw: (F, C, K, K), g: (N, F, OH*Wp) dout on wide planes (0 in columns j >= OW),
-    # xp: (N, C, Hp*Wp) padded input planes
-    # dw[f,c,u,v] = sum_{n,i,j} dout[n,f,i,j] * xp[n, c, S*(i*Wp + j) + u*Wp + v]
-    # One iteration per (f, c). acc keeps one partial sum per tap and wide index, summed over n;
-    # the valid indices are then added up in (i, j) order.
-    L = (OH - 1) * Wp + OW
-    for fc in prange(F * C):
-        f = fc // C
-        c = fc % C
-        acc = np.zeros((K * K, L), dtype=dw.dtype)
-        for n in range(N):
-            gn = g[n, f, :L]
-            for u in range(K):
-                for v in range(K):
-                    s0 = u * Wp + v
-                    if S == 1:
-                        _mul_add(acc[u * K + v], gn, xp[n, c, s0:s0 + L], L)
-                    else:
-                        _mul_add(acc[u * K + v], gn, xp[n, c, s0:s0 + S * (L - 1) + 1:S], L)
-        for u in range(K):
-            for v in range(K):
-                lanes = acc[u * K + v]
-                s = lanes[0]
-                for i in range(OH):
-                    for j in range(OW):
-                        if i > 0 or j > 0:
-                            s += lanes[i * Wp + j]
-                dw[f, c, u, v] = s
+def _rows_to_nchw_kernel(out, prod, N, F, OH, OW, WR, RELU):
+    for nf in prange(N * F):
+        _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf)
+
+
+@njit(cache=True)
+def _rows_to_nchw_serial(out, prod, N, F, OH, OW, WR, RELU):
+    for nf in range(N * F):
+        _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf)
+
+
+@njit(cache=True)
+def _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf):
+    # gt: (F, N*OH*WR), dout: (N, F, OH, OW);  gt[f, n, i, j] = dout[n, f, i, j], 0 for j >= OW
+    # one iteration (nf) of the loop in _nchw_to_rows_kernel / _nchw_to_rows_serial
+    n = nf // F
+    f = nf % F
+    base = n * OH * WR
+    for i in range(OH):
+        row = gt[f, base + i * WR:base + (i + 1) * WR]
+        _copy_run(row, dout[n, f, i], OW)
+        for j in range(OW, WR):
+            row[j] = 0
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_db_kernel(db, dout, N, F, M):
-    # db: (F,), dout: (N, F, M) with M = OH*OW;  db[f] = sum over n, then over pixels in order
-    for f in prange(F):
-        acc = np.zeros(M, dtype=db.dtype)
-        for n in range(N):
-            _add_into(acc, dout[n, f], M)
-        s = acc[0]
-        for p in range(1, M):
-            s += acc[p]
+def _nchw_to_rows_kernel(gt, dout, N, F, OH, OW, WR):
+    for nf in prange(N * F):
+        _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf)
+
+
+@njit(cache=True)
+def _nchw_to_rows_serial(gt, dout, N, F, OH, OW, WR):
+    for nf in range(N * F):
+        _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf)
+
+
+@njit(cache=True)
+def _pack_wb_kernel(wb, w2, b, F, CKK):
+    # wb: (F, CKK+1), w2: (F, CKK), b: (F,);  wb = [w2 | b]
+    for f in range(F):
+        for r in range(CKK):
+            wb[f, r] = w2[f, r]
+        wb[f, CKK] = b[f]
+
+
+@njit(cache=True)
+def _unpack_wb_kernel(dw2, db, dwb, F, CKK, B):
+    # dw2: (F, CKK), db: (F,), dwb: (>= B, F, CKK+1) partial sums;  [dw2 | db] = sum_k dwb[k], k in order
+    for f in range(F):
+        for r in range(CKK):
+            s = dwb[0, f, r]
+            for k in range(1, B):
+                s += dwb[k, f, r]
+            dw2[f, r] = s
+        s = dwb[0, f, CKK]
+        for k in range(1, B):
+            s += dwb[k, f, CKK]
         db[f] = s
 
 
-def conv2d_forward(x, w, b, stride, pad, out=None):
+def _conv_work(work, x_shape, w_shape, stride, pad, dt):
+    if work is None:
+        return conv2d_workspace(x_shape, w_shape, stride, pad, dt)
+    if work["key"] != (tuple(x_shape), tuple(w_shape), stride, pad) or work["cols"].dtype != dt:
+        raise ValueError(f"conv2d: work was made for {work['key']} {work['cols'].dtype}, "
+                         f"not {(tuple(x_shape), tuple(w_shape), stride, pad)} {np.dtype(dt)}")
+    return work
+
+
+def _im2col(work, x, N, C, H, W, K, S, P, OH, OW):
+    if S == 1:
+        kernel = _im2col_wide_kernel if _parallel(work["cols"].size) else _im2col_wide_serial
+        kernel(work["cols"], work["xp"], x, N, C, H, W, K, P, OH)
+    else:
+        _im2col_kernel(work["cols"], x, N, C, H, W, K, S, P, OH, OW)
+
+
+def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     """out[n,f,i,j] = b[f] + sum_{c,u,v} w[f,c,u,v] * xpad[n,c,i*S+u,j*S+v]
 
     x: (N, C, H, W), w: (F, C, K, K), b: (F,)  ->  out: (N, F, OH, OW)
+    work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype); its cols are left filled.
+    relu: return relu_forward(out) instead (a following ReLU layer fused into the output pass).
     """
     x = _input(x)
     dt = _float_dtype(x)
     w, b = _input(w, dt), _input(b, dt)
     N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, b.shape, stride, pad)
     out = _output(out, (N, F, OH, OW), dt, "out")
-    Hp, Wp = H + 2 * pad, W + 2 * pad
-    xp = np.empty((N, C, Hp * Wp), dtype=dt)                       # padded input planes
-    _spread_kernel(xp, x, N, C, H, W, 1, pad, Hp, Wp)
-    _correlate_kernel(out, xp, w, b, N, C, F, K, stride, Wp, OH, OW)
+    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
+    CKK = C * K * K
+    WR = W + 2 * pad if stride == 1 else OW
+    _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
+    _pack_wb_kernel(work["wb"], w.reshape(F, CKK), b, F, CKK)
+    prod, cols, wb = work["prod"][:F], work["cols"], work["wb"]
+    _products.run([(wb, cols[:, lo:hi], prod[:, lo:hi]) for lo, hi in _blocks(cols.shape[1])])   # (F, N*OH*WR)
+    (_rows_to_nchw_kernel if _parallel(prod.size) else _rows_to_nchw_serial)(out, prod, N, F, OH, OW, WR, bool(relu))
     return out
 
 
-def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True):
+def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
     """Gradients of conv2d_forward; with need_dx=False (first layer) dx is skipped and None.
 
     dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K)
     -> dx: (N, C, H, W) or None, dw: (F, C, K, K), db: (F,)
+    work: the workspace that the forward pass of this same x filled (its cols are reused);
+    without it the cols are recomputed.
     """
     x = _input(x)
     dt = _float_dtype(x)
@@ -249,21 +537,30 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
         raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
     dw = _output(dw, (F, C, K, K), dt, "dw")
     db = _output(db, (F,), dt, "db")
-    Hp, Wp = H + 2 * pad, W + 2 * pad
-    xp = np.empty((N, C, Hp * Wp), dtype=dt)                       # padded input planes
-    _spread_kernel(xp, x, N, C, H, W, 1, pad, Hp, Wp)
-    g = np.empty((N, F, OH * Wp), dtype=dt)                        # dout on wide planes
-    _spread_kernel(g, dout, N, F, OH, OW, 1, 0, OH, Wp)
-    _conv2d_dw_kernel(dw, g, xp, N, C, F, K, stride, Wp, OH, OW)
-    _conv2d_db_kernel(db, dout.reshape(N, F, OH * OW), N, F, OH * OW)
+    CKK = C * K * K
+    WR = W + 2 * pad if stride == 1 else OW
+    if work is None:
+        work = _conv_work(None, x.shape, w.shape, stride, pad, dt)
+        _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
+    else:
+        work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
+    gt, dwb, cols = work["gt"], work["dwb"], work["cols"]
+    to_rows = _nchw_to_rows_kernel if _parallel(gt.size) else _nchw_to_rows_serial
+    to_rows(gt, dout, N, F, OH, OW, WR)                            # (F, N*OH*WR), 0 in wide columns
+    blocks = _blocks(cols.shape[1])                                # partial [dW | db] per block,
+    _products.run([(gt[:, lo:hi], cols[:, lo:hi].T, dwb[k]) for k, (lo, hi) in enumerate(blocks)])
+    _unpack_wb_kernel(dw.reshape(F, CKK), db, dwb, F, CKK, len(blocks))   # summed in block order
     if not need_dx:
         return None, dw, db
     dx = _output(dx, (N, C, H, W), dt, "dx")
-    Hd, Wd = H + K - 1, W + K - 1
-    d = np.empty((N, F, Hd * Wd), dtype=dt)                        # dout spread, padded/cropped
-    _spread_kernel(d, dout, N, F, OH, OW, stride, K - 1 - pad, Hd, Wd)
-    wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])   # (C, F, K, K), flipped
-    _correlate_kernel(dx, d, wt, np.zeros(C, dtype=dt), N, F, C, K, 1, Wd, H, W)
+    dcols = work["prod"][:CKK]
+    wt = w.reshape(F, CKK).T
+    _products.run([(wt, gt[:, lo:hi], dcols[:, lo:hi]) for lo, hi in _blocks(gt.shape[1])])  # (CKK, N*OH*WR)
+    if stride == 1:
+        kernel = _col2im_wide_kernel if _parallel(dcols.size) else _col2im_wide_serial
+        kernel(dx, work["xp"], dcols, N, C, H, W, K, pad, OH)
+    else:
+        _col2im_kernel(dx, dcols, N, C, H, W, K, stride, pad, OH, OW)
     return dx, dw, db
 
 
@@ -284,43 +581,98 @@ def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
 
 
 # --------------------------------------------------------------------------- max-pool
-@njit(parallel=True, cache=True)
-def _maxpool2d_forward_kernel(out, argmax, x, N, C, H, W, K, S, OH, OW):
+@njit(cache=True)
+def _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc):
     # out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32, x: (N, C, H, W)
     # Strict '>' while scanning the window row-major: on ties the first element wins.
-    for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        for i in range(OH):
+    # One iteration (nc) of the loop in _maxpool2d_forward_kernel / _maxpool2d_forward_serial.
+    # Indexing 1-D row views (not x[n, c, h, w]) and a 2x2 special case: 2-3x faster (NOTES.md).
+    n = nc // C
+    c = nc % C
+    for i in range(OH):
+        h0 = i * S
+        orow = out[n, c, i]
+        arow = argmax[n, c, i]
+        if K == 2:
+            r0 = x[n, c, h0]
+            r1 = x[n, c, h0 + 1]
             for j in range(OW):
-                h0 = i * S
+                w0 = j * S
+                best = r0[w0]
+                k = 0
+                if r0[w0 + 1] > best:
+                    best = r0[w0 + 1]
+                    k = 1
+                if r1[w0] > best:
+                    best = r1[w0]
+                    k = W
+                if r1[w0 + 1] > best:
+                    best = r1[w0 + 1]
+                    k = W + 1
+                orow[j] = best
+                arow[j] = h0 * W + w0 + k
+        else:
+            for j in range(OW):
                 w0 = j * S
                 best = x[n, c, h0, w0]
                 best_idx = h0 * W + w0
                 for u in range(K):
+                    row = x[n, c, h0 + u]
                     for v in range(K):
-                        val = x[n, c, h0 + u, w0 + v]
+                        val = row[w0 + v]
                         if val > best:
                             best = val
                             best_idx = (h0 + u) * W + w0 + v
-                out[n, c, i, j] = best
-                argmax[n, c, i, j] = best_idx
+                orow[j] = best
+                arow[j] = best_idx
 
 
 @njit(parallel=True, cache=True)
-def _maxpool2d_backward_kernel(dx, dout, argmax, N, C, H, W, OH, OW):
-    # dx: (N, C, H, W), dout: (N, C, OH, OW), argmax: (N, C, OH, OW)
-    # One iteration per plane (n, c); overlapping windows add up in row-major output order.
+def _maxpool2d_forward_kernel(out, argmax, x, N, C, H, W, K, S, OH, OW):
     for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        for h in range(H):
-            for x_col in range(W):
-                dx[n, c, h, x_col] = 0
-        for i in range(OH):
+        _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc)
+
+
+@njit(cache=True)
+def _maxpool2d_forward_serial(out, argmax, x, N, C, H, W, K, S, OH, OW):
+    for nc in range(N * C):
+        _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc)
+
+
+@njit(cache=True)
+def _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc):
+    # dx: (N, C, H, W), dout: (N, C, OH, OW), argmax: (N, C, OH, OW), pooled: (N, C, OH, OW)
+    # One iteration per plane (n, c); overlapping windows add up in row-major output order.
+    # MASK: the input came from a ReLU; its backward is fused in: a gradient reaches the winner
+    # only where the pooled value (= the ReLU's output there) is > 0, as relu_backward.
+    # one iteration (nc) of the loop in _maxpool2d_backward_kernel / _maxpool2d_backward_serial
+    n = nc // C
+    c = nc % C
+    plane = dx[n, c].reshape(H * W)
+    for q in range(H * W):
+        plane[q] = 0
+    for i in range(OH):
+        drow = dout[n, c, i]
+        arow = argmax[n, c, i]
+        if MASK:
+            prow = pooled[n, c, i]
             for j in range(OW):
-                a = argmax[n, c, i, j]
-                dx[n, c, a // W, a % W] += dout[n, c, i, j]
+                plane[arow[j]] += drow[j] * (prow[j] > 0)
+        else:
+            for j in range(OW):
+                plane[arow[j]] += drow[j]
+
+
+@njit(parallel=True, cache=True)
+def _maxpool2d_backward_kernel(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK):
+    for nc in prange(N * C):
+        _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc)
+
+
+@njit(cache=True)
+def _maxpool2d_backward_serial(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK):
+    for nc in range(N * C):
+        _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc)
 
 
 def maxpool2d_forward(x, k, stride, out=None, argmax=None):
@@ -340,14 +692,17 @@ def maxpool2d_forward(x, k, stride, out=None, argmax=None):
         raise ValueError(f"maxpool2d: window {k} does not fit input {H}x{W}")
     out = _output(out, (N, C, OH, OW), dt, "out")
     argmax = _output(argmax, (N, C, OH, OW), np.int32, "argmax")
-    _maxpool2d_forward_kernel(out, argmax, x, N, C, H, W, k, stride, OH, OW)
+    kernel = _maxpool2d_forward_kernel if _parallel(x.size) else _maxpool2d_forward_serial
+    kernel(out, argmax, x, N, C, H, W, k, stride, OH, OW)
     return out, argmax
 
 
-def maxpool2d_backward(dout, argmax, x_shape, dx=None):
+def maxpool2d_backward(dout, argmax, x_shape, dx=None, relu_pooled=None):
     """Route each output gradient to the input element that won the max.
 
     dout: (N, C, OH, OW), argmax: (N, C, OH, OW) int32 -> dx: x_shape = (N, C, H, W)
+    relu_pooled: (N, C, OH, OW), the forward's out, when the pooled input a was a ReLU's output:
+    returns relu_backward(maxpool2d_backward(dout, ...), a) in one pass (the ReLU's backward fused).
     """
     dout = _input(dout)
     dt = _float_dtype(dout)
@@ -357,7 +712,12 @@ def maxpool2d_backward(dout, argmax, x_shape, dx=None):
         raise ValueError(f"maxpool2d_backward: dout {dout.shape} / argmax {argmax.shape} do not match x {tuple(x_shape)}")
     _, _, OH, OW = dout.shape
     dx = _output(dx, (N, C, H, W), dt, "dx")
-    _maxpool2d_backward_kernel(dx, dout, argmax, N, C, H, W, OH, OW)
+    kernel = _maxpool2d_backward_kernel if _parallel(dx.size) else _maxpool2d_backward_serial
+    mask = relu_pooled is not None
+    pooled = _input(relu_pooled, dt) if mask else dout
+    if pooled.shape != dout.shape:
+        raise ValueError(f"maxpool2d_backward: relu_pooled {pooled.shape} does not match dout {dout.shape}")
+    kernel(dx, dout, argmax, pooled, N, C, H, W, OH, OW, mask)
     return dx
 
 
@@ -371,10 +731,25 @@ def _relu_forward_kernel(out, x, size):
         out[p] = 0 if v < 0 else v
 
 
+@njit(cache=True)
+def _relu_forward_serial(out, x, size):
+    # out: (size,), x: (size,);  the serial twin of _relu_forward_kernel
+    for p in range(size):
+        v = x[p]
+        out[p] = 0 if v < 0 else v
+
+
 @njit(parallel=True, cache=True)
 def _relu_backward_kernel(dx, dout, out, size):
     # dx: (size,), dout: (size,), out: (size,)  (flat views of any shape)
     for p in prange(size):
+        dx[p] = dout[p] * (out[p] > 0)
+
+
+@njit(cache=True)
+def _relu_backward_serial(dx, dout, out, size):
+    # dx: (size,), dout: (size,), out: (size,);  the serial twin of _relu_backward_kernel
+    for p in range(size):
         dx[p] = dout[p] * (out[p] > 0)
 
 
@@ -383,7 +758,8 @@ def relu_forward(x, out=None):
     x = _input(x)
     dt = _float_dtype(x)
     out = _output(out, x.shape, dt, "out")
-    _relu_forward_kernel(out.reshape(-1), x.reshape(-1), x.size)
+    kernel = _relu_forward_kernel if _parallel(x.size) else _relu_forward_serial
+    kernel(out.reshape(-1), x.reshape(-1), x.size)
     return out
 
 
@@ -395,7 +771,8 @@ def relu_backward(dout, out, dx=None):
     if out.shape != dout.shape:
         raise ValueError(f"relu_backward: dout {dout.shape} and out {out.shape} differ")
     dx = _output(dx, dout.shape, dt, "dx")
-    _relu_backward_kernel(dx.reshape(-1), dout.reshape(-1), out.reshape(-1), dout.size)
+    kernel = _relu_backward_kernel if _parallel(dout.size) else _relu_backward_serial
+    kernel(dx.reshape(-1), dout.reshape(-1), out.reshape(-1), dout.size)
     return dx
 
 
@@ -408,50 +785,86 @@ def relu_backward(dout, out, dx=None):
 _DOT_LANES = 32
 
 
+@njit(cache=True)
+def _dense_forward_body(out, x, w, b, N, D, O, LANES, n):
+    # out: (N, O), x: (N, D), w: (O, D), b: (O,);   out[n,o] = dot(x[n], w[o]) + b[o]
+    # one iteration (n) of the loop in _dense_forward_kernel / _dense_forward_serial
+    DL = D - D % LANES
+    acc = np.empty(LANES, dtype=out.dtype)
+    xr = x[n, :DL].reshape((DL // LANES, LANES))
+    for o in range(O):
+        wr = w[o, :DL].reshape((DL // LANES, LANES))
+        acc[:] = 0
+        for k in range(DL // LANES):
+            _mul_add(acc, xr[k], wr[k], LANES)
+        s = acc[0]
+        for lane in range(1, LANES):
+            s += acc[lane]
+        for d in range(DL, D):
+            s += x[n, d] * w[o, d]
+        out[n, o] = s + b[o]
+
+
 @njit(parallel=True, cache=True)
 def _dense_forward_kernel(out, x, w, b, N, D, O, LANES):
-    # out: (N, O), x: (N, D), w: (O, D), b: (O,);   out[n,o] = dot(x[n], w[o]) + b[o]
-    DL = D - D % LANES
     for n in prange(N):
-        acc = np.empty(LANES, dtype=out.dtype)
-        xr = x[n, :DL].reshape((DL // LANES, LANES))
-        for o in range(O):
-            wr = w[o, :DL].reshape((DL // LANES, LANES))
-            acc[:] = 0
-            for k in range(DL // LANES):
-                _mul_add(acc, xr[k], wr[k], LANES)
-            s = acc[0]
-            for lane in range(1, LANES):
-                s += acc[lane]
-            for d in range(DL, D):
-                s += x[n, d] * w[o, d]
-            out[n, o] = s + b[o]
+        _dense_forward_body(out, x, w, b, N, D, O, LANES, n)
+
+
+@njit(cache=True)
+def _dense_forward_serial(out, x, w, b, N, D, O, LANES):
+    for n in range(N):
+        _dense_forward_body(out, x, w, b, N, D, O, LANES, n)
+
+
+@njit(cache=True)
+def _dense_backward_dx_body(dx, dout, w, N, D, O, n):
+    # dx: (N, D), dout: (N, O), w: (O, D);   dx[n] = sum_o dout[n,o] * w[o], in o order.
+    # one iteration (n) of the loop in _dense_backward_dx_kernel / _dense_backward_dx_serial
+    for d in range(D):
+        dx[n, d] = 0
+    for o in range(O):
+        g = dout[n, o]
+        for d in range(D):
+            dx[n, d] += g * w[o, d]
 
 
 @njit(parallel=True, cache=True)
 def _dense_backward_dx_kernel(dx, dout, w, N, D, O):
-    # dx: (N, D), dout: (N, O), w: (O, D);   dx[n] = sum_o dout[n,o] * w[o], in o order.
     for n in prange(N):
+        _dense_backward_dx_body(dx, dout, w, N, D, O, n)
+
+
+@njit(cache=True)
+def _dense_backward_dx_serial(dx, dout, w, N, D, O):
+    for n in range(N):
+        _dense_backward_dx_body(dx, dout, w, N, D, O, n)
+
+
+@njit(cache=True)
+def _dense_backward_dw_body(dw, db, dout, x, N, D, O, o):
+    # dw: (O, D), db: (O,), dout: (N, O), x: (N, D);   dw[o] = sum_n dout[n,o] * x[n], in n order.
+    # one iteration (o) of the loop in _dense_backward_dw_kernel / _dense_backward_dw_serial
+    db[o] = 0
+    for d in range(D):
+        dw[o, d] = 0
+    for n in range(N):
+        g = dout[n, o]
+        db[o] += g
         for d in range(D):
-            dx[n, d] = 0
-        for o in range(O):
-            g = dout[n, o]
-            for d in range(D):
-                dx[n, d] += g * w[o, d]
+            dw[o, d] += g * x[n, d]
 
 
 @njit(parallel=True, cache=True)
 def _dense_backward_dw_kernel(dw, db, dout, x, N, D, O):
-    # dw: (O, D), db: (O,), dout: (N, O), x: (N, D);   dw[o] = sum_n dout[n,o] * x[n], in n order.
     for o in prange(O):
-        db[o] = 0
-        for d in range(D):
-            dw[o, d] = 0
-        for n in range(N):
-            g = dout[n, o]
-            db[o] += g
-            for d in range(D):
-                dw[o, d] += g * x[n, d]
+        _dense_backward_dw_body(dw, db, dout, x, N, D, O, o)
+
+
+@njit(cache=True)
+def _dense_backward_dw_serial(dw, db, dout, x, N, D, O):
+    for o in range(O):
+        _dense_backward_dw_body(dw, db, dout, x, N, D, O, o)
 
 
 def dense_forward(x, w, b, out=None):
@@ -461,7 +874,8 @@ def dense_forward(x, w, b, out=None):
     w, b = _input(w, dt), _input(b, dt)
     N, D, O = _dense_sizes(x.shape, w.shape, b.shape)
     out = _output(out, (N, O), dt, "out")
-    _dense_forward_kernel(out, x, w, b, N, D, O, _DOT_LANES)
+    kernel = _dense_forward_kernel if _parallel(N * D * O) else _dense_forward_serial
+    kernel(out, x, w, b, N, D, O, _DOT_LANES)
     return out
 
 
@@ -475,11 +889,11 @@ def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
         raise ValueError(f"dense_backward: expected dout of shape {(N, O)}, got {dout.shape}")
     dw = _output(dw, (O, D), dt, "dw")
     db = _output(db, (O,), dt, "db")
-    _dense_backward_dw_kernel(dw, db, dout, x, N, D, O)
+    (_dense_backward_dw_kernel if _parallel(N * D * O) else _dense_backward_dw_serial)(dw, db, dout, x, N, D, O)
     if not need_dx:
         return None, dw, db
     dx = _output(dx, (N, D), dt, "dx")
-    _dense_backward_dx_kernel(dx, dout, w, N, D, O)
+    (_dense_backward_dx_kernel if _parallel(N * D * O) else _dense_backward_dx_serial)(dx, dout, w, N, D, O)
     return dx, dw, db
 
 

@@ -1,0 +1,496 @@
+"""One plain-SGD training step on the CPU: minicnn's Numba kernels against PyTorch, side by side.
+
+    python benchmarks/bench_cpu.py                      # full run, ~5 minutes on 2 cores
+    python benchmarks/bench_cpu.py --quick              # ~3 minutes, shorter timing per case
+    python benchmarks/bench_cpu.py --batches 1,32 --nets A --threads 2 --out results.json
+
+Reference networks (conv 3x3 pad 1, max-pool 2x2):
+    A = conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10 on 1x28x28
+    B = conv32k3p1-relu-maxpool2-conv64k3p1-relu-maxpool2-fc10 on 3x32x32
+
+What it measures (float32, the same thread count for Numba, PyTorch and OpenBLAS):
+1. Validation first: one step's loss and every gradient, minicnn against PyTorch (same weights and
+   batch); a mismatch is printed as NOT OK and the run stops.
+2. This machine's float32 matmul rate (numpy and torch, n = 2048), the practical ceiling.
+3. The training step (forward, loss, backward, SGD update) at every batch size: warm-up, then
+   repetitions that alternate minicnn and PyTorch (the order flips every repetition), each a block
+   of individually timed steps; the median step time. GFLOP/s counts the conv and dense
+   multiply-adds of the step (2 FLOP each; forward, dW and dX, no dX for the first layer).
+4. Forward-only inference at batch 128.
+5. Peak memory of 5 training steps at batch 128, each framework alone in a subprocess
+   (the growth of the peak resident set over the resident set before the first step).
+6. Time to first step of `minicnn train` (subprocess; RunResult.first_step_s and the process's
+   wall time), with a cold Numba cache (a fresh NUMBA_CACHE_DIR) and with the warm one.
+7. Overhead of the per-step trace: median step time of train() at trace off / light / full.
+Prints the table last and writes JSON to --out and CSV beside it (same name, .csv).
+PyTorch is optional: without it, only minicnn's numbers are reported.
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _early_threads():
+    """--threads must reach OpenBLAS and Numba before numpy/numba are imported."""
+    for i, a in enumerate(sys.argv):
+        if a == "--threads" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return str(os.cpu_count() or 1)
+
+
+_T = _early_threads()
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, _T)
+
+import numpy as np
+
+sys.path.insert(0, str(ROOT))
+
+NETS = {
+    "A": ("conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10", (1, 28, 28)),
+    "B": ("conv32k3p1-relu-maxpool2-conv64k3p1-relu-maxpool2-fc10", (3, 32, 32)),
+}
+LR = 0.01
+VALIDATE_RTOL = 2e-3            # float32, max |a-b| / max|b| per tensor
+
+
+def try_torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+# --------------------------------------------------------------------------- networks
+def step_flops(net):
+    """Multiply-add FLOPs (x2) of one training step per image: conv and dense, forward + dW + dX."""
+    total = 0
+    first = True
+    for layer in net.layers:
+        if layer.kind == "conv":
+            C = layer.in_shape[0]
+            F, OH, OW = layer.out_shape
+            f = 2 * F * C * layer.K * layer.K * OH * OW
+        elif layer.kind == "fc":
+            f = 2 * layer.in_shape[0] * layer.out_shape[0]
+        else:
+            continue
+        total += f * (2 if first else 3)
+        first = False
+    return total
+
+
+def torch_model(torch, net):
+    """The same layers in torch.nn with minicnn's weights copied in."""
+    nn = torch.nn
+    mods = []
+    for layer in net.layers:
+        if layer.kind == "conv":
+            mods.append(nn.Conv2d(layer.in_shape[0], layer.F, layer.K, stride=layer.S, padding=layer.P))
+        elif layer.kind == "relu":
+            mods.append(nn.ReLU())
+        elif layer.kind == "maxpool":
+            mods.append(nn.MaxPool2d(layer.K, layer.S))
+        elif layer.kind == "flatten":
+            mods.append(nn.Flatten())
+        elif layer.kind == "fc":                    # minicnn's spec adds the flatten layer itself
+            mods.append(nn.Linear(layer.in_shape[0], layer.out_shape[0]))
+    model = nn.Sequential(*mods)
+    with torch.no_grad():
+        params = [p for p in model.parameters()]
+        for p, q in zip(params, net.params):
+            p.copy_(torch.from_numpy(np.array(q)))
+    return model
+
+
+class MinicnnStep:
+    def __init__(self, net):
+        import minicnn
+        self.net = net
+        self.opt = minicnn.SGD(lr=LR)
+
+    def __call__(self, x, y):
+        net = self.net
+        loss = net._loss(x, y)
+        net._backward(y)
+        self.opt.step([net.flat_params], [net.flat_grads])
+        return loss
+
+
+class TorchStep:
+    def __init__(self, torch, model):
+        self.torch, self.model = torch, model
+        self.opt = torch.optim.SGD(model.parameters(), lr=LR)
+        self.lossf = torch.nn.CrossEntropyLoss()
+
+    def __call__(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.lossf(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+
+def validate(torch, name):
+    """One step's loss and gradients, minicnn against PyTorch, float32 (also warms the kernels up)."""
+    import minicnn
+    spec, shape = NETS[name]
+    net = minicnn.Network.from_spec(spec, input_shape=shape, seed=1, dtype=np.float32)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, 8)
+    loss, grads = net.loss_and_grads(x, y)
+    rows = []
+    if torch is None:
+        return [(name, "loss", 0.0, True)]
+    model = torch_model(torch, net)
+    tl = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+    tl.backward()
+    rows.append((name, "loss", abs(loss - tl.item()) / max(1e-8, abs(tl.item())), None))
+    for pn, g, p in zip(net.param_names, grads, model.parameters()):
+        ref = p.grad.numpy()
+        rows.append((name, pn, float(np.max(np.abs(g - ref)) / max(1e-8, np.max(np.abs(ref)))), None))
+    return [(n, what, err, err <= VALIDATE_RTOL) for n, what, err, _ in rows]
+
+
+# --------------------------------------------------------------------------- timing
+def timed_block(fn, x, y, steps):
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn(x, y)
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def side_by_side(fns, budget_s, min_reps=5, warmup=3):
+    """Median step time of each fn, alternating blocks; fns: {label: (fn, x, y)}."""
+    for fn, xx, yy in fns.values():
+        for _ in range(warmup):
+            fn(xx, yy)
+    # size blocks so that one repetition of all fns takes ~budget_s / min_reps / 2
+    probe = {k: statistics.median(timed_block(fn, xx, yy, 3)) for k, (fn, xx, yy) in fns.items()}
+    per_rep = max(budget_s / (min_reps * 2), 1e-3)
+    block = {k: max(1, min(50, int(per_rep / max(t, 1e-6) / len(fns)))) for k, t in probe.items()}
+    times = {k: [] for k in fns}
+    keys = list(fns)
+    t_end = time.perf_counter() + budget_s
+    rep = 0
+    while rep < min_reps or time.perf_counter() < t_end:
+        order = keys if rep % 2 == 0 else keys[::-1]
+        for k in order:
+            fn, xx, yy = fns[k]
+            times[k] += timed_block(fn, xx, yy, block[k])
+        rep += 1
+        if rep >= 200:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}, {k: len(v) for k, v in times.items()}
+
+
+def matmul_rate(torch, n, budget_s):
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.copy()
+    c = np.empty_like(a)
+    fns = {"numpy": (lambda x, y: np.matmul(x, y, out=c), a, b)}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        tc = torch.empty_like(ta)
+        fns["torch"] = (lambda x, y: torch.mm(x, y, out=tc), ta, tb)
+    med, _ = side_by_side(fns, budget_s, min_reps=3, warmup=1)
+    return {k: 2 * n ** 3 / t / 1e9 for k, t in med.items()}
+
+
+def bench_train(torch, name, batches, budget_s, ceiling):
+    import minicnn
+    spec, shape = NETS[name]
+    rows = []
+    for n in batches:
+        net = minicnn.Network.from_spec(spec, input_shape=shape, seed=0, dtype=np.float32)
+        flops = step_flops(net) * n
+        rng = np.random.default_rng(n)
+        x = rng.standard_normal((n,) + shape).astype(np.float32)
+        y = rng.integers(0, 10, n).astype(np.int64)
+        fns = {"minicnn": (MinicnnStep(net), x, y)}
+        if torch is not None:
+            model = torch_model(torch, net)
+            fns["torch"] = (TorchStep(torch, model), torch.from_numpy(x), torch.from_numpy(y))
+        med, counts = side_by_side(fns, budget_s)
+        row = {"net": name, "batch": n, "mflop_per_step": flops / 1e6}
+        for k, t in med.items():
+            row[f"{k}_ms"] = t * 1e3
+            row[f"{k}_img_s"] = n / t
+            row[f"{k}_gflops"] = flops / t / 1e9
+            row[f"{k}_share_of_matmul"] = flops / t / 1e9 / ceiling
+            row[f"{k}_steps_timed"] = counts[k]
+        if torch is not None:
+            row["ratio"] = med["minicnn"] / med["torch"]
+        rows.append(row)
+        print(f"  train {name} batch {n:4d}: minicnn {row['minicnn_ms']:8.3f} ms"
+              + (f"  torch {row['torch_ms']:8.3f} ms  ratio {row['ratio']:.2f}" if torch else ""), flush=True)
+    return rows
+
+
+def bench_infer(torch, name, n, budget_s):
+    import minicnn
+    spec, shape = NETS[name]
+    net = minicnn.Network.from_spec(spec, input_shape=shape, seed=0, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((n,) + shape).astype(np.float32)
+    fns = {"minicnn": (lambda xx, yy: net._forward(xx), x, None)}
+    if torch is not None:
+        model = torch_model(torch, net).eval()
+
+        def tfwd(xx, yy):
+            with torch.no_grad():
+                return model(xx)
+        fns["torch"] = (tfwd, torch.from_numpy(x), None)
+    med, _ = side_by_side(fns, budget_s)
+    row = {"net": name, "batch": n}
+    for k, t in med.items():
+        row[f"{k}_ms"] = t * 1e3
+        row[f"{k}_img_s"] = n / t
+    if torch is not None:
+        row["ratio"] = med["minicnn"] / med["torch"]
+    print(f"  infer {name} batch {n}: " + "  ".join(f"{k} {t * 1e3:.3f} ms" for k, t in med.items()), flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------- subprocess probes
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def mem_probe(framework, name, n, threads):
+    """Run in a subprocess: peak RSS growth (MiB) over 5 training steps after one warm-up step."""
+    spec, shape = NETS[name]
+    import minicnn
+    net = minicnn.Network.from_spec(spec, input_shape=shape, seed=0, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((n,) + shape).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, n).astype(np.int64)
+    if framework == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        fn, x, y = TorchStep(torch, torch_model(torch, net)), torch.from_numpy(x), torch.from_numpy(y)
+    else:
+        import numba
+        numba.set_num_threads(threads)
+        fn = MinicnnStep(net)
+        fn(x[:1], y[:1])                  # compile outside the measurement (another batch size)
+    before = _rss_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                  # reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        pass
+    for _ in range(6):
+        fn(x, y)
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"rss_before_mib": before / 1024, "peak_mib": peak / 1024,
+                      "step_peak_growth_mib": (peak - before) / 1024}))
+
+
+def run_sub(args, env=None, timeout=900):
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable] + args, capture_output=True, text=True, env=env, timeout=timeout,
+                       cwd=str(ROOT), check=False)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"subprocess failed ({r.returncode}): {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1]), wall
+
+
+FIRST_STEP_CODE = """
+import json, tempfile, time, minicnn
+t = time.perf_counter()
+r = minicnn.train(steps=1, trace='full', threads={threads}, out=tempfile.mkdtemp())
+print(json.dumps({{"first_step_s": r.first_step_s, "train_s": time.perf_counter() - t}}))
+"""
+
+
+def bench_first_step(threads):
+    code = FIRST_STEP_CODE.format(threads=threads)
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        r, wall = run_sub(["-c", code], env=env)
+        out["cold"] = dict(r, process_wall_s=wall)
+    run_sub(["-c", code])                 # make sure the normal cache is filled
+    r, wall = run_sub(["-c", code])
+    out["warm"] = dict(r, process_wall_s=wall)
+    for k, v in out.items():
+        print(f"  first step, {k} cache: {v['first_step_s']:.2f} s after train() "
+              f"({v['process_wall_s']:.2f} s process wall)", flush=True)
+    return out
+
+
+def bench_trace(threads, steps):
+    import minicnn
+    out = {}
+    for level in ("off", "light", "full", "off"):
+        ts = []
+        minicnn.train(steps=steps, trace=level, threads=threads, eval_every=10 ** 9, n_train=4000,
+                      n_val=200, on_step=lambda rec, ts=ts: ts.append(rec["time_s"]))
+        per = statistics.median(np.diff(ts[2:])) * 1e3
+        out[level] = min(per, out.get(level, float("inf")))   # "off" is measured first and last
+    for level in ("light", "full"):
+        out[f"{level}_overhead"] = out[level] / out["off"] - 1
+    print(f"  trace: off {out['off']:.2f} ms/step, light {out['light']:.2f} "
+          f"(+{out['light_overhead']:.0%}), full {out['full']:.2f} (+{out['full_overhead']:.0%})", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def table(res):
+    lines = []
+    lines.append(f"machine: {res['machine']['cpu']}, {res['threads']} threads; float32 matmul "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in res["matmul_gflops"].items()) + " GFLOP/s (ceiling)")
+    lines.append("")
+    lines.append("| net | batch | minicnn ms | torch ms | ratio | minicnn img/s | torch img/s | "
+                 "minicnn GFLOP/s (% ceil) | torch GFLOP/s (% ceil) |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in res["train"]:
+        def tm(k, f="{:.3f}", r=r):
+            return f.format(r[k]) if k in r else "-"
+        lines.append(f"| {r['net']} | {r['batch']} | {tm('minicnn_ms')} | {tm('torch_ms')} | {tm('ratio', '{:.2f}')} | "
+                     f"{tm('minicnn_img_s', '{:.0f}')} | {tm('torch_img_s', '{:.0f}')} | "
+                     f"{r['minicnn_gflops']:.1f} ({r['minicnn_share_of_matmul']:.0%}) | "
+                     + (f"{r['torch_gflops']:.1f} ({r['torch_share_of_matmul']:.0%}) |" if "torch_gflops" in r else "- |"))
+    if res.get("infer"):
+        lines.append("")
+        lines.append("| inference (forward only) | batch | minicnn ms | torch ms | ratio |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for r in res["infer"]:
+            lines.append(f"| {r['net']} | {r['batch']} | {r['minicnn_ms']:.3f} | "
+                         f"{r.get('torch_ms', float('nan')):.3f} | {r.get('ratio', float('nan')):.2f} |")
+    if res.get("memory"):
+        lines.append("")
+        lines.append("| peak memory, 5 steps at batch 128 | framework | RSS before (MiB) | peak growth (MiB) |")
+        lines.append("|---|---|---:|---:|")
+        for r in res["memory"]:
+            lines.append(f"| {r['net']} | {r['framework']} | {r['rss_before_mib']:.0f} | {r['step_peak_growth_mib']:.1f} |")
+    if res.get("first_step"):
+        fs = res["first_step"]
+        lines.append("")
+        lines.append("| `minicnn train` time to first step | after train() call (s) | process wall (s) |")
+        lines.append("|---|---:|---:|")
+        for k in ("cold", "warm"):
+            lines.append(f"| {k} Numba cache | {fs[k]['first_step_s']:.2f} | {fs[k]['process_wall_s']:.2f} |")
+    if res.get("trace"):
+        t = res["trace"]
+        lines.append("")
+        lines.append(f"trace overhead (train(), small net, batch 64): off {t['off']:.2f} ms/step, "
+                     f"light {t['light']:.2f} (+{t['light_overhead']:.0%}), full {t['full']:.2f} (+{t['full_overhead']:.0%})")
+    return "\n".join(lines)
+
+
+def write_csv(path, rows):
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="shorter timing per case (1 s instead of 4), skip nothing")
+    p.add_argument("--batches", default="1,8,32,128,512", help="comma-separated batch sizes")
+    p.add_argument("--nets", default="A,B", help="comma-separated: A, B")
+    p.add_argument("--threads", type=int, default=int(_T), help="threads for Numba, PyTorch and OpenBLAS")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timing per (net, batch)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: infer,memory,first,trace")
+    p.add_argument("--no-torch", action="store_true", help="do not import PyTorch")
+    p.add_argument("--out", default="bench-results/cpu.json", help="JSON output (CSV written beside it)")
+    p.add_argument("--mem-probe", nargs=3, metavar=("FRAMEWORK", "NET", "BATCH"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.mem_probe:
+        mem_probe(a.mem_probe[0], a.mem_probe[1], int(a.mem_probe[2]), a.threads)
+        return
+    import numba
+    numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
+    torch = None if a.no_torch else try_torch()
+    if torch is not None:
+        torch.set_num_threads(a.threads)
+    budget = a.budget or (1.0 if a.quick else 4.0)
+    batches = [int(b) for b in a.batches.split(",") if b]
+    nets = [n.strip() for n in a.nets.split(",") if n.strip()]
+    skip = {s for s in a.skip.split(",") if s}
+    import minicnn
+    res = {"threads": a.threads, "quick": a.quick, "budget_s": budget,
+           "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                       "numpy": np.__version__, "numba": numba.__version__,
+                       "numba_threading_layer": numba.config.THREADING_LAYER,
+                       "torch": torch.__version__ if torch else None, "minicnn": minicnn.__version__},
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    print("validation (float32, batch 8, minicnn vs torch, max|diff|/max|torch| per tensor):", flush=True)
+    ok = True
+    for name in nets:
+        for n, what, err, good in validate(torch, name):
+            print(f"  {n} {what:14s} {err:.2e} {'OK' if good else 'NOT OK'}")
+            ok &= good
+    if not ok:
+        print("bench_cpu: validation failed; not timing", file=sys.stderr)
+        sys.exit(1)
+
+    print("matmul ceiling:", flush=True)
+    res["matmul_gflops"] = matmul_rate(torch, 2048, 2.0 if a.quick else 4.0)
+    ceiling = max(res["matmul_gflops"].values())
+    print("  " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in res["matmul_gflops"].items()), flush=True)
+
+    res["train"] = []
+    for name in nets:
+        res["train"] += bench_train(torch, name, batches, budget, ceiling)
+    if "infer" not in skip:
+        res["infer"] = [bench_infer(torch, name, 128, budget) for name in nets]
+    if "memory" not in skip:
+        res["memory"] = []
+        for name in nets:
+            for fw in ("minicnn",) + (("torch",) if torch else ()):
+                r, _ = run_sub([__file__, "--mem-probe", fw, name, "128", "--threads", str(a.threads)])
+                res["memory"].append(dict(r, net=name, framework=fw, batch=128))
+    if "first" not in skip:
+        res["first_step"] = bench_first_step(a.threads)
+    if "trace" not in skip:
+        res["trace"] = bench_trace(a.threads, 30 if a.quick else 80)
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    write_csv(out.with_suffix(".csv"), res["train"] + [dict(r, kind="infer") for r in res.get("infer", [])])
+    print()
+    print(table(res))
+    print(f"\nwritten: {out} and {out.with_suffix('.csv')}")
+
+
+if __name__ == "__main__":
+    main()
