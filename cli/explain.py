@@ -14,8 +14,9 @@ def explain_command(out, quick, workers, rerun):
     """Why does lr = 0.1 train one network, throw another around, and collapse a third?
 
     Trains three networks with plain SGD at lr = 0.1 on the built-in data -- one stable, one that
-    jumps around and never learns, one that learns and then rises onto a plateau -- plus one started
-    on the plateau at lr = 1e-4, then prints the diagnosis and mechanism of each and draws their curves.
+    jumps around and never learns, one that learns and then rises onto a plateau (the last with one
+    injected lr-10 step, said so in its label) -- plus one started on the plateau at lr = 1e-4, then
+    prints the diagnosis and mechanism of each, with lr x lambda_max against 2, and draws their curves.
 
     \b
     Example:

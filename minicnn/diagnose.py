@@ -491,6 +491,13 @@ def diagnose(run):
                  + (f", isolated (largest: step {int(step[j])}, {loss[j]:.3g} -> {after[j]:.3g}): SGD noise at "
                     f"this lr, from which the next steps recover" if rise[j] > 0 and "overshoot" not in by_kind
                     else "")]
+    # a plateau the run fell onto and later left (e.g. a few ReLUs survived a catapult and pulled it out)
+    left = [e for e in events if e.kind in ("dead", "collapse") and e.end < step[-1] - 5
+            and e.end - e.step + 1 >= COLLAPSE_MIN_STEPS]
+    if left:
+        e = max(left, key=lambda e: e.end - e.step)
+        lines.append(f"it sat on a plateau from step {e.step} to {e.end} ({e.kind}: {e.evidence}) and climbed "
+                     f"off it: a few units still passed gradient")
     return Diagnosis("healthy", f"healthy: loss {start:.3f} -> {final:.3f} (best smoothed {best:.3f})", None,
                      lines, events)
 

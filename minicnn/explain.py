@@ -10,9 +10,13 @@ Four deterministic runs (a sweep: run in parallel, resumable), each diagnosed fr
     print(result.text)                       # the verdict and mechanism of each run, in numbers
     result.figure                            # explain.png: the four loss curves side by side
 
-The first three are the question (plain SGD, lr = 0.1, the same data and seed; only the network
-differs); the fourth answers the follow-up "is getting stuck on this plateau possible at every
-learning rate?": a network initialised on the plateau stays there even at lr = 1e-4.
+The first three are the question: plain SGD at lr = 0.1 on the same data with the same seed and
+batch size. (1) is the default network; (2) is softmax regression on un-normalised inputs, whose
+loss is far sharper; (3) is the default network with ONE step at lr 10 injected at step 100
+-- a stand-in for the outsized step that throws a real run off its valley, because no network
+tried at a constant lr 0.1 on the built-in data collapsed after learning within a demo-sized run
+(see INJECT_LR). The fourth answers the follow-up "is getting stuck on this plateau possible at
+every learning rate?": a network initialised on the plateau stays there even at lr = 1e-4.
 """
 import math
 import os
@@ -35,18 +39,31 @@ class Case:
     answer: str     # what is going on behind the scenes (the mechanism; the numbers come from the run)
 
 
-# Same data, seed, batch size and lr = 0.1 for the first three: only the network differs.
+# Same data, seed, batch size and lr = 0.1 for the first three; what differs is in each Case.
 COMMON = dict(data="shapes", lr=0.1, batch_size=32, momentum=0.0, weight_decay=0.0, seed=0, trace="full",
               sharpness_every=SHARPNESS_EVERY)
-FULL = dict(n_train=6000, n_val=1000, steps=900)
+# case 3's single outsized step (100x the lr). At a constant lr 0.1 no network tried on the built-in
+# data (about 40 configurations: wider, deeper, bottlenecked, larger init, larger inputs, smaller
+# batches) learned and then stayed on a plateau within a demo-sized run: they either died in the
+# first steps or recovered from every catapult. So the demo injects the step, and says so.
+INJECT_LR = 10.0
+# ... at this step, when the network has learned (loss ~1 from 2.3) but is not settled. With the
+# demo's 2,000 training images it kills every unit of relu1 and relu2 (same-batch loss 0.62 -> 941):
+# a plateau with exactly zero gradient below the classifier, left never. Measured on 6,000 images the
+# network was further along at step 100, 0.1-4% of relu1 survived (lr 10 or 30), and those few units
+# pulled it off the plateau 100-550 steps later -- a plateau is only permanent when nothing survives.
+INJECT_STEP = 100
+FULL = dict(n_train=2000, n_val=1000, steps=600)   # same data and first steps as QUICK
 QUICK = dict(n_train=2000, n_val=500, steps=300)
 
 CASES = [
     Case("1-stable", "lr 0.1: trains fine", "healthy",
          dict(arch="small"),
          "the default small CNN (two conv blocks with max-pooling, then fc10)",
-         "lr x lambda_max stays below 2: every step lowers the loss of the valley it is in, and the "
-         "occasional overshoot on one batch is noise the next steps absorb."),
+         "lr x lambda_max is below 2 for most of the run: each step lowers the loss of the valley it is in, "
+         "and the occasional overshoot on one batch is noise the next steps absorb. Where lr x lambda_max "
+         "does pass 2 (the edge of stability), the overshoot along that one sharp direction moves the "
+         "weights to a flatter region, and the loss carries on down."),
     Case("2-jumping", "lr 0.1: jumps around, never learns", "unstable",
          dict(arch="linear", input_scale=10.0),
          "softmax regression (fc10) on the same images with pixels in [0, 10] instead of [0, 1] "
@@ -56,11 +73,12 @@ CASES = [
          "rises), lands somewhere no better, and the next step overshoots again. The weights cannot die "
          "(no ReLU), so the loss never settles: it jumps around far above ln 10 for the whole run."),
     Case("3-collapse", "lr 0.1: learns, then rises onto a plateau", "collapse",
-         dict(arch="conv4k1-relu-conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10"),
-         "a network whose first layer is a 1x1 convolution (4 units, each a single weight per pixel)",
-         "as it learns the loss sharpens; one step with lr x curvature > 2 throws the weights off the "
-         "valley onto a flat region (dead ReLUs / a constant prediction) where the gradient is near "
-         "zero, so nothing pulls them back -- training and validation loss rise together and stay up."),
+         dict(arch="small", lr_schedule="INJECT"),
+         "the default network at lr 0.1, except ONE step at lr 10 at step 100 (a stand-in for "
+         "the one outsized step -- lr x curvature far above 2 -- that throws a real run off its valley)",
+         "the big step overshoots so far that it lands where most ReLUs output 0 for every input and the "
+         "network predicts one class: a flat region where the gradient is near zero, so nothing pulls the "
+         "weights back -- training and validation loss jump up together to ln 10 and stay there."),
     Case("4-stuck-lr1e-4", "lr 0.0001: initialised on the plateau", "stuck",
          dict(arch="small", init="dead", lr=1e-4),
          "the default network with every ReLU dead at initialisation (biases -10)",
@@ -90,7 +108,11 @@ def case_configs(quick=False):
     size = QUICK if quick else FULL
     out = []
     for c in CASES:
-        cfg = TrainConfig(**{**COMMON, **size, **c.config})
+        fields = {**COMMON, **size, **c.config}
+        if fields.get("lr_schedule") == "INJECT":      # one step at INJECT_LR at step INJECT_STEP
+            t = INJECT_STEP
+            fields["lr_schedule"] = f"0:{fields['lr']:g},{t}:{INJECT_LR:g},{t + 1}:{fields['lr']:g}"
+        cfg = TrainConfig(**fields)
         cfg.validate()
         out.append((c, cfg.to_dict()))
     return out
@@ -143,7 +165,8 @@ def report(result):
     from .runs import load_run
     lines = ["The question: plain SGD at lr = 0.1 -- one network trains fine, one jumps around and never "
              "learns, one learns and then rises onto a plateau. Same data, same seed, same lr; what differs "
-             "is where the weights are and how sharp the loss is there.", ""]
+             "is how sharp the loss is where the weights are (lr x lambda_max against 2), and whether a step "
+             "lands on a flat region it cannot leave.", ""]
     for i, (c, row, d) in enumerate(zip(result.cases, result.rows, result.diagnoses)):
         cfg = row.get("run_dir") and load_run(row["run_dir"]).config.get("config", {})
         tick = "" if result.matches[i] else f"   [expected {c.expect}, got {d.verdict}]"

@@ -169,14 +169,12 @@ class Sharpness:
         eps = HVP_REL_EPS * max(1.0, float(np.linalg.norm(w)))
         return (self._grad(w + eps * v) - self._grad(w - eps * v)) / (2 * eps)
 
-    def __call__(self, flat_params=None):
-        """(lambda_max, gradient evaluations used) at the given (default: current) weights."""
-        w = np.array(self.net.flat_params if flat_params is None else flat_params, dtype=np.float64)
-        v = self.v if self.v is not None else self.rng.standard_normal(w.size)
+    def _power(self, w, v, shift=0.0):
+        """Power iteration on H - shift*I from v: (its dominant eigenvalue, eigenvector)."""
         v = v / np.linalg.norm(v)
-        start, lam = self.evals, math.nan
+        lam = math.nan
         for _ in range(POWER_ITERS_MAX):
-            hv = self.hvp(w, v)
+            hv = self.hvp(w, v) - shift * v
             new = float(v @ hv)
             norm = np.linalg.norm(hv)
             if not (math.isfinite(new) and norm > 0):
@@ -187,5 +185,22 @@ class Sharpness:
                 lam = new
                 break
             lam = new
+        return lam, v
+
+    def __call__(self, flat_params=None):
+        """(lambda_max, gradient evaluations used) at the given (default: current) weights.
+
+        Power iteration finds the eigenvalue of largest magnitude. Near initialisation and on
+        plateaus that can be a negative one (a saddle's downhill direction); then it is run again
+        on H - lambda_min*I, whose dominant eigenvalue is lambda_max - lambda_min, so the result is
+        always the largest (most positive) eigenvalue, the one that sets the stability limit 2/lr.
+        """
+        w = np.array(self.net.flat_params if flat_params is None else flat_params, dtype=np.float64)
+        v = self.v if self.v is not None else self.rng.standard_normal(w.size)
+        start = self.evals
+        lam, v = self._power(w, v)
+        if math.isfinite(lam) and lam < 0:
+            top, v = self._power(w, self.rng.standard_normal(w.size), shift=lam)
+            lam = top + lam
         self.v = v
         return lam, self.evals - start

@@ -113,3 +113,41 @@ def test_sharpness_in_trace(tmp_path, shapes):
     s = load_run(out).steps
     assert np.isfinite(s["lambda_max"][[0, 3]]).all() and np.isnan(s["lambda_max"][[1, 2, 4, 5]]).all()
     assert (s["two_over_lr"][[0, 3]] == 20).all() and (s["hvp_evals"][[0, 3]] >= 2).all()
+
+
+def test_thrown_from_a_huge_start_onto_ln10_is_not_healthy(tmp_path, shapes):
+    # He init x 6: the loss starts in the hundreds and the first steps kill every ReLU; falling from
+    # 300 to ln 10 is not learning (measured against the constant predictor's loss)
+    out = str(tmp_path / "thrown")
+    train(out=out, data=shapes, steps=80, lr=0.1, init="he", init_scale=6.0, batch_size=32)
+    d = diagnose(load_run(out))
+    assert d.verdict == "collapse", d.text
+    assert d.decisive_step <= 2 and "before it could learn" in d.title, d.text
+    assert "ln 10" in d.text and "dead" in d.text
+
+
+def test_linear_model_on_unnormalised_inputs_is_unstable(tmp_path, shapes):
+    out = str(tmp_path / "jumping")
+    train(out=out, data=shapes, steps=300, lr=0.1, arch="linear", input_scale=10.0, batch_size=32)
+    d = diagnose(load_run(out))
+    assert d.verdict == "unstable", d.text
+    assert "jumps around" in d.title and "raised the loss on their own batch" in d.text
+
+
+def test_lambda_max_is_the_most_positive_eigenvalue_not_the_largest_magnitude():
+    # a saddle: the most negative eigenvalue dominates in magnitude; lambda_max must still be +2
+    net = Network.from_spec("fc3", (1, 2, 2), seed=0, dtype=np.float64, device="numpy")
+    n = net.flat_params.size
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = np.linspace(-5.0, 2.0, n)
+    H = (q * eig) @ q.T
+
+    class Quadratic(Sharpness):
+        def hvp(self, w, v):
+            self.evals += 2
+            return H @ v
+
+    lam, evals = Quadratic(net, np.zeros((2, 1, 2, 2)), np.zeros(2, dtype=np.int64), seed=0)()
+    assert abs(lam - 2.0) <= 0.01 * 2.0, lam
+    assert evals > 0

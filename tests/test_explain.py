@@ -12,8 +12,9 @@ from minicnn.explain import CASES, QUICK, case_configs
 def test_cases_are_plain_sgd_and_differ_only_in_the_network():
     cfgs = [cfg for _, cfg in case_configs(quick=True)]
     question = cfgs[:3]
-    assert all(c["lr"] == 0.1 and c["momentum"] == 0 and c["weight_decay"] == 0 and c["lr_schedule"] == "constant"
-               for c in question)
+    assert all(c["lr"] == 0.1 and c["momentum"] == 0 and c["weight_decay"] == 0 for c in question)
+    assert cfgs[0]["lr_schedule"] == cfgs[1]["lr_schedule"] == "constant"
+    assert cfgs[2]["lr_schedule"] == "0:0.1,100:10,101:0.1"     # case 3: lr 0.1 but for one injected step
     same = {k for k in question[0] if all(c[k] == question[0][k] for c in question)}
     assert {"data", "seed", "batch_size", "n_train", "steps"} <= same
     assert cfgs[3]["lr"] == 1e-4 and cfgs[3]["init"] == "dead"
