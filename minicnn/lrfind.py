@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigError
-from .train import TrainConfig, batch_indices
+from .train import batch_indices
 
 LRFIND_STEPS = 200
 LR_MIN = 1e-6
@@ -125,26 +125,13 @@ def lr_find(config=None, data=None, lr_min=LR_MIN, lr_max=LR_MAX, steps=LRFIND_S
     measured at initialisation (0: skip it; it costs up to 60 gradient evaluations on that batch).
     Returns an LRFindResult.
     """
-    from .data import load_data
-    from .network import Network
     from .sgd import SGD
-    from .train import set_threads
-    cfg = TrainConfig(**{**(config.to_dict() if config else {}), **overrides})
-    cfg.validate()
+    from .train import setup
     if not (0 < lr_min < lr_max and math.isfinite(lr_max)):
         raise ConfigError(f"--lr-min must be > 0 and below --lr-max, got {lr_min:g} and {lr_max:g}")
     if steps < 10:
         raise ConfigError(f"the range test needs at least 10 steps, got {steps}")
-    set_threads(cfg.threads)
-    if data is None:
-        data = load_data(cfg.data, seed=cfg.seed, data_dir=cfg.data_dir, n_train=cfg.n_train,
-                         n_val=cfg.n_val, split=cfg.split, image_size=cfg.image_size)
-    data = data.scaled(cfg.input_scale)
-    net = Network.from_spec(cfg.arch, input_shape=data.input_shape, seed=cfg.seed, dtype=cfg.dtype,
-                            init=cfg.init, init_scale=cfg.init_scale, device=cfg.device)
-    if net.num_classes < data.num_classes:
-        raise ConfigError(f"the network has {net.num_classes} outputs but the data has {data.num_classes} "
-                          f"classes; end the spec with fc{data.num_classes}")
+    cfg, data, net = setup(config, data, **overrides)
     n = len(data.y_train)
     lam = math.nan
     if sharpness_samples:

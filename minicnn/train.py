@@ -186,6 +186,26 @@ def set_threads(threads):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
+def setup(config=None, data=None, **overrides):
+    """(config, data, network) for a run: the config validated (overrides applied), threads set, the
+    data loaded (unless given) and scaled by input_scale, the network built and checked against it."""
+    from .data import load_data
+    from .network import Network
+    cfg = TrainConfig(**{**(config.to_dict() if config else {}), **overrides})
+    cfg.validate()
+    set_threads(cfg.threads)
+    if data is None:
+        data = load_data(cfg.data, seed=cfg.seed, data_dir=cfg.data_dir, n_train=cfg.n_train,
+                         n_val=cfg.n_val, split=cfg.split, image_size=cfg.image_size)
+    data = data.scaled(cfg.input_scale)
+    net = Network.from_spec(cfg.arch, input_shape=data.input_shape, seed=cfg.seed, dtype=cfg.dtype,
+                            init=cfg.init, init_scale=cfg.init_scale, device=cfg.device)
+    if net.num_classes < data.num_classes:
+        raise ConfigError(f"the network has {net.num_classes} outputs but the data has {data.num_classes} "
+                          f"classes; end the spec with fc{data.num_classes}")
+    return cfg, data, net
+
+
 class Trainer:
     """One SGD run, one step at a time: the loop of ``train`` as an object.
 
@@ -199,21 +219,8 @@ class Trainer:
     """
 
     def __init__(self, config=None, data=None, t_start=None, **overrides):
-        from .data import load_data
-        from .network import Network
         self.t_start = time.perf_counter() if t_start is None else t_start
-        cfg = TrainConfig(**{**(config.to_dict() if config else {}), **overrides})
-        cfg.validate()
-        set_threads(cfg.threads)
-        if data is None:
-            data = load_data(cfg.data, seed=cfg.seed, data_dir=cfg.data_dir, n_train=cfg.n_train,
-                             n_val=cfg.n_val, split=cfg.split, image_size=cfg.image_size)
-        data = data.scaled(cfg.input_scale)
-        net = Network.from_spec(cfg.arch, input_shape=data.input_shape, seed=cfg.seed, dtype=cfg.dtype,
-                                init=cfg.init, init_scale=cfg.init_scale, device=cfg.device)
-        if net.num_classes < data.num_classes:
-            raise ConfigError(f"the network has {net.num_classes} outputs but the data has {data.num_classes} "
-                              f"classes; end the spec with fc{data.num_classes}")
+        cfg, data, net = setup(config, data, **overrides)
         self.cfg, self.data, self.net = cfg, data, net
         self.n = n = len(data.y_train)
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)

@@ -6,7 +6,7 @@ import pytest
 
 from minicnn import Network, load_run, train
 from minicnn.data import load_shapes
-from minicnn.diagnose import diagnose, find_events
+from minicnn.diagnose import diagnose
 from minicnn.trace import Sharpness, alpha_from_step
 
 

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from minicnn import Network, SpecError, parse_spec

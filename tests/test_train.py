@@ -1,5 +1,4 @@
 """The training loop: run directory, determinism, divergence, interruption, schedules."""
-import json
 import math
 import os
 
@@ -76,7 +75,7 @@ def test_interrupt_keeps_every_step(tmp_path, shapes):
 
 
 def test_piecewise_schedule_reaches_the_step(tmp_path, shapes):
-    r = train(out=str(tmp_path / "pw"), data=shapes, steps=12, lr=0.1, lr_schedule="0:0.01,5:0.5,6:0.01", **SMALL)
+    train(out=str(tmp_path / "pw"), data=shapes, steps=12, lr=0.1, lr_schedule="0:0.01,5:0.5,6:0.01", **SMALL)
     lrs = load_run(str(tmp_path / "pw")).steps["lr"]
     assert lrs[4] == 0.01 and lrs[5] == 0.5 and lrs[6] == 0.01
 
