@@ -341,17 +341,18 @@ def bench_first_step(threads):
 
 def bench_trace(threads, steps):
     import minicnn
-    out = {}
-    for level in ("off", "light", "full", "off"):
-        ts = []
-        minicnn.train(steps=steps, trace=level, threads=threads, eval_every=10 ** 9, n_train=4000,
-                      n_val=200, on_step=lambda rec, ts=ts: ts.append(rec["time_s"]))
-        per = statistics.median(np.diff(ts[2:])) * 1e3
-        out[level] = min(per, out.get(level, float("inf")))   # "off" is measured first and last
+    per = {"off": [], "light": [], "full": []}
+    for rep in range(3):        # the levels alternated, the order reversed every repetition
+        for level in (("off", "light", "full") if rep % 2 == 0 else ("full", "light", "off")):
+            ts = []
+            minicnn.train(steps=steps, trace=level, threads=threads, eval_every=10 ** 9, n_train=4000,
+                          n_val=200, on_step=lambda rec, ts=ts: ts.append(rec["time_s"]))
+            per[level].append(statistics.median(np.diff(ts[2:])) * 1e3)
+    out = {level: statistics.median(v) for level, v in per.items()}
     for level in ("light", "full"):
         out[f"{level}_overhead"] = out[level] / out["off"] - 1
     print(f"  trace: off {out['off']:.2f} ms/step, light {out['light']:.2f} "
-          f"(+{out['light_overhead']:.0%}), full {out['full']:.2f} (+{out['full_overhead']:.0%})", flush=True)
+          f"({out['light_overhead']:+.0%}), full {out['full']:.2f} ({out['full_overhead']:+.0%})", flush=True)
     return out
 
 
@@ -395,7 +396,8 @@ def table(res):
         t = res["trace"]
         lines.append("")
         lines.append(f"trace overhead (train(), small net, batch 64): off {t['off']:.2f} ms/step, "
-                     f"light {t['light']:.2f} (+{t['light_overhead']:.0%}), full {t['full']:.2f} (+{t['full_overhead']:.0%})")
+                     f"light {t['light']:.2f} ({t['light_overhead']:+.0%}), full {t['full']:.2f} "
+                     f"({t['full_overhead']:+.0%}); levels alternated, 3 repetitions, medians")
     return "\n".join(lines)
 
 
