@@ -177,6 +177,17 @@ def _tree_sum(sh, t, nthreads):
     return sh[0]
 
 
+@cuda.jit(device=True)
+def _patch(x, m, r, H, W, K, S, P, OH, OW):
+    """Element (m, r) of the zero-padded im2col matrix of x: row m = (n, i, j) an output position,
+    column r = (c, u, v) a kernel tap; x[n, c, i*S-P+u, j*S-P+v], or 0 in the padding."""
+    h = ((m // OW) % OH) * S - P + (r // K) % K
+    ww = (m % OW) * S - P + r % K
+    if h >= 0 and h < H and ww >= 0 and ww < W:
+        return x[m // (OH * OW), r // (K * K), h, ww]
+    return x.dtype.type(0)
+
+
 # --------------------------------------------------------------------------- kernels: conv2d
 @cuda.jit
 def _conv2d_forward_kernel(out, x, w, b, N, C, H, W, F, K, S, P, OH, OW):
@@ -206,11 +217,7 @@ def _conv2d_forward_kernel(out, x, w, b, N, C, H, W, F, K, S, P, OH, OW):
         r = r0 + ty                       # patch element this thread stages
         v = zero
         if m < M and r < R:
-            c = r // KK
-            h = i * S - P + (r // K) % K
-            ww = j * S - P + r % K
-            if h >= 0 and h < H and ww >= 0 and ww < W:
-                v = x[n, c, h, ww]
+            v = _patch(x, m, r, H, W, K, S, P, OH, OW)
         xs[ty * T + tx] = v
         rw = r0 + tx                      # weight element this thread stages
         v = zero
@@ -272,13 +279,9 @@ def _conv2d_backward_dw_kernel(part, dout, x, N, C, H, W, F, K, S, P, OH, OW, ro
     zero = x.dtype.type(0)
     M = N * OH * OW
     R = C * K * K
-    KK = K * K
     r = cuda.blockIdx.x * T + tx
     f = cuda.blockIdx.y * T + ty
     s = cuda.blockIdx.z
-    c = r // KK
-    u = (r // K) % K
-    v = r % K
     m_begin = s * rows_per_split
     m_end = min(M, m_begin + rows_per_split)
     acc = zero
@@ -291,10 +294,7 @@ def _conv2d_backward_dw_kernel(part, dout, x, N, C, H, W, F, K, S, P, OH, OW, ro
         m = m0 + ty                       # patch element this thread stages: (m, r)
         val = zero
         if m < m_end and r < R:
-            h = ((m // OW) % OH) * S - P + u
-            ww = (m % OW) * S - P + v
-            if h >= 0 and h < H and ww >= 0 and ww < W:
-                val = x[m // (OH * OW), c, h, ww]
+            val = _patch(x, m, r, H, W, K, S, P, OH, OW)
         ps[ty * T + tx] = val
         cuda.syncthreads()
         for k in range(T):
