@@ -7,13 +7,14 @@ Reference networks (conv 3x3 pad 1, max-pool 2x2 stride 2, no padding tricks):
     A = conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10 on 1x28x28
     B = conv32k3p1-relu-maxpool2-conv64k3p1-relu-maxpool2-fc10 on 3x32x32
 
-The networks are wired here directly from the ops in minicnn/ops/cuda.py (no Network class): all
-parameters in one flat device buffer with views, gradients in a twin buffer, momentum buffers in a
-third, every activation preallocated per batch size. A step is forward, loss (reduced on the
-device), backward and one sgd_update over the flat buffers; nothing is copied to the host.
+The networks are minicnn.Network(spec, device="cuda"): all parameters in one flat device buffer
+with views, gradients in a twin buffer, every activation preallocated per batch size. A step is
+the training loop's: forward, loss (reduced on the device, one number read back), backward and one
+SGD update over the flat buffers (momentum buffers on the device too).
 
-1. Validate first: one step's loss, every gradient and the updated parameters against
-   minicnn/ops/ref.py in float64 on a tiny batch (OK / NOT OK with the max relative error).
+1. Validate first: one step's loss, every gradient and the updated parameters of device "cuda"
+   and of device "cpu" (Numba) against the NumPy reference (device "numpy", minicnn/ops/ref.py)
+   in float64 on a tiny batch (OK / NOT OK with the max relative error).
 2. Then time (float32): warm-up, then the median of --repeats steps, each bracketed by
    cuda.synchronize(), at batch 32, 128, 512, 1024; PyTorch on CUDA with the same architecture
    and torch.optim.SGD when torch with CUDA is importable (TF32 off unless --torch-tf32, so both
@@ -41,13 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 from minicnn.errors import DeviceError  # noqa: E402
-from minicnn.ops import ref  # noqa: E402
 
-NETS = {
-    "A": dict(input=(1, 28, 28), convs=(16, 32), classes=10),
-    "B": dict(input=(3, 32, 32), convs=(32, 64), classes=10),
+NETS = {       # the reference networks of benchmarks/bench_cpu.py (issue 7), as minicnn specs
+    "A": dict(spec="conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10", input=(1, 28, 28), classes=10),
+    "B": dict(spec="conv32k3p1-relu-maxpool2-conv64k3p1-relu-maxpool2-fc10", input=(3, 32, 32), classes=10),
 }
-K, PAD, POOL = 3, 1, 2
 LR, MOMENTUM = 0.01, 0.9
 VALIDATE_TOL = 1e-10          # max relative error, float64
 
@@ -57,206 +56,77 @@ def fail(msg, code=1):
     sys.exit(code)
 
 
-# --------------------------------------------------------------------------- network description
-def param_shapes(net):
-    """[(F, C, K, K), (F,), ..., (L, D), (L,)] in layer order (PyTorch layouts)."""
-    C, H, W = net["input"]
-    shapes = []
-    for F in net["convs"]:
-        shapes += [(F, C, K, K), (F,)]
-        C, H, W = F, H // POOL, W // POOL
-    shapes += [(net["classes"], C * H * W), (net["classes"],)]
-    return shapes
+# --------------------------------------------------------------------------- one SGD step
+def make(net, device, dtype, seed=0):
+    """(Network, SGD) for a reference net on a device, PyTorch's default init from ``seed``."""
+    from minicnn.network import Network
+    from minicnn.sgd import SGD
+    return (Network(net["spec"], net["input"], seed=seed, dtype=dtype, device=device),
+            SGD(lr=LR, momentum=MOMENTUM))
 
 
-def init_params(net, rng, dtype):
-    """PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
-    params = []
-    shapes = param_shapes(net)
-    for w_shape, b_shape in zip(shapes[::2], shapes[1::2]):
-        bound = 1.0 / np.sqrt(np.prod(w_shape[1:]))
-        params.append(rng.uniform(-bound, bound, w_shape).astype(dtype))
-        params.append(rng.uniform(-bound, bound, b_shape).astype(dtype))
-    return params
-
-
-# --------------------------------------------------------------------------- minicnn on the GPU
-class GpuNet:
-    """The reference network built from minicnn.ops.cuda, all buffers on the device."""
-
-    def __init__(self, net, params, gpu):
-        self.net, self.gpu, self.cuda = net, gpu, gpu.cuda
-        self.dtype = params[0].dtype
-        self.shapes = [p.shape for p in params]
-        flat = np.concatenate([p.ravel() for p in params])
-        self.flat_params = self.cuda.to_device(flat)
-        self.flat_grads = self.cuda.device_array(flat.size, dtype=self.dtype)
-        self.flat_bufs = self.cuda.device_array(flat.size, dtype=self.dtype)
-        self.params = self._views(self.flat_params)
-        self.grads = self._views(self.flat_grads)
-        self.first_step = True
-        self.N = None
-
-    def _views(self, flat):
-        views, at = [], 0
-        for s in self.shapes:
-            n = int(np.prod(s))
-            views.append(flat[at:at + n].reshape(*s))
-            at += n
-        return views
-
-    def alloc(self, N):
-        """Every activation and gradient buffer for batch size N (once per batch size)."""
-        if self.N == N:
-            return
-        c = self.cuda
-        dt = self.dtype
-        C, H, W = self.net["input"]
-        self.layers = []
-        for F in self.net["convs"]:
-            OH, OW = H // POOL, W // POOL
-            self.layers.append(dict(
-                in_shape=(N, C, H, W),
-                conv=c.device_array((N, F, H, W), dtype=dt),        # k3 p1: same size
-                relu=c.device_array((N, F, H, W), dtype=dt),
-                pool=c.device_array((N, F, OH, OW), dtype=dt),
-                argmax=c.device_array((N, F, OH, OW), dtype=np.int32),
-                dpool=c.device_array((N, F, H, W), dtype=dt),         # d(relu out)
-                drelu=c.device_array((N, F, H, W), dtype=dt),         # d(conv out)
-                dx=c.device_array((N, C, H, W), dtype=dt) if self.layers else None,
-            ))
-            C, H, W = F, OH, OW
-        L = self.net["classes"]
-        last = self.layers[-1]
-        self.flat_in = last["pool"].reshape(N, C * H * W)
-        self.dflat = c.device_array((N, C * H * W), dtype=dt)
-        self.dflat4 = self.dflat.reshape(N, C, H, W)
-        self.logits = c.device_array((N, L), dtype=dt)
-        self.probs = c.device_array((N, L), dtype=dt)
-        self.dlogits = c.device_array((N, L), dtype=dt)
-        self.loss = c.device_array(1, dtype=dt)
-        self.N = N
-
-    def forward_loss(self, x, y):
-        """x: (N, C, H, W), y: (N,) int device arrays -> loss (1,) device array."""
-        g = self.gpu
-        a = x
-        for i, lay in enumerate(self.layers):
-            w, b = self.params[2 * i], self.params[2 * i + 1]
-            g.conv2d_forward(a, w, b, 1, PAD, out=lay["conv"])
-            g.relu_forward(lay["conv"], out=lay["relu"])
-            g.maxpool2d_forward(lay["relu"], POOL, POOL, out=lay["pool"], argmax=lay["argmax"])
-            a = lay["pool"]
-        g.dense_forward(self.flat_in, self.params[-2], self.params[-1], out=self.logits)
-        g.softmax_cross_entropy_forward(self.logits, y, probs=self.probs, loss_out=self.loss)
-        return self.loss
-
-    def backward(self, x, y):
-        """Gradients of the last forward_loss into flat_grads."""
-        g = self.gpu
-        g.softmax_cross_entropy_backward(self.probs, y, dlogits=self.dlogits)
-        g.dense_backward(self.dlogits, self.flat_in, self.params[-2], dx=self.dflat,
-                         dw=self.grads[-2], db=self.grads[-1])
-        d = self.dflat4
-        for i in range(len(self.layers) - 1, -1, -1):
-            lay = self.layers[i]
-            g.maxpool2d_backward(d, lay["argmax"], lay["relu"].shape, dx=lay["dpool"])
-            g.relu_backward(lay["dpool"], lay["relu"], dx=lay["drelu"])
-            inp = x if i == 0 else self.layers[i - 1]["pool"]
-            g.conv2d_backward(lay["drelu"], inp, self.params[2 * i], 1, PAD, dx=lay["dx"],
-                              dw=self.grads[2 * i], db=self.grads[2 * i + 1], need_dx=i > 0)
-            d = lay["dx"]
-
-    def step(self, x, y):
-        """One SGD step (forward, loss, backward, update); returns the loss device array."""
-        loss = self.forward_loss(x, y)
-        self.backward(x, y)
-        self.gpu.sgd_update(self.flat_params, self.flat_grads, self.flat_bufs, LR, MOMENTUM,
-                            0.0, 0.0, False, self.first_step)
-        self.first_step = False
-        return loss
-
-
-# --------------------------------------------------------------------------- NumPy reference step
-def ref_step(net, params, x, y):
-    """(loss, grads, new params) of one SGD step with ref.py (first step: buf = grad)."""
-    cache, a = [], x
-    for i in range(len(net["convs"])):
-        w, b = params[2 * i], params[2 * i + 1]
-        conv = ref.conv2d_forward(a, w, b, 1, PAD)
-        relu = ref.relu_forward(conv)
-        pool, argmax = ref.maxpool2d_forward(relu, POOL, POOL)
-        cache.append((a, relu, argmax))
-        a = pool
-    flat = a.reshape(len(x), -1)
-    logits = ref.dense_forward(flat, params[-2], params[-1])
-    loss, probs = ref.softmax_cross_entropy_forward(logits, y)
-    grads = [None] * len(params)
-    dflat, grads[-2], grads[-1] = ref.dense_backward(
-        ref.softmax_cross_entropy_backward(probs, y), flat, params[-2])
-    d = dflat.reshape(a.shape)
-    for i in range(len(net["convs"]) - 1, -1, -1):
-        inp, relu, argmax = cache[i]
-        d = ref.relu_backward(ref.maxpool2d_backward(d, argmax, relu.shape), relu)
-        d, grads[2 * i], grads[2 * i + 1] = ref.conv2d_backward(d, inp, params[2 * i], 1, PAD)
-    new_params = [p - LR * g for p, g in zip(params, grads)]     # momentum: first step buf = g
-    return loss, grads, new_params
+def sgd_step(model, opt, x, y):
+    """One training step as minicnn.train.Trainer takes it: forward and loss (read back: the loss
+    is reduced on the device and one number comes to the host), backward into the flat gradient
+    buffer, one update over the flat parameter buffer. x, y: host or device arrays."""
+    loss = model._loss(x, y)
+    model._backward()
+    opt.step([model.flat_params], [model.flat_grads])
+    return loss
 
 
 def rel_error(a, b):
     return float(np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b))))
 
 
-def validate(name, net, gpu, N, seed=0):
-    """One float64 step on the GPU against ref.py; prints OK / NOT OK per tensor."""
-    cuda = gpu.cuda
+def validate(name, net, N, seed=0):
+    """One float64 step (momentum, first step) on "cuda" and on "cpu" (Numba) against "numpy"
+    (minicnn/ops/ref.py): loss, every gradient, every updated parameter. Prints OK / NOT OK."""
     rng = np.random.default_rng(seed)
-    params = init_params(net, rng, np.float64)
     x = rng.standard_normal((N,) + net["input"])
     y = rng.integers(0, net["classes"], N)
-    rloss, rgrads, rnew = ref_step(net, params, x, y)
-
-    model = GpuNet(net, params, gpu)
-    model.alloc(N)
-    loss = float(model.step(cuda.to_device(x), cuda.to_device(y)).copy_to_host()[0])
-    checks = [("loss", rel_error(np.array(loss), np.array(rloss)))]
-    layer_names = [f"conv{i + 1}" for i in range(len(net["convs"]))] + ["fc"]
-    names = [f"{layer}.{pname}" for layer in layer_names for pname in ("w", "b")]
-    for nm, g, rg in zip(names, model.grads, rgrads):
-        checks.append((f"grad {nm}", rel_error(g.copy_to_host(), rg)))
-    new = model._views(model.flat_params)
-    for nm, p, rp in zip(names, new, rnew):
-        checks.append((f"sgd  {nm}", rel_error(p.copy_to_host(), rp)))
+    results = {}
+    for device in ("numpy", "cpu", "cuda"):
+        model, opt = make(net, device, np.float64, seed)
+        loss = sgd_step(model, opt, x, y)
+        results[device] = (loss, model.get_flat_grads(), model.get_flat_params(), model)
+    rloss, rgrads, rnew, rmodel = results["numpy"]
     ok = True
+    checks = {}
     shape = "x".join(map(str, net["input"]))
-    print(f"validate net {name} on {shape}, batch {N}, float64: loss {loss:.12f} "
-          f"(ref {rloss:.12f})")
-    for what, err in checks:
-        good = err <= VALIDATE_TOL
-        ok &= good
-        print(f"  {'OK    ' if good else 'NOT OK'} {what:14s} max rel error {err:.2e}")
-    return ok, {c[0]: c[1] for c in checks}
+    print(f"validate net {name} on {shape}, batch {N}, float64, against the NumPy reference "
+          f"(loss {rloss:.12f})")
+    for device in ("cuda", "cpu"):
+        loss, grads, new, _ = results[device]
+        rows = [("loss", rel_error(np.array(loss), np.array(rloss)))]
+        for pname, (a, b) in zip(rmodel.param_names, zip(rmodel.offsets, rmodel.offsets[1:])):
+            rows.append((f"grad {pname}", rel_error(grads[a:b], rgrads[a:b])))
+            rows.append((f"sgd  {pname}", rel_error(new[a:b], rnew[a:b])))
+        for what, err in rows:
+            good = err <= VALIDATE_TOL
+            ok &= good
+            print(f"  {'OK    ' if good else 'NOT OK'} {device:4s} {what:18s} max rel error {err:.2e}")
+            checks[f"{device} {what}"] = err
+    return ok, checks
 
 
 # --------------------------------------------------------------------------- timing
 def time_minicnn(net, gpu, N, warmup, repeats, seed=0):
     cuda = gpu.cuda
+    model, opt = make(net, "cuda", np.float32, seed)
     rng = np.random.default_rng(seed)
-    model = GpuNet(net, init_params(net, rng, np.float32), gpu)
-    model.alloc(N)
     x = cuda.to_device(rng.standard_normal((N,) + net["input"]).astype(np.float32))
     y = cuda.to_device(rng.integers(0, net["classes"], N))
     for _ in range(warmup):
-        model.step(x, y)
+        sgd_step(model, opt, x, y)
     cuda.synchronize()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model.step(x, y)
+        sgd_step(model, opt, x, y)
         cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    loss = float(model.forward_loss(x, y).copy_to_host()[0])
-    return statistics.median(times) * 1e3, loss
+    return statistics.median(times) * 1e3, model._loss(x, y)
 
 
 def torch_cuda():
@@ -273,18 +143,26 @@ def time_torch(torch, net, N, warmup, repeats, tf32, seed=0):
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    rng = np.random.default_rng(seed)
-    params = init_params(net, rng, np.float32)
-    C = net["input"][0]
+    from minicnn.spec import parse_spec
+    host, _ = make(net, "cpu", np.float32, seed)          # the same initial weights as minicnn's
     layers = []
-    for F in net["convs"]:
-        layers += [nn.Conv2d(C, F, K, padding=PAD), nn.ReLU(), nn.MaxPool2d(POOL)]
-        C = F
-    layers += [nn.Flatten(), nn.Linear(params[-2].shape[1], net["classes"])]
+    C = net["input"][0]
+    for ls in parse_spec(net["spec"]):
+        if ls.kind == "conv":
+            layers.append(nn.Conv2d(C, ls.out, ls.k, stride=ls.stride, padding=ls.pad))
+            C = ls.out
+        elif ls.kind == "relu":
+            layers.append(nn.ReLU())
+        elif ls.kind == "maxpool":
+            layers.append(nn.MaxPool2d(ls.k, ls.stride))
+        elif ls.kind == "fc":
+            fc = [layer for layer in host.layers if layer.kind == "fc"][sum(isinstance(m, nn.Linear) for m in layers)]
+            layers += [nn.Flatten(), nn.Linear(fc.in_shape[0], ls.out)]      # Flatten: a no-op on (N, D)
     model = nn.Sequential(*layers).cuda()
     with torch.no_grad():
-        for p, v in zip(model.parameters(), params):
+        for p, v in zip(model.parameters(), host.state_dict().values()):
             p.copy_(torch.from_numpy(v))
+    rng = np.random.default_rng(seed)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     x = torch.from_numpy(rng.standard_normal((N,) + net["input"]).astype(np.float32)).cuda()
     y = torch.from_numpy(rng.integers(0, net["classes"], N)).cuda()
@@ -377,7 +255,7 @@ def main(argv=None):
     all_ok = True
     for name in nets:
         t0 = time.perf_counter()
-        ok, errs = validate(name, nets[name], gpu, args.validate_batch)
+        ok, errs = validate(name, nets[name], args.validate_batch)
         print(f"  ({time.perf_counter() - t0:.1f} s)")
         report["validation"][name] = dict(ok=ok, batch=args.validate_batch, max_rel_error=errs)
         all_ok &= ok

@@ -10,7 +10,9 @@ import click
 @click.option("--quick", is_flag=True, help="A reduced size (fewer samples and steps), about a minute or two.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Parallel runs (default: one per core).")
 @click.option("--rerun", is_flag=True, help="Run every case again even when its run directory is complete.")
-def explain_command(out, quick, workers, rerun):
+@click.option("--device", type=click.Choice(["cpu", "cuda", "numpy"]), default="cpu", show_default=True,
+              help="Where the cases train (the diagnosis is the same).")
+def explain_command(out, quick, workers, rerun, device):
     """Why does lr = 0.1 train one network, throw another around, and collapse a third?
 
     Trains three networks with plain SGD at lr = 0.1 on the built-in data -- one stable, one that
@@ -40,7 +42,8 @@ def explain_command(out, quick, workers, rerun):
             state["bar"].update(1)
 
     try:
-        result = explain(out, quick=quick, workers=workers, rerun=rerun, on_start=on_start, on_result=on_result)
+        result = explain(out, quick=quick, workers=workers, rerun=rerun, on_start=on_start, on_result=on_result,
+                         device=device)
     finally:
         if state["bar"] is not None:
             state["bar"].__exit__(None, None, None)

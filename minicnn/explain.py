@@ -102,13 +102,13 @@ class ExplainResult:
         return all(self.matches)
 
 
-def case_configs(quick=False):
-    """(case, TrainConfig dict) for each case."""
+def case_configs(quick=False, device="cpu"):
+    """(case, TrainConfig dict) for each case, trained on ``device``."""
     from .train import TrainConfig
     size = QUICK if quick else FULL
     out = []
     for c in CASES:
-        fields = {**COMMON, **size, **c.config}
+        fields = {**COMMON, **size, **c.config, "device": device}
         if fields.get("lr_schedule") == "INJECT":      # one step at INJECT_LR at step INJECT_STEP
             t = INJECT_STEP
             fields["lr_schedule"] = f"0:{fields['lr']:g},{t}:{INJECT_LR:g},{t + 1}:{fields['lr']:g}"
@@ -118,14 +118,14 @@ def case_configs(quick=False):
     return out
 
 
-def explain(out, quick=False, workers=None, rerun=False, on_start=None, on_result=None):
+def explain(out, quick=False, workers=None, rerun=False, on_start=None, on_result=None, device="cpu"):
     """Run the four cases into ``out`` (skipping those already done), diagnose, draw, explain."""
     from .diagnose import diagnose
     from .plots import plot_grid
     from .runs import load_run
     from .sweep import Task, run_sweep
 
-    tasks = [Task(c.key, cfg, {"case": c.key}) for c, cfg in case_configs(quick)]
+    tasks = [Task(c.key, cfg, {"case": c.key}) for c, cfg in case_configs(quick, device)]
     res = run_sweep(tasks, out, workers=workers, rerun=rerun, on_start=on_start, on_result=on_result)
     diagnoses, matches, cells = [], [], []
     for c, row in zip(CASES, res.rows):

@@ -150,8 +150,8 @@ def lr_find(config=None, data=None, lr_min=LR_MIN, lr_max=LR_MAX, steps=LRFIND_S
                 if t >= steps:
                     break
                 xb = np.ascontiguousarray(data.x_train[idx], dtype=net.dtype)
-                loss, grads = net.loss_and_grads(xb, data.y_train[idx])
-                losses.append(float(loss))
+                loss = net._loss(xb, data.y_train[idx])
+                losses.append(loss)
                 if on_step:
                     on_step({"step": t, "lr": float(ramp[t]), "loss": float(loss)})
                 avg = SMOOTH_BETA * avg + (1 - SMOOTH_BETA) * loss
@@ -161,7 +161,8 @@ def lr_find(config=None, data=None, lr_min=LR_MIN, lr_max=LR_MAX, steps=LRFIND_S
                     stopped = True
                     break
                 best = min(best, sm)
-                opt.step(net.params, grads, lr=float(ramp[t - 1]))
+                net._backward()
+                opt.step([net.flat_params], [net.flat_grads], lr=float(ramp[t - 1]))
             epoch += 1
     lrs = ramp[:len(losses)]
     sm, suggested, min_lr, blowup = analyse(lrs, losses)

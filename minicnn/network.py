@@ -150,7 +150,7 @@ class Flatten(Layer):
         self.out_shape = (int(np.prod(in_shape)),)
 
     def forward(self, ops, ws, x):
-        return x.reshape(x.shape[0], -1)           # a view: C,H,W order, as torch.flatten
+        return x.reshape(x.shape[0], self.out_shape[0])   # a view: C,H,W order, as torch.flatten
 
     def backward(self, ops, ws, dout, need_dx):
         return dout.reshape((dout.shape[0],) + tuple(self.in_shape))
@@ -257,8 +257,10 @@ class Network:
                             for pn in ("weight", "bias")[:len(layer.param_shapes)]]
         sizes = [int(np.prod(s)) for s in shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        self.flat_params = np.zeros(self.offsets[-1], dtype=dtype)
-        self.flat_grads = np.zeros(self.offsets[-1], dtype=dtype)
+        # on device "cuda" these are device arrays (and so are the views): parameters, gradients and
+        # activations stay on the GPU; get_flat_params() / host_copy() bring copies to the host.
+        self.flat_params = self.ops.zeros(self.offsets[-1], dtype)
+        self.flat_grads = self.ops.zeros(self.offsets[-1], dtype)
         self.params = [self.flat_params[a:b].reshape(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
         self.grads = [self.flat_grads[a:b].reshape(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
         i = 0
@@ -270,6 +272,7 @@ class Network:
         self._ws = _Workspace(takes_out=(device != "numpy"))
         self.probs = None
         self.logits = None
+        self.labels = None
 
     def _fuse_relus(self):
         """conv -> relu: the conv writes relu(out); relu -> maxpool: the pool's backward applies
@@ -320,10 +323,14 @@ class Network:
         Then every parameter is multiplied by init_scale.
         """
         rng = np.random.default_rng(seed)
+        host = np.zeros(self.flat_params.size, self.dtype)      # drawn on the host, then copied in
+        views = [host[a:b].reshape(p.shape) for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
+        i = 0
         for li, layer in enumerate(self.layers):
             if not layer.params:
                 continue
-            w, b = layer.params
+            w, b = views[i:i + 2]
+            i += 2
             fan_in, fan_out = layer.fan_in_out()
             if init == "torch":
                 bound = 1.0 / math.sqrt(fan_in)
@@ -337,7 +344,8 @@ class Network:
                 a = math.sqrt(6.0 / (fan_in + fan_out))
                 w[...] = rng.uniform(-a, a, size=w.shape)
                 b[...] = 0
-        self.flat_params *= self.dtype.type(init_scale)
+        host *= self.dtype.type(init_scale)
+        self.set_flat_params(host)
 
     def set_params(self, arrays):
         """Copy a list of arrays (same order and shapes as ``params``) into the network."""
@@ -348,12 +356,30 @@ class Network:
         for name, p, a in zip(self.param_names, self.params, arrays):
             a = np.asarray(a)
             if a.shape != p.shape:
-                raise ConfigError(f"set_params: {name} has shape {p.shape}, got {a.shape}")
-            p[...] = a
+                raise ConfigError(f"set_params: {name} has shape {tuple(p.shape)}, got {a.shape}")
+            self.ops.copy_into(p, np.ascontiguousarray(a, dtype=self.dtype))
+
+    def get_flat_params(self):
+        """A host (NumPy) copy of all parameters, in flat_params order."""
+        return self.ops.host_copy(self.flat_params)
+
+    def get_flat_grads(self):
+        """A host (NumPy) copy of the gradients of the last backward pass."""
+        return self.ops.host_copy(self.flat_grads)
+
+    def set_flat_params(self, flat):
+        """Copy a flat host (or same-device) array into all parameters."""
+        if tuple(np.shape(flat)) != (self.num_params,):
+            raise ConfigError(f"set_flat_params: expected shape ({self.num_params},), got {tuple(np.shape(flat))}")
+        self.ops.copy_into(self.flat_params, flat)
+
+    def host_copy(self, a):
+        """A NumPy copy of one of this network's arrays (a parameter, gradient or activation)."""
+        return self.ops.host_copy(a)
 
     def state_dict(self):
         """{name: array copy}, names as PyTorch's (conv1.weight, conv1.bias, fc1.weight, ...)."""
-        return {n: p.copy() for n, p in zip(self.param_names, self.params)}
+        return {n: self.ops.host_copy(p) for n, p in zip(self.param_names, self.params)}
 
     def load_state_dict(self, state):
         missing = [n for n in self.param_names if n not in state]
@@ -386,6 +412,10 @@ class Network:
     def _check_input(self, x):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ConfigError(f"input must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if hasattr(x, "copy_to_host"):          # already a device array
+            if x.dtype != self.dtype:
+                raise ConfigError(f"a device input must be {self.dtype.name}, got {x.dtype}")
+            return x
         if x.dtype != self.dtype or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=self.dtype)
         return x
@@ -398,22 +428,26 @@ class Network:
         cache = getattr(self, "_ws_cache", {})
         self._ws_cache = cache
         if n not in cache:
-            bufs, dt = {}, self.dtype
+            bufs, dt, empty = {}, self.dtype, self.ops.empty
+            if self.device == "cuda":        # the batch and its labels are copied into these
+                bufs[("input", "x")] = empty((n,) + self.input_shape, dt)
+                bufs[("loss", "y")] = empty((n,), np.int64)
+                bufs[("loss", "loss_out")] = empty((1,), dt)
             for layer in self.layers:
                 shp = (n,) + tuple(layer.out_shape)
                 if layer.kind in ("conv", "relu", "maxpool", "fc") and not getattr(layer, "forward_fused", False):
-                    bufs[(layer.name, "out")] = np.empty(shp, dt)
+                    bufs[(layer.name, "out")] = empty(shp, dt)
                 if layer.kind == "maxpool":
-                    bufs[(layer.name, "argmax")] = np.empty(shp, np.int32)
+                    bufs[(layer.name, "argmax")] = empty(shp, np.int32)
                 if layer.kind == "conv" and hasattr(self.ops, "conv2d_workspace"):
                     # im2col and product buffers; the forward fills them, the backward reuses them
                     bufs[(layer.name, "work")] = self.ops.conv2d_workspace(
                         (n,) + tuple(layer.in_shape), layer.param_shapes[0], layer.S, layer.P, dt)
                 if layer.kind in ("conv", "relu", "maxpool", "fc") and not getattr(layer, "backward_fused", False):
-                    bufs[(layer.name, "dx")] = np.empty((n,) + tuple(layer.in_shape), dt)
+                    bufs[(layer.name, "dx")] = empty((n,) + tuple(layer.in_shape), dt)
             _share_transient(bufs, ("prod", "gt", "xp"))
-            bufs[("loss", "probs")] = np.empty((n, self.num_classes), dt)
-            bufs[("loss", "dlogits")] = np.empty((n, self.num_classes), dt)
+            bufs[("loss", "probs")] = empty((n, self.num_classes), dt)
+            bufs[("loss", "dlogits")] = empty((n, self.num_classes), dt)
             if len(cache) >= 4:                       # train batch, last partial batch, eval batch
                 cache.pop(next(iter(cache)))
             cache[n] = bufs
@@ -421,14 +455,15 @@ class Network:
 
     def _forward(self, x):
         self._prepare(x.shape[0])
+        x = self.ops.to_device(x, self._ws.bufs.get(("input", "x")))
         for layer in self.layers:
             x = layer.forward(self.ops, self._ws, x)
         self.logits = x
         return x
 
     def forward(self, x):
-        """Logits (N, classes) for a batch x: (N, C, H, W). Returns a new array."""
-        return np.array(self._forward(self._check_input(x)))
+        """Logits (N, classes) for a batch x: (N, C, H, W). Returns a new (host) array."""
+        return self.ops.host_copy(self._forward(self._check_input(x)))
 
     def predict(self, x, batch_size=512):
         """Class predictions for any number of samples, in batches."""
@@ -443,14 +478,22 @@ class Network:
             raise ConfigError(f"labels must be in 0..{self.num_classes - 1}, got {y.min()}..{y.max()}")
         return np.ascontiguousarray(y, dtype=np.int64)
 
-    def _loss(self, x, y):
-        """Forward and loss; keeps probs for the backward pass."""
-        logits = self._forward(x)
-        loss, self.probs = self.ops.softmax_cross_entropy_forward(logits, y, **self._ws.out("loss", "probs"))
-        return float(loss)
+    def _labels_on_device(self, y):
+        if self.device != "cuda" or hasattr(y, "copy_to_host"):
+            return y
+        return self.ops.to_device(np.ascontiguousarray(y, dtype=np.int64), self._ws.bufs.get(("loss", "y")))
 
-    def _backward(self, y):
-        """Backward from the last _loss call; gradients land in flat_grads."""
+    def _loss(self, x, y):
+        """Forward and loss; keeps probs and labels (self.labels, on the device) for the backward pass."""
+        logits = self._forward(x)
+        self.labels = self._labels_on_device(y)
+        loss, self.probs = self.ops.softmax_cross_entropy_forward(logits, self.labels,
+                                                                  **self._ws.out("loss", "probs", "loss_out"))
+        return self.ops.item(loss)
+
+    def _backward(self, y=None):
+        """Backward from the last _loss call (on its labels unless y is given); gradients land in flat_grads."""
+        y = self.labels if y is None else self._labels_on_device(y)
         dout = self.ops.softmax_cross_entropy_backward(self.probs, y, **self._ws.out("loss", "dlogits"))
         for i in range(len(self.layers) - 1, -1, -1):
             dout = self.layers[i].backward(self.ops, self._ws, dout, need_dx=i > 0)
@@ -461,12 +504,21 @@ class Network:
         return self._loss(x, self._check_labels(y, x.shape[0]))
 
     def loss_and_grads(self, x, y):
-        """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new arrays."""
+        """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new host arrays."""
         x = self._check_input(x)
         y = self._check_labels(y, x.shape[0])
         loss = self._loss(x, y)
-        self._backward(y)
-        return loss, [g.copy() for g in self.grads]
+        self._backward()
+        return loss, [self.ops.host_copy(g) for g in self.grads]
+
+    def trace_stats(self):
+        """Logit statistics of the last _loss call's batch (see ops logit_stats), and the dead
+        fraction of every ReLU layer: {name: value}, reduced where the arrays live."""
+        rec = self.ops.logit_stats(self.logits, self.probs, self.labels)
+        for layer in self.layers:
+            if layer.kind == "relu":
+                rec[f"dead.{layer.name}"] = self.ops.dead_fraction(layer.out)
+        return rec
 
     def evaluate(self, x, y, batch_size=500):
         """(mean loss, accuracy) over a whole dataset, in batches."""
@@ -476,7 +528,7 @@ class Network:
             xb = self._check_input(x[i:i + batch_size])
             yb = np.ascontiguousarray(y[i:i + batch_size], dtype=np.int64)
             total += self._loss(xb, yb) * len(yb)
-            correct += int((np.asarray(self.logits).argmax(1) == yb).sum())
+            correct += int((self.ops.host_copy(self.logits).argmax(1) == yb).sum())
         return total / n, correct / n
 
     def __repr__(self):

@@ -48,8 +48,13 @@ class SGD:
         return out
 
     def step(self, params, grads, lr=None):
-        """Update params in place: w -= lr * d. Returns the list of updates applied (-lr * d)."""
+        """Update params in place: w -= lr * d. Returns the list of updates applied (-lr * d).
+
+        Device (CUDA) arrays are updated on the device by one kernel per array (the same rule);
+        nothing is returned then (the trace measures the update itself, see Trainer.step)."""
         lr = self.lr if lr is None else lr
+        if params and _on_device(params[0]):
+            return self._step_device(params, grads, lr)
         deltas = []
         for p, d in zip(params, self.direction(params, grads)):
             delta = (-lr) * d
@@ -57,12 +62,34 @@ class SGD:
             deltas.append(delta)
         return deltas
 
+    def _step_device(self, params, grads, lr):
+        from .ops import cuda as gpu
+        first = self.buffers is None
+        if self.momentum:
+            if first:
+                self.buffers = [gpu.empty(p.shape, p.dtype) for p in params]
+            elif not _on_device(self.buffers[0]):           # loaded from a checkpoint
+                self.buffers = [gpu.to_device(np.ascontiguousarray(b, dtype=p.dtype))
+                                for b, p in zip(self.buffers, params)]
+        bufs = self.buffers if self.momentum else None
+        gpu.sgd_update(list(params), list(grads), bufs, lr, self.momentum, self.weight_decay,
+                       self.dampening, self.nesterov, first)
+
     def state_dict(self):
-        return {"buffers": None if self.buffers is None else [b.copy() for b in self.buffers]}
+        """Momentum buffers as host (NumPy) copies, wherever they live."""
+        if self.buffers is None:
+            return {"buffers": None}
+        return {"buffers": [b.copy_to_host() if _on_device(b) else b.copy() for b in self.buffers]}
 
     def load_state_dict(self, state):
+        """Host arrays; a device run uploads them on its next step."""
         bufs = state.get("buffers")
         self.buffers = None if bufs is None else [np.array(b, copy=True) for b in bufs]
+
+
+def _on_device(a):
+    """A Numba CUDA device array (they carry copy_to_host)."""
+    return hasattr(a, "copy_to_host")
 
 
 # --------------------------------------------------------------------------- schedules

@@ -275,7 +275,7 @@ class Stepper:
         try:
             with np.errstate(**_ERRSTATE):
                 for i, a in enumerate(alphas):
-                    net.flat_params[...] = (w0 + a * d).astype(net.dtype)
+                    net.set_flat_params((w0 + a * d).astype(net.dtype))
                     losses[i] = net._loss(xb, yb)
         finally:
             self._restore(now)
@@ -330,9 +330,9 @@ class Stepper:
             for L in net.layers:
                 x = L.forward(net.ops, net._ws, x)
                 if L is layer:
-                    out["activation"] = _stats(np.array(x), bins)
+                    out["activation"] = _stats(net.host_copy(x), bins)
                     if layer.kind == "relu":
-                        out["dead"] = tr.dead_fraction(np.asarray(x))
+                        out["dead"] = net.ops.dead_fraction(x)
                     break
             loss = net._loss(xb, np.ascontiguousarray(yb, dtype=np.int64))
             if math.isfinite(loss):
@@ -341,8 +341,8 @@ class Stepper:
         for pname, p, g in zip(net.param_names, net.params, net.grads):
             lname, _, kind = pname.rpartition(".")
             if lname == name:
-                out[kind] = _stats(p, bins)
-                out[f"{kind}.grad"] = _stats(g, bins)
+                out[kind] = _stats(net.host_copy(p), bins)
+                out[f"{kind}.grad"] = _stats(net.host_copy(g), bins)
         return out
 
     def save(self, path):

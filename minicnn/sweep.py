@@ -327,12 +327,17 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
               grid=None, base=None):
     """Run every task not already done in ``out``; return a SweepResult (rows in task order).
 
-    workers: local processes (default: one per core, at most one per task to run). scheduler: the
+    workers: local processes (default: one per core, at most one per task to run; one when the runs
+    use device "cuda"). scheduler: the
     address of a Dask distributed scheduler ("tcp://host:8786") to send the runs to instead.
     rerun: run every task again even when its directory holds a finished run.
     on_start(to_run, skipped) and on_result(row, done, to_run) report progress.
     """
     t0 = time.perf_counter()
+    on_gpu = any(t.config.get("device") == "cuda" for t in tasks)
+    if on_gpu and scheduler is None:
+        from .network import get_backend
+        get_backend("cuda")          # no GPU here: the one-line error now, not from every worker
     os.makedirs(out, exist_ok=True)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
@@ -377,7 +382,8 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
         if client is not None:
             _run_dask(todo, out, client, finish)
         elif todo:
-            _run_local(todo, out, workers, finish)
+            # runs on the GPU share one device: one local process unless told otherwise
+            _run_local(todo, out, workers or (1 if on_gpu else None), finish)
     finally:
         if client is not None:
             client.close()

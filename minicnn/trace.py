@@ -89,21 +89,27 @@ def read_trace(path):
 
 
 # --------------------------------------------------------------------------- step metrics
-def dead_fraction(relu_out):
-    """Share of units (positions c,h,w or neurons) that are zero for every sample of the batch."""
-    a = np.asarray(relu_out).reshape(relu_out.shape[0], -1)
-    return float(1.0 - np.count_nonzero(a.any(axis=0)) / a.shape[1])
+# Dead-unit fractions and logit statistics are reductions of the backend (ops.dead_fraction,
+# ops.logit_stats; Network.trace_stats calls them), so that on the GPU they run there.
+def step_norms(net, dots, cos=True):
+    """The step's norms from per-layer dot products (ops.segment_dots over the parameter layers).
 
-
-def logit_stats(logits, probs, y):
-    """Largest |logit|, mean softmax entropy, share of the batch predicted as the top class, accuracy."""
-    logits, probs = np.asarray(logits), np.asarray(probs)
-    pred = logits.argmax(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ent = -np.sum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1)
-    counts = np.bincount(pred, minlength=logits.shape[1])
-    return {"logit_max": float(np.abs(logits).max()), "entropy": float(ent.mean()),
-            "top_class_share": float(counts.max() / len(pred)), "batch_acc": float((pred == y).mean())}
+    dots rows: <g,g>, <w,w>, <d,d>, <g,g_prev>, <g_prev,g_prev> with g the gradient, w the weights
+    before the step, d the update. Per layer: gradient norm, weight norm, ||d|| / ||w||; in all:
+    the three norms and the cosine between this step's gradient and the previous one (cos=True).
+    """
+    gg, ww, dd, gp, pp = (np.asarray(r, dtype=np.float64) for r in dots[:5])
+    gn = math.sqrt(gg.sum())
+    rec = {"grad_norm": gn, "weight_norm": math.sqrt(ww.sum()), "update_norm": math.sqrt(dd.sum())}
+    if cos:
+        pn = math.sqrt(pp.sum())
+        rec["grad_cos"] = float(gp.sum()) / (gn * pn) if gn > 0 and pn > 0 else math.nan
+    for (name, _), g2, w2, d2 in zip(net.param_layers(), gg, ww, dd):
+        wn = math.sqrt(w2)
+        rec[f"grad_norm.{name}"] = math.sqrt(g2)
+        rec[f"weight_norm.{name}"] = wn
+        rec[f"update_ratio.{name}"] = math.sqrt(d2) / wn if wn > 0 else math.nan
+    return rec
 
 
 def alpha_from_step(f0, f1, df0, df1):
@@ -126,24 +132,13 @@ def alpha_from_step(f0, f1, df0, df1):
     return float(1.0 / t_star - 1.0)
 
 
-def layer_norms(net, flat_grads, flat_delta, flat_before):
-    """Per-layer gradient norm, weight norm and update-to-weight ratio ||dw|| / ||w||, with w the
-    weights before the step."""
-    rec = {}
-    for name, sl in net.param_layers():
-        wn = float(np.linalg.norm(flat_before[sl]))
-        rec[f"grad_norm.{name}"] = float(np.linalg.norm(flat_grads[sl]))
-        rec[f"weight_norm.{name}"] = wn
-        rec[f"update_ratio.{name}"] = float(np.linalg.norm(flat_delta[sl]) / wn) if wn > 0 else math.nan
-    return rec
-
-
 # --------------------------------------------------------------------------- sharpness
 class Sharpness:
     """lambda_max of the loss Hessian on a fixed batch, by power iteration with finite-difference HVPs.
 
     Works on a float64 twin of the network (same spec, weights copied in), so the finite
-    differences are accurate even when training runs in float32. ``evals`` counts gradient
+    differences are accurate even when training runs in float32. The twin runs on the CPU for
+    every device (a CUDA network's weights are copied to the host once per measurement). ``evals`` counts gradient
     evaluations spent (two per Hessian-vector product).
     """
 
@@ -195,7 +190,7 @@ class Sharpness:
         on H - lambda_min*I, whose dominant eigenvalue is lambda_max - lambda_min, so the result is
         always the largest (most positive) eigenvalue, the one that sets the stability limit 2/lr.
         """
-        w = np.array(self.net.flat_params if flat_params is None else flat_params, dtype=np.float64)
+        w = np.array(self.net.get_flat_params() if flat_params is None else flat_params, dtype=np.float64)
         v = self.v if self.v is not None else self.rng.standard_normal(w.size)
         start = self.evals
         lam, v = self._power(w, v)

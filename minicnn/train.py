@@ -145,8 +145,9 @@ def save_checkpoint(path, net, opt, step, **extra):
     """Weights (PyTorch names), momentum buffers, the step, and any ``extra`` arrays (position in
     the data order, previous gradient, ...: see Trainer.state)."""
     arrays = {f"param/{k}": v for k, v in net.state_dict().items()}
-    if opt.buffers is not None:
-        arrays.update({f"momentum/{i}": b for i, b in enumerate(opt.buffers)})
+    bufs = opt.state_dict()["buffers"]
+    if bufs is not None:
+        arrays.update({f"momentum/{i}": b for i, b in enumerate(bufs)})
     arrays.update({f"extra/{k}": np.asarray(v) for k, v in extra.items() if v is not None})
     tmp = path + ".tmp.npz"
     np.savez(tmp, step=np.int64(step), **arrays)
@@ -233,8 +234,14 @@ class Trainer:
         if cfg.sharpness_every:
             sb = sharpness_batch(n, cfg.seed)
             self.sharp = tr.Sharpness(net, data.x_train[sb], data.y_train[sb], seed=cfg.seed)
-        self.prev_grad = np.zeros_like(net.flat_grads) if self.level != "off" else None
-        self._flat_before = np.empty_like(net.flat_params)
+        # work vectors where the parameters live (the GPU for device "cuda"): the previous gradient
+        # (for grad_cos), the weights before the step and the step itself
+        P, ops = net.num_params, net.ops
+        self.prev_grad = ops.zeros(P, net.dtype) if self.level != "off" else None
+        self._flat_before = ops.empty(P, net.dtype)
+        self._delta = ops.empty(P, net.dtype)
+        slices = [sl for _, sl in net.param_layers()]
+        self._bounds = np.array([sl.start for sl in slices] + [slices[-1].stop], dtype=np.int64)
         self.step_count = 0          # steps taken; the next step is step number step_count
         self.epoch = 0               # the next batch: batch ``pos`` of epoch ``epoch``
         self.pos = 0
@@ -272,37 +279,31 @@ class Trainer:
         loss = net._loss(xb, yb)
         rec = {"step": step, "epoch": self.epoch, "lr": lr, "loss": loss}
         if math.isfinite(loss):
-            net._backward(yb)
+            net._backward()
+            ops, g, before, delta = net.ops, net.flat_grads, self._flat_before, self._delta
             if level != "off":
-                rec.update(tr.logit_stats(net.logits, net.probs, yb))
-                for layer in net.layers:
-                    if layer.kind == "relu":
-                        rec[f"dead.{layer.name}"] = tr.dead_fraction(layer.out)
+                rec.update(net.trace_stats())
             if self.sharp and sharpness and step % cfg.sharpness_every == 0:
                 lam, evals = self.sharp()
                 rec.update(lambda_max=lam, two_over_lr=2.0 / lr if lr > 0 else math.inf, hvp_evals=evals)
-            flat_before = self._flat_before
-            flat_before[...] = net.flat_params
-            opt.step([net.flat_params], [net.flat_grads], lr=lr)
-            g = net.flat_grads
             if level != "off":
-                delta = net.flat_params - flat_before
-                gn = float(np.linalg.norm(g))
-                rec.update(grad_norm=gn, weight_norm=float(np.linalg.norm(flat_before)),
-                           update_norm=float(np.linalg.norm(delta)))
-                if step > 0:
-                    pn = float(np.linalg.norm(self.prev_grad))
-                    rec["grad_cos"] = float(g @ self.prev_grad) / (gn * pn) if gn > 0 and pn > 0 else math.nan
-                rec.update(tr.layer_norms(net, g, delta, flat_before))
+                ops.copy_into(before, net.flat_params)
+            opt.step([net.flat_params], [net.flat_grads], lr=lr)
+            if level != "off":
+                # every norm and dot product of the step, per layer, in one call (on the device for cuda)
+                ops.subtract(delta, net.flat_params, before)
+                pairs = [(g, g), (before, before), (delta, delta), (g, self.prev_grad), (self.prev_grad, self.prev_grad)]
+                dots = ops.segment_dots(pairs + [(g, delta)] * (level == "full"), self._bounds)
+                rec.update(tr.step_norms(net, dots, cos=step > 0))
             if self.prev_grad is not None:
-                self.prev_grad[...] = g
+                ops.copy_into(self.prev_grad, g)
             if level == "full":
-                df0 = float(np.dot(g.astype(np.float64), delta.astype(np.float64)))
+                df0 = float(dots[5].sum())
                 loss_after = net._loss(xb, yb)
                 rec.update(loss_after=loss_after, loss_change=loss_after - loss, predicted_change=df0)
                 if math.isfinite(loss_after):
-                    net._backward(yb)
-                    df1 = float(np.dot(net.flat_grads.astype(np.float64), delta.astype(np.float64)))
+                    net._backward()
+                    df1 = float(ops.segment_dots([(net.flat_grads, delta)], self._bounds).sum())
                     rec["alpha"] = tr.alpha_from_step(loss, loss_after, df0, df1)
         rec["time_s"] = time.perf_counter() - self.t_start
         self.step_count += 1
@@ -316,9 +317,9 @@ class Trainer:
         """Everything the next steps depend on, as copies: weights, momentum, position in the data
         order, the previous gradient (for grad_cos) and the sharpness warm start."""
         s = {"step": self.step_count, "epoch": self.epoch, "pos": self.pos,
-             "params": self.net.flat_params.copy(),
-             "momentum": None if self.opt.buffers is None else [b.copy() for b in self.opt.buffers],
-             "prev_grad": None if self.prev_grad is None else self.prev_grad.copy()}
+             "params": self.net.get_flat_params(),
+             "momentum": self.opt.state_dict()["buffers"],
+             "prev_grad": None if self.prev_grad is None else self.net.host_copy(self.prev_grad)}
         if self.sharp is not None:
             s["sharp_v"] = None if self.sharp.v is None else self.sharp.v.copy()
             s["sharp_rng"] = copy.deepcopy(self.sharp.rng.bit_generator.state)
@@ -326,17 +327,18 @@ class Trainer:
 
     def load_state(self, s):
         self.step_count, self.epoch, self.pos = int(s["step"]), int(s["epoch"]), int(s["pos"])
-        self.net.flat_params[...] = s["params"]
+        self.net.set_flat_params(s["params"])
         self.opt.load_state_dict({"buffers": s["momentum"]})
         if self.prev_grad is not None and s.get("prev_grad") is not None:
-            self.prev_grad[...] = s["prev_grad"]
+            self.net.ops.copy_into(self.prev_grad, s["prev_grad"])
         if self.sharp is not None and "sharp_v" in s:
             self.sharp.v = None if s["sharp_v"] is None else np.array(s["sharp_v"])
             self.sharp.rng.bit_generator.state = copy.deepcopy(s["sharp_rng"])
 
     def save(self, path):
         """A checkpoint (load_checkpoint reads its weights and momentum) that also resumes the run."""
-        extra = {"epoch": np.int64(self.epoch), "pos": np.int64(self.pos), "prev_grad": self.prev_grad}
+        extra = {"epoch": np.int64(self.epoch), "pos": np.int64(self.pos),
+                 "prev_grad": None if self.prev_grad is None else self.net.host_copy(self.prev_grad)}
         if self.sharp is not None and self.sharp.v is not None:
             extra["sharp_v"] = self.sharp.v
         save_checkpoint(path, self.net, self.opt, self.step_count, **extra)
@@ -350,8 +352,8 @@ class Trainer:
         self.step_count = step
         self.epoch = int(ex.get("epoch", step // self.steps_per_epoch))
         self.pos = int(ex.get("pos", step % self.steps_per_epoch))
-        if self.prev_grad is not None and "prev_grad" in ex and ex["prev_grad"].shape == self.prev_grad.shape:
-            self.prev_grad[...] = ex["prev_grad"]
+        if self.prev_grad is not None and "prev_grad" in ex and ex["prev_grad"].shape == tuple(self.prev_grad.shape):
+            self.net.ops.copy_into(self.prev_grad, ex["prev_grad"])
         if self.sharp is not None and "sharp_v" in ex:
             self.sharp.v = np.array(ex["sharp_v"])
         return step

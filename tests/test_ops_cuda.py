@@ -17,14 +17,10 @@ sizes. float64 is checked to ~1e-12, float32 to ~1e-5. About 35 s in the simulat
 """
 import numpy as np
 import pytest
-from numba import config as numba_config
 
-if not numba_config.ENABLE_CUDASIM:
-    from numba import cuda as _probe
-    if not _probe.is_available():
-        pytest.skip("no CUDA GPU and the CUDA simulator is off: run "
-                    "'NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/test_ops_cuda.py'",
-                    allow_module_level=True)
+from conftest import CUDA_SMALL_LAUNCH, skip_without_cuda
+
+skip_without_cuda()
 
 from numba import cuda  # noqa: E402
 
@@ -33,15 +29,12 @@ from minicnn.ops import cuda as gpu  # noqa: E402
 from minicnn.ops import ref  # noqa: E402
 
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
-SMALL_LAUNCH = dict(TPB=32, MAX_BLOCKS=2, TILE=4, RED_TPB=8, RED_ITEMS=2, RED_MAX_BLOCKS=256,
-                    SPLIT_ROWS=16)
-DEFAULT_LAUNCH = {name: getattr(gpu, name) for name in SMALL_LAUNCH}   # the real-GPU sizes
+DEFAULT_LAUNCH = {name: getattr(gpu, name) for name in CUDA_SMALL_LAUNCH}   # the real-GPU sizes
 
 
 @pytest.fixture(autouse=True)
-def small_launch(monkeypatch):
-    for name, value in SMALL_LAUNCH.items():
-        monkeypatch.setattr(gpu, name, value)
+def small_launch(cuda_small_launch):
+    return cuda_small_launch
 
 
 def dev(a):
@@ -230,6 +223,47 @@ def test_sum_of_squares(dtype):
     got = gpu.sum_of_squares(dev(x))
     assert got.shape == (1,)
     close(host(got), np.array([np.sum(x.astype(np.float64) ** 2)]), dtype)
+
+
+# --------------------------------------------------------------------------- trace reductions
+def test_segment_dots():
+    """Per-layer dot products of flat vectors (float32 in, float64 out), segments of uneven
+    sizes incl. one shorter than a block and one spanning several block strides."""
+    rng = np.random.default_rng(8)
+    a, b = (rng.standard_normal(61).astype(np.float32) for _ in range(2))
+    bounds = np.array([0, 3, 40, 61])
+    got = gpu.segment_dots([(dev(a), dev(b)), (dev(a), dev(a))], bounds)
+    want = ref.segment_dots([(a, b), (a, a)], bounds)
+    assert got.shape == (2, 3) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_dead_fraction():
+    """Units zero for every sample are dead; one live sample keeps a unit alive; NaN is alive."""
+    rng = np.random.default_rng(9)
+    a = np.maximum(rng.standard_normal((3, 2, 3, 5)), 0).astype(np.float32)
+    a[:, 0] = 0                                  # channel 0 dead
+    a[:, 1, 0, :] = 0
+    a[2, 1, 0, 1] = 0.5                          # alive through one sample
+    a[0, 1, 2, 4] = np.nan
+    got = gpu.dead_fraction(dev(a))
+    assert got == pytest.approx(ref.dead_fraction(a), abs=1e-15) and got >= 0.5
+
+
+def test_logit_stats():
+    """Including a tie for the arg-max (the first wins, as numpy's argmax) and a one-hot row."""
+    rng = np.random.default_rng(10)
+    logits = rng.standard_normal((7, 4)).astype(np.float32)
+    logits[2] = [1.0, 3.0, 3.0, -1.0]
+    _, probs = ref.softmax_cross_entropy_forward(logits, np.zeros(7, dtype=np.int64))
+    probs = probs.astype(np.float32)
+    probs[5] = [0, 0, 1, 0]
+    y = rng.integers(0, 4, 7)
+    got = gpu.logit_stats(dev(logits), dev(probs), dev(y))
+    want = ref.logit_stats(logits, probs, y)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6), k
 
 
 # --------------------------------------------------------------------------- determinism, errors

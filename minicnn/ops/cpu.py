@@ -39,6 +39,9 @@ import numpy as np
 from numba import njit, prange
 
 from .ref import conv_out_size
+# Trace reductions and array helpers: NumPy does them well on the host (a few vector passes per step).
+from .ref import (copy_into, dead_fraction, empty, host_copy, item, logit_stats,  # noqa: F401
+                  segment_dots, subtract, to_device, zeros)
 
 # Threading layer: Numba's default here is OpenMP, whose worker threads spin after each parallel
 # loop; on a 2-core machine that spin steals the core from the BLAS call that follows and, when

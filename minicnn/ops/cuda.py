@@ -539,6 +539,94 @@ def _softmax_xent_backward_kernel(dlogits, probs, y, N, L, n_float):
         dlogits[n, l] = p / n_float
 
 
+# --------------------------------------------------------------------------- kernels: trace reductions
+@cuda.jit
+def _segment_dot_kernel(out, a, b, bounds, row):
+    """out: (pairs, S) float64, a, b: (n,) flat, bounds: (S+1,) int64 segment edges.
+    Block s: out[row, s] = sum of a[q] * b[q] over bounds[s] <= q < bounds[s+1], each thread a
+    block-strided share accumulated in float64, then a fixed-order tree sum."""
+    sh = cuda.shared.array(0, dtype=out.dtype)
+    t = cuda.threadIdx.x
+    tpb = cuda.blockDim.x
+    s = cuda.blockIdx.x
+    acc = out.dtype.type(0)
+    for q in range(bounds[s] + t, bounds[s + 1], tpb):
+        acc += out.dtype.type(a[q]) * out.dtype.type(b[q])
+    sh[t] = acc
+    total = _tree_sum(sh, t, tpb)
+    if t == 0:
+        out[row, s] = total
+
+
+@cuda.jit
+def _alive_kernel(alive, a, N, U):
+    """alive: (U,) float64, a: (N*U,) flat, sample-major (N, U). alive[u] = 1 when some sample has
+    a[n, u] != 0, else 0. One thread per unit u (adjacent threads read adjacent units)."""
+    for u in range(cuda.grid(1), U, cuda.gridsize(1)):
+        v = 0.0
+        for n in range(N):
+            if a[n * U + u] != 0:
+                v = 1.0
+                break
+        alive[u] = v
+
+
+@cuda.jit
+def _logit_rows_kernel(rows, pred, logits, probs, N, L):
+    """rows: (N, 2) float64 = (max |logit|, softmax entropy) of each sample, pred: (N,) int32 its
+    arg-max logit (the first of equal ones, as numpy's argmax). One thread per sample."""
+    for n in range(cuda.grid(1), N, cuda.gridsize(1)):
+        best = logits[n, 0]
+        arg = 0
+        amax = abs(logits[n, 0])
+        ent = 0.0
+        for l in range(L):
+            v = logits[n, l]
+            if v > best:
+                best = v
+                arg = l
+            amax = max(amax, abs(v))
+            p = rows.dtype.type(probs[n, l])
+            if p > 0:
+                ent -= p * math.log(p)
+        rows[n, 0] = amax
+        rows[n, 1] = ent
+        pred[n] = arg
+
+
+@cuda.jit
+def _logit_finish_kernel(out, counts, rows, pred, y, N, L):
+    """One thread, samples in order: out (4,) float64 = max |logit|, mean entropy, share of the
+    batch predicted as the most predicted class, accuracy. counts: (L,) int32 scratch."""
+    if cuda.grid(1) != 0:
+        return
+    for l in range(L):
+        counts[l] = 0
+    amax = 0.0
+    ent = 0.0
+    correct = 0
+    for n in range(N):
+        amax = max(amax, rows[n, 0])
+        ent += rows[n, 1]
+        counts[pred[n]] += 1
+        if pred[n] == y[n]:
+            correct += 1
+    top = 0
+    for l in range(L):
+        top = max(top, counts[l])
+    out[0] = amax
+    out[1] = ent / N
+    out[2] = top / N
+    out[3] = correct / N
+
+
+@cuda.jit
+def _subtract_kernel(out, a, b, n):
+    """out, a, b: (n,) flat. out = a - b."""
+    for q in range(cuda.grid(1), n, cuda.gridsize(1)):
+        out[q] = a[q] - b[q]
+
+
 # --------------------------------------------------------------------------- host: reductions
 def _reduce_sum(x_flat, out, square, scale):
     """out[0] = scale * sum(x_flat**2 if square else x_flat), two fixed-order stages."""
@@ -781,3 +869,105 @@ def sum_of_squares(x, out=None):
     """
     out = _output(out, (1,), x.dtype, "out")
     return _reduce_sum(x.reshape(x.size), out, 1, 1)
+
+
+# --------------------------------------------------------------------------- public: trace reductions
+# The per-step trace's numbers, reduced on the device; only these scalars are copied to the host.
+_CONSTANTS = {}
+
+
+def _constant(a):
+    """A device copy of a small constant host array (e.g. segment bounds), uploaded once."""
+    a = np.ascontiguousarray(a)
+    key = (a.dtype.str, a.shape, a.tobytes())
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = cuda.to_device(a)
+    return _CONSTANTS[key]
+
+
+def segment_dots(pairs, bounds):
+    """[(a, b), ...] flat device arrays, bounds: (S+1,) segment edges -> (len(pairs), S) float64
+    host array of per-segment dot products (see ref.segment_dots). One block per segment."""
+    S = len(bounds) - 1
+    out = _workspace("segment_dots", (len(pairs), S), np.float64)
+    d_bounds = _constant(np.asarray(bounds, dtype=np.int64))
+    tpb = RED_TPB
+    _check_power_of_two(tpb)
+    for i, (a, b) in enumerate(pairs):
+        _segment_dot_kernel[S, tpb, 0, _red_smem(tpb, np.float64)](
+            out, a.reshape(a.size), b.reshape(b.size), d_bounds, i)
+    return out.copy_to_host()
+
+
+def dead_fraction(relu_out):
+    """Share of units zero for every sample of the batch (see ref.dead_fraction).
+    relu_out: (N, ...) device array -> float"""
+    N = relu_out.shape[0]
+    U = relu_out.size // N
+    alive = _workspace("alive", (U,), np.float64)
+    blocks, tpb = _grid_1d(U)
+    _alive_kernel[blocks, tpb](alive, relu_out.reshape(relu_out.size), N, U)
+    total = _reduce_sum(alive, _workspace("alive_total", (1,), np.float64), 0, 1)
+    return float(1.0 - total.copy_to_host()[0] / U)
+
+
+def logit_stats(logits, probs, y):
+    """max |logit|, mean entropy, top-class share, batch accuracy (see ref.logit_stats).
+    logits, probs: (N, L), y: (N,) device arrays -> dict of floats"""
+    N, L = logits.shape
+    rows = _workspace("logit_rows", (N, 2), np.float64)
+    pred = _workspace("logit_pred", (N,), np.int32)
+    blocks, tpb = _grid_1d(N)
+    _logit_rows_kernel[blocks, tpb](rows, pred, logits, probs, N, L)
+    out = _workspace("logit_stats", (4,), np.float64)
+    _logit_finish_kernel[1, 1](out, _workspace("logit_counts", (L,), np.int32), rows, pred, y, N, L)
+    v = out.copy_to_host()
+    return {"logit_max": float(v[0]), "entropy": float(v[1]), "top_class_share": float(v[2]),
+            "batch_acc": float(v[3])}
+
+
+# --------------------------------------------------------------------------- public: arrays
+# The same helpers as ref.py's, for device arrays (Network and SGD use only these).
+def _is_device(a):
+    return hasattr(a, "copy_to_host")
+
+
+def empty(shape, dtype):
+    return cuda.device_array(shape, dtype=dtype)
+
+
+def zeros(shape, dtype):
+    return cuda.to_device(np.zeros(shape, dtype))
+
+
+def to_device(a, out=None):
+    """A host array as a device array (copied into ``out`` when given); device arrays pass through."""
+    if _is_device(a):
+        return a
+    a = np.ascontiguousarray(a)
+    if out is None:
+        return cuda.to_device(a)
+    out.copy_to_device(a)
+    return out
+
+
+def host_copy(a):
+    """A NumPy copy of a device (or host) array."""
+    return a.copy_to_host() if _is_device(a) else np.array(a, copy=True)
+
+
+def copy_into(dst, src):
+    """dst[...] = src: device to device, or host to device (cast to dst's dtype)."""
+    dst.copy_to_device(src if _is_device(src) else np.ascontiguousarray(src, dtype=dst.dtype))
+
+
+def subtract(out, a, b):
+    """out = a - b (same-shape contiguous device arrays)."""
+    n = out.size
+    blocks, tpb = _grid_1d(n)
+    _subtract_kernel[blocks, tpb](out.reshape(n), a.reshape(n), b.reshape(n), n)
+
+
+def item(v):
+    """The loss (a 1-element device array) as a Python float (a synchronisation)."""
+    return float(v.copy_to_host()[0]) if _is_device(v) else float(v)

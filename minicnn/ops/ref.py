@@ -144,3 +144,78 @@ def softmax_cross_entropy_backward(probs, y):
     d = probs.copy()
     d[np.arange(N), y] -= 1
     return d / N
+
+
+# --------------------------------------------------------------------------- trace reductions
+# What the per-step trace measures (minicnn.trace), reduced to a few numbers per step. On the GPU
+# these are kernels (cuda.py) so that only the numbers cross to the host.
+def segment_dots(pairs, bounds):
+    """Dot products of flat vectors, per segment, accumulated in float64.
+
+    pairs: [(a, b), ...] with a, b: (n,); bounds: (S+1,) segment edges (the network's parameter
+    layers) -> (len(pairs), S) float64 array, out[i, s] = sum a[q] * b[q] over bounds[s] <= q < bounds[s+1].
+    """
+    out = np.empty((len(pairs), len(bounds) - 1))
+    for i, (a, b) in enumerate(pairs):
+        for s in range(len(bounds) - 1):
+            sl = slice(int(bounds[s]), int(bounds[s + 1]))
+            out[i, s] = np.dot(a[sl].astype(np.float64), b[sl].astype(np.float64))
+    return out
+
+
+def dead_fraction(relu_out):
+    """Share of units (positions c,h,w or neurons) that are zero for every sample of the batch.
+    relu_out: (N, ...) -> float"""
+    a = np.asarray(relu_out).reshape(relu_out.shape[0], -1)
+    return float(1.0 - np.count_nonzero(a.any(axis=0)) / a.shape[1])
+
+
+def logit_stats(logits, probs, y):
+    """Largest |logit|, mean softmax entropy, share of the batch predicted as the top class, accuracy.
+    logits, probs: (N, L), y: (N,) -> dict of floats"""
+    logits, probs = np.asarray(logits), np.asarray(probs)
+    pred = logits.argmax(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.sum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1)
+    counts = np.bincount(pred, minlength=logits.shape[1])
+    return {"logit_max": float(np.abs(logits).max()), "entropy": float(ent.mean()),
+            "top_class_share": float(counts.max() / len(pred)), "batch_acc": float((pred == y).mean())}
+
+
+# --------------------------------------------------------------------------- arrays
+# Where a backend's arrays live. Host backends (this one and cpu.py) use NumPy arrays, so these
+# are trivial; cuda.py has the same functions for device arrays. Network and SGD use only these.
+def empty(shape, dtype):
+    return np.empty(shape, dtype)
+
+
+def zeros(shape, dtype):
+    return np.zeros(shape, dtype)
+
+
+def to_device(a, out=None):
+    """An input batch as this backend's array (``out``: a preallocated buffer to reuse, if given)."""
+    if out is None:
+        return a
+    out[...] = a
+    return out
+
+
+def host_copy(a):
+    """A NumPy copy of a backend array (weights, gradients, activations for checkpoints and display)."""
+    return np.array(a, copy=True)
+
+
+def copy_into(dst, src):
+    """dst[...] = src, from a backend array or a host array."""
+    dst[...] = src
+
+
+def subtract(out, a, b):
+    """out = a - b (same-shape arrays)."""
+    np.subtract(a, b, out=out)
+
+
+def item(v):
+    """A loss as a Python float."""
+    return float(v)
