@@ -388,3 +388,16 @@ def test_maxpool2d_backward_with_fused_relu_matches_ref_composition(dtype, case)
     got = cpu.maxpool2d_backward(dout, argmax, a.shape, relu_pooled=pooled)
     assert_close(got, expected, dtype)
     np.testing.assert_array_equal(got, cpu.relu_backward(cpu.maxpool2d_backward(dout, argmax, a.shape), a))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_segment_dots_against_reference(dtype):
+    """The trace's per-layer dot products: float64 accumulation from float32 or float64 vectors,
+    segments of uneven length incl. an empty one."""
+    rng = np.random.default_rng(11)
+    a, b = (rng.standard_normal(1000).astype(dtype) for _ in range(2))
+    bounds = np.array([0, 7, 7, 600, 1000])
+    got = cpu.segment_dots([(a, b), (b, b)], bounds)
+    want = ref.segment_dots([(a, b), (b, b)], bounds)
+    assert got.dtype == np.float64 and got.shape == (2, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
