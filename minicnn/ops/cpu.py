@@ -172,7 +172,8 @@ class _Products:
                 self.blas[1](1)
         try:
             if len(calls) > 1 and numba.get_num_threads() > 1:
-                futures = [self._pool().submit(np.matmul, a, b, out=o) for a, b, o in calls[1:]]
+                err = np.geterr()          # NumPy's error state is per thread: carry the caller's over
+                futures = [self._pool().submit(_matmul_with_errstate, err, a, b, o) for a, b, o in calls[1:]]
                 np.matmul(*calls[0][:2], out=calls[0][2])
                 for fut in futures:
                     fut.result()
@@ -182,6 +183,11 @@ class _Products:
         finally:
             if old is not None and old != 1:
                 self.blas[1](old)
+
+
+def _matmul_with_errstate(err, a, b, out):
+    with np.errstate(**err):
+        np.matmul(a, b, out=out)
 
 
 _products = _Products()
