@@ -24,9 +24,8 @@ Kernel rules:
   BLAS products are split into column blocks fixed by the shapes (not the thread count), and
   partial sums over blocks are added in block order. Results are therefore bit-identical between
   runs and do not depend on the number of threads. ``fastmath`` stays off (no reassociation).
-- Reductions that would be a serial chain of dependent adds (a dot product, dw, db) keep one
-  partial sum per lane (_DOT_LANES fixed lanes), which vectorises without reassociation; the
-  lanes are added up in a fixed order at the end.
+- Reductions that would be a serial chain of dependent adds keep one partial sum per lane,
+  which vectorises without reassociation; the lanes are added up in a fixed order at the end.
 - Inner loops index 1-D views with the bare loop variable (``acc[q] += a[q]`` on slices).
   Numba wraps negative indices, so an index like ``xs[q + s0]`` costs a select per element and
   stops LLVM from vectorising: measured 10x slower.
@@ -786,6 +785,13 @@ def relu_backward(dout, out, dx=None):
 
 
 # --------------------------------------------------------------------------- dense
+# Large products run on one-thread BLAS, as the convolutions' (see _Products): one call per
+# product, so each element's sum runs in an order fixed by the shapes. The Numba loops below were
+# 4-5x slower than sgemm there (B's fc at batch 32, x: 32 x 4096, w: 10 x 4096: forward and
+# backward 1.49 ms against 0.34 ms), but they win on tiny products, where a BLAS call's fixed cost
+# dominates (A's fc at batch 1: 0.028 against 0.10 ms). _BLAS_MIN: N*D*O from which BLAS is used.
+_BLAS_MIN = 1 << 16
+#
 # A dot product summed one term after another is a chain of dependent adds that cannot be
 # vectorised without reassociation (fastmath). Instead each dot keeps LANES partial sums (lane l
 # takes d = LANES*k + l), added up in lane order at the end: fixed order, vectorisable.
@@ -797,7 +803,7 @@ _DOT_LANES = 32
 @njit(cache=True)
 def _dense_forward_body(out, x, w, b, N, D, O, LANES, n):
     # out: (N, O), x: (N, D), w: (O, D), b: (O,);   out[n,o] = dot(x[n], w[o]) + b[o]
-    # one iteration (n) of the loop in _dense_forward_kernel / _dense_forward_serial
+    # one iteration (n) of the loop in _dense_forward_serial
     DL = D - D % LANES
     acc = np.empty(LANES, dtype=out.dtype)
     xr = x[n, :DL].reshape((DL // LANES, LANES))
@@ -814,12 +820,6 @@ def _dense_forward_body(out, x, w, b, N, D, O, LANES, n):
         out[n, o] = s + b[o]
 
 
-@njit(parallel=True, cache=True)
-def _dense_forward_kernel(out, x, w, b, N, D, O, LANES):
-    for n in prange(N):
-        _dense_forward_body(out, x, w, b, N, D, O, LANES, n)
-
-
 @njit(cache=True)
 def _dense_forward_serial(out, x, w, b, N, D, O, LANES):
     for n in range(N):
@@ -829,19 +829,13 @@ def _dense_forward_serial(out, x, w, b, N, D, O, LANES):
 @njit(cache=True)
 def _dense_backward_dx_body(dx, dout, w, N, D, O, n):
     # dx: (N, D), dout: (N, O), w: (O, D);   dx[n] = sum_o dout[n,o] * w[o], in o order.
-    # one iteration (n) of the loop in _dense_backward_dx_kernel / _dense_backward_dx_serial
+    # one iteration (n) of the loop in _dense_backward_dx_serial
     for d in range(D):
         dx[n, d] = 0
     for o in range(O):
         g = dout[n, o]
         for d in range(D):
             dx[n, d] += g * w[o, d]
-
-
-@njit(parallel=True, cache=True)
-def _dense_backward_dx_kernel(dx, dout, w, N, D, O):
-    for n in prange(N):
-        _dense_backward_dx_body(dx, dout, w, N, D, O, n)
 
 
 @njit(cache=True)
@@ -853,7 +847,7 @@ def _dense_backward_dx_serial(dx, dout, w, N, D, O):
 @njit(cache=True)
 def _dense_backward_dw_body(dw, db, dout, x, N, D, O, o):
     # dw: (O, D), db: (O,), dout: (N, O), x: (N, D);   dw[o] = sum_n dout[n,o] * x[n], in n order.
-    # one iteration (o) of the loop in _dense_backward_dw_kernel / _dense_backward_dw_serial
+    # one iteration (o) of the loop in _dense_backward_dw_serial
     db[o] = 0
     for d in range(D):
         dw[o, d] = 0
@@ -862,12 +856,6 @@ def _dense_backward_dw_body(dw, db, dout, x, N, D, O, o):
         db[o] += g
         for d in range(D):
             dw[o, d] += g * x[n, d]
-
-
-@njit(parallel=True, cache=True)
-def _dense_backward_dw_kernel(dw, db, dout, x, N, D, O):
-    for o in prange(O):
-        _dense_backward_dw_body(dw, db, dout, x, N, D, O, o)
 
 
 @njit(cache=True)
@@ -883,8 +871,11 @@ def dense_forward(x, w, b, out=None):
     w, b = _input(w, dt), _input(b, dt)
     N, D, O = _dense_sizes(x.shape, w.shape, b.shape)
     out = _output(out, (N, O), dt, "out")
-    kernel = _dense_forward_kernel if _parallel(N * D * O) else _dense_forward_serial
-    kernel(out, x, w, b, N, D, O, _DOT_LANES)
+    if N * D * O < _BLAS_MIN:
+        _dense_forward_serial(out, x, w, b, N, D, O, _DOT_LANES)
+        return out
+    _products.run([(x, w.T, out)])
+    out += b
     return out
 
 
@@ -898,11 +889,19 @@ def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
         raise ValueError(f"dense_backward: expected dout of shape {(N, O)}, got {dout.shape}")
     dw = _output(dw, (O, D), dt, "dw")
     db = _output(db, (O,), dt, "db")
-    (_dense_backward_dw_kernel if _parallel(N * D * O) else _dense_backward_dw_serial)(dw, db, dout, x, N, D, O)
+    small = N * D * O < _BLAS_MIN
+    if small:
+        _dense_backward_dw_serial(dw, db, dout, x, N, D, O)
+    else:
+        _products.run([(dout.T, x, dw)])
+        np.sum(dout, axis=0, out=db)
     if not need_dx:
         return None, dw, db
     dx = _output(dx, (N, D), dt, "dx")
-    (_dense_backward_dx_kernel if _parallel(N * D * O) else _dense_backward_dx_serial)(dx, dout, w, N, D, O)
+    if small:
+        _dense_backward_dx_serial(dx, dout, w, N, D, O)
+    else:
+        _products.run([(dout, w, dx)])
     return dx, dw, db
 
 
