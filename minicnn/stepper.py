@@ -325,8 +325,8 @@ class Stepper:
         xb, yb = self.trainer.batch()
         out = {"name": name, "kind": layer.kind, "out_shape": tuple(layer.out_shape), "step": self.step_count}
         with np.errstate(**_ERRSTATE):
-            x = xb
-            net._prepare(x.shape[0])
+            net._prepare(xb.shape[0])
+            x = net.ops.to_device(xb, net._ws.bufs.get(("input", "x")))      # as Network._forward does
             for L in net.layers:
                 x = L.forward(net.ops, net._ws, x)
                 if L is layer:
