@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from .errors import ConfigError, SpecError
+from .ops import on_device
 from .spec import canonical_spec, parse_spec
 
 DEVICES = ("cpu", "numpy", "cuda")
@@ -412,7 +413,7 @@ class Network:
     def _check_input(self, x):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ConfigError(f"input must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
-        if hasattr(x, "copy_to_host"):          # already a device array
+        if on_device(x):                        # already a device array
             if x.dtype != self.dtype:
                 raise ConfigError(f"a device input must be {self.dtype.name}, got {x.dtype}")
             return x
@@ -479,7 +480,7 @@ class Network:
         return np.ascontiguousarray(y, dtype=np.int64)
 
     def _labels_on_device(self, y):
-        if self.device != "cuda" or hasattr(y, "copy_to_host"):
+        if self.device != "cuda" or on_device(y):
             return y
         return self.ops.to_device(np.ascontiguousarray(y, dtype=np.int64), self._ws.bufs.get(("loss", "y")))
 

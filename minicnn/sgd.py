@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from .errors import ConfigError
+from .ops import on_device
 
 
 class SGD:
@@ -53,7 +54,7 @@ class SGD:
         Device (CUDA) arrays are updated on the device by one kernel per array (the same rule);
         nothing is returned then (the trace measures the update itself, see Trainer.step)."""
         lr = self.lr if lr is None else lr
-        if params and _on_device(params[0]):
+        if params and on_device(params[0]):
             return self._step_device(params, grads, lr)
         deltas = []
         for p, d in zip(params, self.direction(params, grads)):
@@ -68,7 +69,7 @@ class SGD:
         if self.momentum:
             if first:
                 self.buffers = [gpu.empty(p.shape, p.dtype) for p in params]
-            elif not _on_device(self.buffers[0]):           # loaded from a checkpoint
+            elif not on_device(self.buffers[0]):           # loaded from a checkpoint
                 self.buffers = [gpu.to_device(np.ascontiguousarray(b, dtype=p.dtype))
                                 for b, p in zip(self.buffers, params)]
         bufs = self.buffers if self.momentum else None
@@ -79,17 +80,12 @@ class SGD:
         """Momentum buffers as host (NumPy) copies, wherever they live."""
         if self.buffers is None:
             return {"buffers": None}
-        return {"buffers": [b.copy_to_host() if _on_device(b) else b.copy() for b in self.buffers]}
+        return {"buffers": [b.copy_to_host() if on_device(b) else b.copy() for b in self.buffers]}
 
     def load_state_dict(self, state):
         """Host arrays; a device run uploads them on its next step."""
         bufs = state.get("buffers")
         self.buffers = None if bufs is None else [np.array(b, copy=True) for b in bufs]
-
-
-def _on_device(a):
-    """A Numba CUDA device array (they carry copy_to_host)."""
-    return hasattr(a, "copy_to_host")
 
 
 # --------------------------------------------------------------------------- schedules

@@ -43,6 +43,7 @@ import numpy as np
 from numba import cuda
 
 from ..errors import DeviceError
+from . import on_device
 from .ref import conv_out_size
 
 # --------------------------------------------------------------------------- launch configuration
@@ -928,10 +929,6 @@ def logit_stats(logits, probs, y):
 
 # --------------------------------------------------------------------------- public: arrays
 # The same helpers as ref.py's, for device arrays (Network and SGD use only these).
-def _is_device(a):
-    return hasattr(a, "copy_to_host")
-
-
 def empty(shape, dtype):
     return cuda.device_array(shape, dtype=dtype)
 
@@ -942,7 +939,7 @@ def zeros(shape, dtype):
 
 def to_device(a, out=None):
     """A host array as a device array (copied into ``out`` when given); device arrays pass through."""
-    if _is_device(a):
+    if on_device(a):
         return a
     a = np.ascontiguousarray(a)
     if out is None:
@@ -953,12 +950,12 @@ def to_device(a, out=None):
 
 def host_copy(a):
     """A NumPy copy of a device (or host) array."""
-    return a.copy_to_host() if _is_device(a) else np.array(a, copy=True)
+    return a.copy_to_host() if on_device(a) else np.array(a, copy=True)
 
 
 def copy_into(dst, src):
     """dst[...] = src: device to device, or host to device (cast to dst's dtype)."""
-    dst.copy_to_device(src if _is_device(src) else np.ascontiguousarray(src, dtype=dst.dtype))
+    dst.copy_to_device(src if on_device(src) else np.ascontiguousarray(src, dtype=dst.dtype))
 
 
 def subtract(out, a, b):
@@ -970,4 +967,4 @@ def subtract(out, a, b):
 
 def item(v):
     """The loss (a 1-element device array) as a Python float (a synchronisation)."""
-    return float(v.copy_to_host()[0]) if _is_device(v) else float(v)
+    return float(v.copy_to_host()[0]) if on_device(v) else float(v)
