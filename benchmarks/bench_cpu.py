@@ -14,7 +14,9 @@ What it measures (float32, the same thread count for Numba, PyTorch and OpenBLAS
 2. This machine's float32 matmul rate (numpy and torch, n = 2048), the practical ceiling.
 3. The training step (forward, loss, backward, SGD update) at every batch size: warm-up, then
    repetitions that alternate minicnn and PyTorch (the order flips every repetition), each a block
-   of individually timed steps; the median step time. GFLOP/s counts the conv and dense
+   of individually timed steps after one untimed step (PyTorch's OpenMP threads spin for a while
+   after its step and slowed minicnn's next step; the untimed step applies to both); the median
+   step time. GFLOP/s counts the conv and dense
    multiply-adds of the step (2 FLOP each; forward, dW and dX, no dX for the first layer).
 4. Forward-only inference at batch 128.
 5. Peak memory of 5 training steps at batch 128, each framework alone in a subprocess
@@ -193,6 +195,7 @@ def side_by_side(fns, budget_s, min_reps=5, warmup=3):
         order = keys if rep % 2 == 0 else keys[::-1]
         for k in order:
             fn, xx, yy = fns[k]
+            fn(xx, yy)             # untimed: refills the caches, lets the other framework's threads go idle
             times[k] += timed_block(fn, xx, yy, block[k])
         rep += 1
         if rep >= 200:
@@ -288,6 +291,7 @@ def mem_probe(framework, name, n, threads):
         torch.set_num_threads(threads)
         fn, x, y = TorchStep(torch, torch_model(torch, net)), torch.from_numpy(x), torch.from_numpy(y)
     else:
+        import minicnn.ops.cpu        # noqa: F401  (picks the threading layer before numba launches one)
         import numba
         numba.set_num_threads(threads)
         fn = MinicnnStep(net)
@@ -437,7 +441,9 @@ def main():
     if a.mem_probe:
         mem_probe(a.mem_probe[0], a.mem_probe[1], int(a.mem_probe[2]), a.threads)
         return
-    import numba
+    import minicnn
+    import minicnn.ops.cpu           # first: it picks Numba's threading layer (workqueue), which
+    import numba                     # set_num_threads would otherwise launch as the default (OpenMP)
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
     torch = None if a.no_torch else try_torch()
     if torch is not None:
@@ -446,11 +452,10 @@ def main():
     batches = [int(b) for b in a.batches.split(",") if b]
     nets = [n.strip() for n in a.nets.split(",") if n.strip()]
     skip = {s for s in a.skip.split(",") if s}
-    import minicnn
     res = {"threads": a.threads, "quick": a.quick, "budget_s": budget,
            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                        "numpy": np.__version__, "numba": numba.__version__,
-                       "numba_threading_layer": numba.config.THREADING_LAYER,
+                       "numba_threading_layer": numba.threading_layer(),
                        "torch": torch.__version__ if torch else None, "minicnn": minicnn.__version__},
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -184,6 +184,8 @@ def list_checkpoints(run_dir):
 def set_threads(threads):
     if threads:
         import numba
+
+        from .ops import cpu  # noqa: F401  (first: it picks Numba's threading layer, which set_num_threads launches)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 

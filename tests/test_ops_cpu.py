@@ -6,6 +6,8 @@ float32: cpu.py runs in float32 and is compared with the reference run in float6
 Also: preallocated outputs (pre-filled with NaN, so anything not written shows), need_dx=False,
 bit-identical results between runs and between 1 and 2 threads, and argument checks.
 """
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -401,3 +403,21 @@ def test_segment_dots_against_reference(dtype):
     want = ref.segment_dots([(a, b), (b, b)], bounds)
     assert got.dtype == np.float64 and got.shape == (2, 4)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_threads_option_keeps_the_workqueue_threading_layer():
+    """train's --threads calls numba.set_num_threads, which launches Numba's threading layer: it must
+    launch the layer minicnn.ops.cpu picks (workqueue), not Numba's default (OpenMP, whose spinning
+    threads slowed B at batch 32 from ~23 to ~31 ms a step)."""
+    import subprocess
+    import sys
+    code = ("import minicnn.train as _, sys; sys.modules['minicnn.train'].set_threads(2)\n"
+            "import numba, numpy as np\n"
+            "from minicnn.ops import cpu\n"
+            "x = np.zeros((1, 1, 1, 1), np.float32)\n"
+            "cpu._rows_to_nchw_kernel(x, np.zeros((1, 3), np.float32), 1, 1, 1, 1, 3, False)\n"
+            "print(numba.threading_layer())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "workqueue"

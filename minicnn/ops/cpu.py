@@ -47,7 +47,9 @@ from .ref import (copy_into, dead_fraction, empty, host_copy, item, logit_stats,
 # other processes share the cores, makes every parallel launch wait for a time slice (measured:
 # im2col 1.8 ms with workqueue against 11.9 ms with OpenMP under load). The workqueue layer
 # sleeps instead. Only set when the user has not chosen one, and it takes effect only if no
-# parallel Numba code has run yet in this process.
+# parallel Numba code has run yet in this process and numba.set_num_threads has not been called:
+# import this module before either (minicnn.train.set_threads does). Measured: the benchmark
+# called set_num_threads first and so timed B at batch 32 on OpenMP, 30-34 ms against 21-26.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
