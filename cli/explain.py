@@ -15,23 +15,24 @@ import click
 def explain_command(out, quick, workers, rerun, device):
     """Why does lr = 0.1 train one network, throw another around, and collapse a third?
 
-    Trains three networks with plain SGD at lr = 0.1 on the built-in data -- one stable, one that
-    jumps around and never learns, one that learns and then rises onto a plateau (the last with one
-    injected lr-10 step, said so in its label) -- plus one started on the plateau at lr = 1e-4, then
-    prints the diagnosis and mechanism of each, with lr x lambda_max against 2, and draws their curves.
+    Trains three networks with plain SGD at a constant lr = 0.1 on the built-in data -- one stable,
+    one that jumps around and never learns, one that learns and then rises onto a plateau (a chance
+    event: three seeds of it, the first that collapsed after learning is shown) -- plus one started
+    on the plateau at lr = 1e-4, then prints the diagnosis and mechanism of each, with
+    lr x lambda_max against 2, and draws their curves.
 
     \b
     Example:
       minicnn explain            # a few minutes on 2 cores
       minicnn explain --quick
     """
-    from minicnn.explain import CASES, explain
+    from minicnn.explain import explain
 
     state = {"bar": None}
 
     def on_start(to_run, skipped):
         if skipped:
-            click.echo(f"resuming: {skipped} of {len(CASES)} runs already done in {out}")
+            click.echo(f"resuming: {skipped} of {skipped + to_run} runs already done in {out}")
         if to_run:
             state["bar"] = click.progressbar(length=to_run, label="training the cases", file=sys.stderr,
                                              show_pos=True)

@@ -10,13 +10,16 @@ Four deterministic runs (a sweep: run in parallel, resumable), each diagnosed fr
     print(result.text)                       # the verdict and mechanism of each run, in numbers
     result.figure                            # explain.png: the four loss curves side by side
 
-The first three are the question: plain SGD at lr = 0.1 on the same data with the same seed and
-batch size. (1) is the default network; (2) is softmax regression on un-normalised inputs, whose
-loss is far sharper; (3) is the default network with ONE step at lr 10 injected at step 100
--- a stand-in for the outsized step that throws a real run off its valley, because no network
-tried at a constant lr 0.1 on the built-in data collapsed after learning within a demo-sized run
-(see INJECT_LR). The fourth answers the follow-up "is getting stuck on this plateau possible at
-every learning rate?": a network initialised on the plateau stays there even at lr = 1e-4.
+The first three are the question: plain SGD at a constant lr = 0.1 on the same data. (1) is the
+default network; (2) is softmax regression on un-normalised inputs, whose loss is far sharper; (3) is
+a narrow CNN (4 and 8 channels) on pixels in [0, 3] trained with batches of 2: it learns, until one
+batch holds an image it gets confidently wrong (loss ~40), and that one step kills every ReLU. When
+that happens is chance -- it depends on the seed, and on the last bits of the float arithmetic (a
+float64 run, or another BLAS, takes another path) -- so case 3 trains COLLAPSE_SEEDS seeds and shows
+the first that learned and then collapsed, and reports how many of them did (measured here, seeds
+0-11: all 12 collapsed within 3,000 steps, 11 of them after learning, one at its first step). The fourth answers the follow-up "is
+getting stuck on this plateau possible at every learning rate?": a network initialised on the
+plateau stays there even at lr = 1e-4.
 """
 import math
 import os
@@ -37,24 +40,21 @@ class Case:
     config: dict    # TrainConfig fields
     setup: str      # what is different about this network, in a line
     answer: str     # what is going on behind the scenes (the mechanism; the numbers come from the run)
+    seeds: tuple = ()   # train one run per seed; show the first that reproduces the picture
 
 
-# Same data, seed, batch size and lr = 0.1 for the first three; what differs is in each Case.
+# Same data, seed (but see case 3) and lr = 0.1 for the first three; what differs is in each Case.
 COMMON = dict(data="shapes", lr=0.1, batch_size=32, momentum=0.0, weight_decay=0.0, seed=0, trace="full",
               sharpness_every=SHARPNESS_EVERY)
-# case 3's single outsized step (100x the lr). At a constant lr 0.1 no network tried on the built-in
-# data (about 40 configurations: wider, deeper, bottlenecked, larger init, larger inputs, smaller
-# batches) learned and then stayed on a plateau within a demo-sized run: they either died in the
-# first steps or recovered from every catapult. So the demo injects the step, and says so.
-INJECT_LR = 10.0
-# ... at this step, when the network has learned (loss ~1 from 2.3) but is not settled. With the
-# demo's 2,000 training images it kills every unit of relu1 and relu2 (same-batch loss 0.62 -> 941):
-# a plateau with exactly zero gradient below the classifier, left never. Measured on 6,000 images the
-# network was further along at step 100, 0.1-4% of relu1 survived (lr 10 or 30), and those few units
-# pulled it off the plateau 100-550 steps later -- a plateau is only permanent when nothing survives.
-INJECT_STEP = 100
-FULL = dict(n_train=2000, n_val=1000, steps=600)   # same data and first steps as QUICK
-QUICK = dict(n_train=2000, n_val=500, steps=300)
+FULL = dict(n_train=12000, n_val=1000, steps=600)
+QUICK = dict(n_train=12000, n_val=500, steps=300)
+# Case 3's collapse is a chance event (see the module docstring): this many seeds, and the first one
+# whose run learned (best validation accuracy >= LEARNED_ACC) and then collapsed is shown. With 11 of
+# 12 seeds collapsing after learning, all three missing it has a chance of well under 1%.
+COLLAPSE_SEEDS = (0, 1, 2)
+COLLAPSE_STEPS = 3000          # measured: collapses at steps 830-2918 (11 seeds of 12 after learning)
+LEARNED_ACC = 0.5
+CHANCE_ACC = 0.15              # final accuracy at or below this: the run ended predicting one class
 
 CASES = [
     Case("1-stable", "lr 0.1: trains fine", "healthy",
@@ -73,12 +73,18 @@ CASES = [
          "rises), lands somewhere no better, and the next step overshoots again. The weights cannot die "
          "(no ReLU), so the loss never settles: it jumps around far above ln 10 for the whole run."),
     Case("3-collapse", "lr 0.1: learns, then rises onto a plateau", "collapse",
-         dict(arch="small", lr_schedule="INJECT"),
-         "the default network at lr 0.1, except ONE step at lr 10 at step 100 (a stand-in for "
-         "the one outsized step -- lr x curvature far above 2 -- that throws a real run off its valley)",
-         "the big step overshoots so far that it lands where most ReLUs output 0 for every input and the "
-         "network predicts one class: a flat region where the gradient is near zero, so nothing pulls the "
-         "weights back -- training and validation loss jump up together to ln 10 and stay there."),
+         dict(arch="conv4k3p1-relu-maxpool2-conv8k3p1-relu-maxpool2-fc10", input_scale=3.0, batch_size=2,
+              steps=COLLAPSE_STEPS, sharpness_every=500, eval_every=100),
+         "a narrow CNN (4 and 8 channels) on pixels in [0, 3], batches of 2 images",
+         "as it learns, its loss gets sharper (lr x lambda_max climbs towards and past 2), and with 2 images "
+         "a step one image the network gets confidently wrong makes the whole step: its loss "
+         "is tens of nats and its gradient ~100x the usual one, so at lr 0.1 that single step overshoots far "
+         "enough to push every ReLU's input below 0 for every image (4 and 8 units leave little to spare). "
+         "It lands on a flat region: the network predicts one class, the gradient below the classifier is "
+         "exactly 0, so nothing pulls the weights back -- training and validation loss jump up together to "
+         "ln 10 and stay there. Which step does it, and whether one does within the run, is chance: the "
+         "line above says how many seeds collapsed.",
+         seeds=COLLAPSE_SEEDS),
     Case("4-stuck-lr1e-4", "lr 0.0001: initialised on the plateau", "stuck",
          dict(arch="small", init="dead", lr=1e-4),
          "the default network with every ReLU dead at initialisation (biases -10)",
@@ -95,7 +101,8 @@ class ExplainResult:
     diagnoses: list                   # minicnn.diagnose.Diagnosis per case
     figure: str = None
     text: str = ""
-    matches: list = field(default_factory=list)   # verdict == case.expect, per case
+    matches: list = field(default_factory=list)   # the case's picture reproduced (verdict == case.expect)
+    seed_lines: list = field(default_factory=list)   # per case: how its seeds went (multi-seed cases), or None
 
     @property
     def all_match(self):
@@ -103,47 +110,85 @@ class ExplainResult:
 
 
 def case_configs(quick=False, device="cpu"):
-    """(case, TrainConfig dict) for each case, trained on ``device``."""
+    """(case, TrainConfig dict) for each case, trained on ``device`` (a multi-seed case: its first seed)."""
+    return [(c, cfgs[0]) for c, cfgs in _case_runs(quick, device)]
+
+
+def _case_runs(quick, device):
     from .train import TrainConfig
     size = QUICK if quick else FULL
     out = []
     for c in CASES:
-        fields = {**COMMON, **size, **c.config, "device": device}
-        if fields.get("lr_schedule") == "INJECT":      # one step at INJECT_LR at step INJECT_STEP
-            t = INJECT_STEP
-            fields["lr_schedule"] = f"0:{fields['lr']:g},{t}:{INJECT_LR:g},{t + 1}:{fields['lr']:g}"
-        cfg = TrainConfig(**fields)
-        cfg.validate()
-        out.append((c, cfg.to_dict()))
+        cfgs = []
+        for seed in c.seeds or (None,):
+            fields = {**COMMON, **size, **c.config, "device": device}
+            if seed is not None:
+                fields["seed"] = seed
+            cfg = TrainConfig(**fields)
+            cfg.validate()
+            cfgs.append(cfg.to_dict())
+        out.append((c, cfgs))
     return out
 
 
+def _run_key(case, cfg):
+    return f"{case.key}-seed{cfg['seed']}" if case.seeds else case.key
+
+
 def explain(out, quick=False, workers=None, rerun=False, on_start=None, on_result=None, device="cpu"):
-    """Run the four cases into ``out`` (skipping those already done), diagnose, draw, explain."""
+    """Run the cases into ``out`` (skipping those already done), diagnose, draw, explain."""
     from .diagnose import diagnose
     from .plots import plot_grid
     from .runs import load_run
     from .sweep import Task, run_sweep
 
-    tasks = [Task(c.key, cfg, {"case": c.key}) for c, cfg in case_configs(quick, device)]
+    runs = _case_runs(quick, device)
+    tasks = [Task(_run_key(c, cfg), cfg, {"case": c.key}) for c, cfgs in runs for cfg in cfgs]
     res = run_sweep(tasks, out, workers=workers, rerun=rerun, on_start=on_start, on_result=on_result)
-    diagnoses, matches, cells = [], [], []
-    for c, row in zip(CASES, res.rows):
-        if row.get("status") == "error":
-            raise ConfigError(f"explain: run {c.key} failed: {row.get('error')}")
-        run = load_run(row["run_dir"])
-        d = diagnose(run)
+    by_key = {t.name: row for t, row in zip(tasks, res.rows)}
+    rows, diagnoses, matches, cells, seed_lines = [], [], [], [], []
+    for c, cfgs in runs:
+        tried = []
+        for cfg in cfgs:
+            row = by_key[_run_key(c, cfg)]
+            if row.get("status") == "error":
+                raise ConfigError(f"explain: run {_run_key(c, cfg)} failed: {row.get('error')}")
+            run = load_run(row["run_dir"])
+            tried.append((cfg, row, run, diagnose(run)))
+        hits = [t for t in tried if _reproduces(c, t[1], t[3])]
+        # prefer a run that ended at chance accuracy (everything dead) over a partial collapse
+        hits.sort(key=lambda t: t[1].get("final_val_acc", 1) > CHANCE_ACC)
+        cfg, row, run, d = (hits or tried)[0]
+        rows.append(row)
         diagnoses.append(d)
-        matches.append(d.verdict == c.expect)
-        cells.append({"run": run, "row": "plain SGD, same data and seed", "col": c.key, "label": c.label,
+        matches.append(bool(hits))
+        seed_lines.append(_seeds_line(c, tried) if c.seeds else None)
+        cells.append({"run": run, "row": "plain SGD, same data", "col": c.key, "label": c.label,
                       "verdict": d.verdict, "decisive_step": d.decisive_step, "subtitle": d.title})
     figure = plot_grid(cells, os.path.join(out, "explain.png"),
                        title="What is going on at lr = 0.1? (minicnn explain" + (" --quick)" if quick else ")"))
-    result = ExplainResult(out, list(CASES), res.rows, diagnoses, figure, matches=matches)
+    result = ExplainResult(out, list(CASES), rows, diagnoses, figure, matches=matches, seed_lines=seed_lines)
     result.text = report(result)
     with open(os.path.join(out, "explain.txt"), "w") as f:
         f.write(result.text + "\n")
     return result
+
+
+def _reproduces(case, row, d):
+    """The run shows the case's picture: its verdict, and for a collapse, that it had learned first."""
+    if d.verdict != case.expect:
+        return False
+    return case.expect != "collapse" or row.get("best_val_acc", 0) >= LEARNED_ACC
+
+
+def _seeds_line(case, tried):
+    """How the seeds of a multi-seed case went, e.g. '3 of 3 seeds collapsed after learning (...)'."""
+    hits = [(cfg["seed"], d.decisive_step) for cfg, row, run, d in tried if _reproduces(case, row, d)]
+    what = {"collapse": "collapsed after learning"}.get(case.expect, f"were diagnosed {case.expect}")
+    at = ", ".join(f"seed {s} at step {t}" for s, t in hits)
+    others = [f"seed {cfg['seed']}: {d.verdict}" for cfg, row, run, d in tried if not _reproduces(case, row, d)]
+    return (f"{len(hits)} of {len(tried)} seeds {what}" + (f" ({at})" if at else "")
+            + ("; " + ", ".join(others) if others else ""))
 
 
 def _sharpness_line(run):
@@ -164,15 +209,19 @@ def _sharpness_line(run):
 def report(result):
     from .runs import load_run
     lines = ["The question: plain SGD at lr = 0.1 -- one network trains fine, one jumps around and never "
-             "learns, one learns and then rises onto a plateau. Same data, same seed, same lr; what differs "
+             "learns, one learns and then rises onto a plateau. Same data, the same constant lr; what differs "
              "is how sharp the loss is where the weights are (lr x lambda_max against 2), and whether a step "
              "lands on a flat region it cannot leave.", ""]
     for i, (c, row, d) in enumerate(zip(result.cases, result.rows, result.diagnoses)):
         cfg = row.get("run_dir") and load_run(row["run_dir"]).config.get("config", {})
-        tick = "" if result.matches[i] else f"   [expected {c.expect}, got {d.verdict}]"
+        after = " after learning" if c.expect == "collapse" else ""
+        tick = "" if result.matches[i] else f"   [not reproduced: expected {c.expect}{after}, got {d.verdict}]"
         lines.append(f"({i + 1}) {c.label}{tick}")
         lines.append(f"    network: {c.setup}; lr {cfg.get('lr'):g}, batch {cfg.get('batch_size')}, "
-                     f"{row.get('steps')} steps; final val acc {100 * row.get('final_val_acc', math.nan):.1f}%")
+                     f"{row.get('steps')} steps; best val acc {100 * row.get('best_val_acc', math.nan):.1f}%, "
+                     f"final {100 * row.get('final_val_acc', math.nan):.1f}%")
+        if result.seed_lines and result.seed_lines[i]:
+            lines.append(f"    seeds: {result.seed_lines[i]}; shown: seed {cfg.get('seed')}")
         lines.append("    diagnosis: " + d.text.replace("\n", "\n    "))
         sl = _sharpness_line(load_run(row["run_dir"]))
         if sl:
