@@ -116,14 +116,15 @@ def test_conv2d_workspace_is_filled_by_forward_and_reused_by_backward(dtype, cas
 @pytest.mark.parametrize("shape", [(48, 16, 14, 14, 32, 3, 1, 1),    # above the BLAS split and parallel sizes
                                    (40, 3, 12, 12, 8, 3, 2, 1)])     # strided, parallel im2col/col2im
 def test_conv2d_large_batches_use_split_products_and_parallel_kernels(dtype, shape):
-    """Shapes past _SPLIT_MIN_COLS / _PARALLEL_MIN: against the reference, and bit-identical with
+    """Shapes past _SPLIT_MIN_MACS / _PARALLEL_MIN: against the reference, and bit-identical with
     1 and 2 threads (the column blocks do not depend on the thread count)."""
     N, C, H, W, F, K, S, P = shape
     rng = np.random.default_rng(5)
     (x, w, b), (x64, w64, b64) = cast(dtype, rng.standard_normal((N, C, H, W)),
                                       rng.standard_normal((F, C, K, K)) * 0.2, rng.standard_normal(F))
     out64 = ref.conv2d_forward(x64, w64, b64, S, P)
-    assert N * out64.shape[2] * (W + 2 * P if S == 1 else out64.shape[3]) >= cpu._SPLIT_MIN_COLS or S > 1
+    cols = N * out64.shape[2] * (W + 2 * P if S == 1 else out64.shape[3])
+    assert len(cpu._blocks(cols, F * C * K * K)) == cpu._SPLIT or S > 1
     dout = rng.standard_normal(out64.shape).astype(dtype)
     expected = [out64, *ref.conv2d_backward(dout.astype(np.float64), x64, w64, S, P)]
     results = []

@@ -125,7 +125,8 @@ def _valid_range(u, S, P, size, osize):
 # blocks, run on Numba's thread count of Python threads (numpy releases the GIL in matmul).
 # The split does not depend on the thread count, so neither do the results.
 _SPLIT = 2
-_SPLIT_MIN_COLS = 4096            # below this a product is one call (thread hand-off ~20-50 us)
+_SPLIT_MIN_MACS = 1 << 23         # multiply-adds below which a product is one call (~0.2 ms on one
+                                  # thread at ~50 GFLOP/s; a thread hand-off costs ~20-50 us)
 
 
 def _find_blas_threads():
@@ -194,9 +195,10 @@ def _matmul_with_errstate(err, a, b, out):
 _products = _Products()
 
 
-def _blocks(M):
-    """Column blocks [(lo, hi)] of a product's long dimension M: _SPLIT of them when long."""
-    if M < _SPLIT_MIN_COLS:
+def _blocks(M, macs_per_col):
+    """Column blocks [(lo, hi)] of a product's long dimension M: _SPLIT of them when the product
+    (M * macs_per_col multiply-adds) is large. Fixed by the shapes, never by the thread count."""
+    if M * macs_per_col < _SPLIT_MIN_MACS:
         return [(0, M)]
     edges = [M * k // _SPLIT for k in range(_SPLIT + 1)]
     return list(itertools.pairwise(edges))
@@ -526,7 +528,7 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
     _pack_wb_kernel(work["wb"], w.reshape(F, CKK), b, F, CKK)
     prod, cols, wb = work["prod"][:F], work["cols"], work["wb"]
-    _products.run([(wb, cols[:, lo:hi], prod[:, lo:hi]) for lo, hi in _blocks(cols.shape[1])])   # (F, N*OH*WR)
+    _products.run([(wb, cols[:, lo:hi], prod[:, lo:hi]) for lo, hi in _blocks(cols.shape[1], F * (CKK + 1))])   # (F, N*OH*WR)
     (_rows_to_nchw_kernel if _parallel(prod.size) else _rows_to_nchw_serial)(out, prod, N, F, OH, OW, WR, bool(relu))
     return out
 
@@ -557,7 +559,7 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     gt, dwb, cols = work["gt"], work["dwb"], work["cols"]
     to_rows = _nchw_to_rows_kernel if _parallel(gt.size) else _nchw_to_rows_serial
     to_rows(gt, dout, N, F, OH, OW, WR)                            # (F, N*OH*WR), 0 in wide columns
-    blocks = _blocks(cols.shape[1])                                # partial [dW | db] per block,
+    blocks = _blocks(cols.shape[1], F * (CKK + 1))                # partial [dW | db] per block,
     _products.run([(gt[:, lo:hi], cols[:, lo:hi].T, dwb[k]) for k, (lo, hi) in enumerate(blocks)])
     _unpack_wb_kernel(dw.reshape(F, CKK), db, dwb, F, CKK, len(blocks))   # summed in block order
     if not need_dx:
@@ -565,7 +567,7 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     dx = _output(dx, (N, C, H, W), dt, "dx")
     dcols = work["prod"][:CKK]
     wt = w.reshape(F, CKK).T
-    _products.run([(wt, gt[:, lo:hi], dcols[:, lo:hi]) for lo, hi in _blocks(gt.shape[1])])  # (CKK, N*OH*WR)
+    _products.run([(wt, gt[:, lo:hi], dcols[:, lo:hi]) for lo, hi in _blocks(gt.shape[1], F * CKK)])  # (CKK, N*OH*WR)
     if stride == 1:
         kernel = _col2im_wide_kernel if _parallel(dcols.size) else _col2im_wide_serial
         kernel(dx, work["xp"], dcols, N, C, H, W, K, pad, OH)
