@@ -30,26 +30,46 @@ class SGD:
         self.buffers = None          # momentum buffers, one per parameter, created on the first step
 
     def direction(self, params, grads):
-        """The update direction d of the rule above (without -lr), updating momentum buffers."""
+        """The update direction d of the rule above (without -lr), updating momentum buffers.
+
+        Computed in work buffers kept between steps (no allocation after the first step): the
+        arrays returned are overwritten by the next call."""
         out = []
         first = self.buffers is None
         if first and self.momentum:
             self.buffers = [None] * len(params)
         for i, (p, g) in enumerate(zip(params, grads)):
-            d = g + self.weight_decay * p if self.weight_decay else g
+            d = g
+            if self.weight_decay:
+                d = np.multiply(p, self.weight_decay, out=self._work(i, "decayed", p))
+                d += g                                              # g + weight_decay * w
             if self.momentum:
                 if first:
                     self.buffers[i] = np.array(d, copy=True)
                 else:
                     buf = self.buffers[i]
                     buf *= self.momentum
-                    buf += (1 - self.dampening) * d
-                d = d + self.momentum * self.buffers[i] if self.nesterov else self.buffers[i]
+                    buf += np.multiply(d, 1 - self.dampening, out=self._work(i, "damped", p))
+                if self.nesterov:
+                    nd = np.multiply(self.buffers[i], self.momentum, out=self._work(i, "nesterov", p))
+                    nd += d                                         # d + momentum * buf
+                    d = nd
+                else:
+                    d = self.buffers[i]
             out.append(d)
         return out
 
+    def _work(self, i, name, like):
+        """A work array shaped like ``like`` for parameter i, allocated once."""
+        work = self.__dict__.setdefault("_works", {})
+        a = work.get((i, name))
+        if a is None or a.shape != like.shape or a.dtype != like.dtype:
+            a = work[(i, name)] = np.empty_like(like)
+        return a
+
     def step(self, params, grads, lr=None):
-        """Update params in place: w -= lr * d. Returns the list of updates applied (-lr * d).
+        """Update params in place: w -= lr * d. Returns the list of updates applied (-lr * d), in
+        work arrays that the next step overwrites (copy them to keep them).
 
         Device (CUDA) arrays are updated on the device by one kernel per array (the same rule);
         nothing is returned then (the trace measures the update itself, see Trainer.step)."""
@@ -57,9 +77,9 @@ class SGD:
         if params and on_device(params[0]):
             return self._step_device(params, grads, lr)
         deltas = []
-        for p, d in zip(params, self.direction(params, grads)):
-            delta = (-lr) * d
-            p += delta.astype(p.dtype, copy=False)
+        for i, (p, d) in enumerate(zip(params, self.direction(params, grads))):
+            delta = np.multiply(d, -lr, out=self._work(i, "delta", p))
+            p += delta
             deltas.append(delta)
         return deltas
 

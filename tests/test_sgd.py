@@ -60,3 +60,24 @@ def test_schedules():
 def test_bad_schedules(bad):
     with pytest.raises(ConfigError, match="accepted"):
         parse_schedule(bad, 0.1, 100)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+                                dict(momentum=0.5, dampening=0.3, weight_decay=0.1)])
+def test_steps_after_the_first_allocate_nothing_param_sized(kw):
+    """The update runs in work arrays kept between steps: no parameter-sized allocation per step."""
+    import tracemalloc
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal(50_000).astype(np.float32)
+    g = rng.standard_normal(50_000).astype(np.float32)
+    opt = SGD(lr=0.1, **kw)
+    opt.step([p], [g])
+    opt.step([p], [g])
+    tracemalloc.start()
+    try:
+        for _ in range(5):
+            opt.step([p], [g])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < p.nbytes // 10, peak
