@@ -17,7 +17,7 @@ def explain_command(out, quick, workers, rerun, device):
 
     Trains three networks with plain SGD at a constant lr = 0.1 on the built-in data -- one stable,
     one that jumps around and never learns, one that learns and then rises onto a plateau (a chance
-    event: three seeds of it, the first that collapsed after learning is shown) -- plus one started
+    event: five seeds of it, the first that collapsed after learning is shown) -- plus one started
     on the plateau at lr = 1e-4, then prints the diagnosis and mechanism of each, with
     lr x lambda_max against 2, and draws their curves.
 

@@ -83,6 +83,9 @@ PLATEAU_RISE_FRAC = 0.3
 # Overfitting: validation loss this far (relative) above its minimum while training loss kept falling.
 OVERFIT_REL = 0.1
 SMOOTH = 20          # steps in the moving average used for run-level levels
+# Collapse's decisive step: steps just before the largest update that moved the weights at least this
+# share as much belong to the same outsized move; the first of them is named.
+CHAIN_FRAC = 0.5
 
 
 @dataclass
@@ -423,21 +426,29 @@ def diagnose(run):
     relapse = learned and rose and T0 is None and unstable_evidence
     if (learned and rose and not relapse) or (T0 is not None and not learned):
         # thrown onto a plateau: after learning (the loss rose and stayed up), or before it could learn
-        # the decisive step: the largest same-batch rise (or batch loss, on a light trace) between the
-        # best point (or the start) and the plateau's start
+        # the decisive step: the largest update relative to the weights (max over layers) between the
+        # best point (or the start) and the plateau's start; without update ratios in the trace, the
+        # largest same-batch rise (or batch loss). Not the same-batch rise first: the step that kills
+        # every ReLU often LOWERS its own batch's loss (one image at loss 14 -> a constant prediction
+        # at ln 10), measured on a batch-2 run whose largest rise in the window came 400 steps early.
         lo_i = max(0, best_i - SMOOTH) if learned else 0
         # ... up to where the last of the plateau's conditions set in (a fresh network often predicts
         # one class from step 0; the step that killed its ReLUs comes after)
         T1 = max((e.step for e in plateau), default=None)
         hi_i = int(np.flatnonzero(step >= T1)[0]) + 1 if T1 is not None else n - 1
         window = slice(lo_i, max(hi_i, lo_i + 1))
-        jump = (after - loss)[window] if np.isfinite(after[window]).any() else loss[window]
-        jump = np.where(np.isfinite(jump), jump, np.inf)
-        if np.max(jump) <= 0:   # no step raised its own batch's loss: take the largest relative update
-            ratios = [_col(s, f"update_ratio.{name}", n)[window] for name in param_layers(s)]
-            if ratios:
+        ratios = [_col(s, f"update_ratio.{name}", n)[window] for name in param_layers(s)]
+        if ratios and np.isfinite(np.vstack(ratios)).any():
+            with np.errstate(invalid="ignore"):
                 jump = np.nan_to_num(np.nanmax(np.vstack(ratios), axis=0), nan=-np.inf)
-        T = int(step[lo_i + int(np.argmax(jump))])
+        else:
+            jump = (after - loss)[window] if np.isfinite(after[window]).any() else loss[window]
+            jump = np.where(np.isfinite(jump), jump, np.inf)
+        k = int(np.argmax(jump))
+        if ratios:      # the first of a chain of outsized steps (an lr-10 step, then the lr-0.1 step on
+            while k > 0 and jump[k - 1] >= CHAIN_FRAC * jump[k]:     # its huge gradient): the cause
+                k -= 1
+        T = int(step[lo_i + k])
         t_i = int(np.flatnonzero(step == T)[0])
         if learned:
             title = (f"progress, then collapse onto a plateau at step {T} (best smoothed loss {best:.3f} "

@@ -82,6 +82,33 @@ def test_injected_huge_step_is_flagged_at_exactly_that_step(tmp_path, shapes):
     assert "step 150" in d.text and "dead" in d.text
 
 
+def test_collapse_names_the_step_that_killed_the_relus_even_when_it_lowered_its_batch_loss():
+    """A batch of 2 with one confidently wrong image (loss 14) takes the step that kills every ReLU:
+    its own batch's loss FALLS (to ln 10, the constant prediction), while an earlier harmless step
+    raised its batch's loss more. The decisive step is the outsized update, not the largest rise."""
+    from minicnn.runs import Run
+    rng = np.random.default_rng(0)
+    n, kill, noisy = 400, 300, 290
+    step = np.arange(n)
+    loss = 2.3 - 2.0 * step / kill + 0.02 * rng.standard_normal(n)          # learning until the kill
+    after = loss - 0.01
+    ratio = np.full(n, 0.01)
+    loss[noisy], after[noisy], ratio[noisy] = 0.4, 1.9, 0.03                 # a rise of 1.5, small update
+    loss[kill], after[kill], ratio[kill] = 14.0, math.log(10), 0.4           # the kill: loss falls
+    loss[kill + 1:] = after[kill + 1:] = math.log(10) + 0.01 * rng.standard_normal(n - kill - 1)
+    dead = np.where(step > kill, 1.0, 0.3)
+    share = np.where(step > kill, 1.0, 0.3)
+    grad = np.where(step > kill, 0.0, 0.5)
+    steps = {"step": step, "lr": np.full(n, 0.1), "loss": loss, "loss_after": after,
+             "update_ratio.conv1": ratio, "grad_norm.conv1": grad, "grad_norm": grad,
+             "dead.relu1": dead, "top_class_share": share}
+    run = Run("synthetic", {"config": {"batch_size": 2}, "label_entropy": math.log(10)}, steps, {}, {})
+    d = diagnose(run)
+    assert d.verdict == "collapse", d.text
+    assert d.decisive_step == kill, d.text
+    assert "40% of its norm" in d.text and "14 -> 2.3" in d.text
+
+
 def test_init_that_kills_every_relu_is_stuck_from_the_start(tmp_path, shapes):
     out = str(tmp_path / "dead")
     train(out=out, data=shapes, steps=120, lr=1e-4, init="dead", batch_size=32)
