@@ -438,14 +438,15 @@ def diagnose(run):
         hi_i = int(np.flatnonzero(step >= T1)[0]) + 1 if T1 is not None else n - 1
         window = slice(lo_i, max(hi_i, lo_i + 1))
         ratios = [_col(s, f"update_ratio.{name}", n)[window] for name in param_layers(s)]
-        if ratios and np.isfinite(np.vstack(ratios)).any():
+        by_update = bool(ratios) and np.isfinite(np.vstack(ratios)).any()
+        if by_update:
             with np.errstate(invalid="ignore"):
                 jump = np.nan_to_num(np.nanmax(np.vstack(ratios), axis=0), nan=-np.inf)
         else:
             jump = (after - loss)[window] if np.isfinite(after[window]).any() else loss[window]
             jump = np.where(np.isfinite(jump), jump, np.inf)
         k = int(np.argmax(jump))
-        if ratios:      # the first of a chain of outsized steps (an lr-10 step, then the lr-0.1 step on
+        if by_update:   # the first of a chain of outsized steps (an lr-10 step, then the lr-0.1 step on
             while k > 0 and jump[k - 1] >= CHAIN_FRAC * jump[k]:     # its huge gradient): the cause
                 k -= 1
         T = int(step[lo_i + k])

@@ -4,22 +4,22 @@
      jumping around and it never learns, one learns and then its training and validation loss
      suddenly rise and stay up on a plateau. What is going on?"
 
-Four deterministic runs (a sweep: run in parallel, resumable), each diagnosed from its own trace:
+Deterministic runs (a sweep: run in parallel, resumable), each diagnosed from its own trace:
 
     result = explain("runs/explain")         # or quick=True for the reduced size the tests use
     print(result.text)                       # the verdict and mechanism of each run, in numbers
-    result.figure                            # explain.png: the four loss curves side by side
+    result.figure                            # explain.png: the four cases' loss curves side by side
 
 The first three are the question: plain SGD at a constant lr = 0.1 on the same data. (1) is the
 default network; (2) is softmax regression on un-normalised inputs, whose loss is far sharper; (3) is
 a narrow CNN (4 and 8 channels) on pixels in [0, 3] trained with batches of 2: it learns, until one
-batch holds an image it gets confidently wrong (loss ~40), and that one step kills every ReLU. When
-that happens is chance -- it depends on the seed, and on the last bits of the float arithmetic (a
-float64 run, or another BLAS, takes another path) -- so case 3 trains COLLAPSE_SEEDS seeds and shows
+batch holds an image it gets confidently wrong (loss 10-40), and that one step kills every ReLU.
+When that happens is chance -- it depends on the seed, and on the last bits of the float arithmetic
+(a float64 run, or another BLAS, takes another path) -- so case 3 trains COLLAPSE_SEEDS seeds, shows
 the first that learned and then collapsed, and reports how many of them did (measured here, seeds
-0-11: all 12 collapsed within 3,000 steps, 11 of them after learning, one at its first step; the
-same seeds 0-5 in float64, which takes other paths: 4 of 6 after learning). The fourth answers the follow-up "is
-getting stuck on this plateau possible at every learning rate?": a network initialised on the
+0-11: all 12 collapsed within 3,000 steps, 11 of them after learning, one at its first step; seeds
+0-5 in float64, which take other paths: 4 of 6 after learning). The fourth answers the follow-up
+"is getting stuck on this plateau possible at every learning rate?": a network initialised on the
 plateau stays there even at lr = 1e-4.
 """
 import math

@@ -28,6 +28,7 @@ class SGD:
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.dampening, self.nesterov = float(dampening), bool(nesterov)
         self.buffers = None          # momentum buffers, one per parameter, created on the first step
+        self._works = {}             # (param index, name) -> work array of the host update (see _work)
 
     def direction(self, params, grads):
         """The update direction d of the rule above (without -lr), updating momentum buffers.
@@ -61,10 +62,9 @@ class SGD:
 
     def _work(self, i, name, like):
         """A work array shaped like ``like`` for parameter i, allocated once."""
-        work = self.__dict__.setdefault("_works", {})
-        a = work.get((i, name))
+        a = self._works.get((i, name))
         if a is None or a.shape != like.shape or a.dtype != like.dtype:
-            a = work[(i, name)] = np.empty_like(like)
+            a = self._works[(i, name)] = np.empty_like(like)
         return a
 
     def step(self, params, grads, lr=None):
