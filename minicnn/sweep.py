@@ -407,7 +407,8 @@ def _run_local(todo, out, workers, finish):
     workers = max(1, min(workers or cores, len(todo)))
     threads = max(1, cores // workers)
     ctx = mp.get_context("spawn")
-    with _child_env(threads), ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with _child_env(threads), ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+                                                  initargs=(os.getpid(),)) as pool:
         futures = {}
         for t in todo:
             cfg = dict(t.config)
@@ -420,6 +421,17 @@ def _run_local(todo, out, workers, finish):
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def _exit_with_parent(parent_pid, every_s=1.0):
+    """Worker initializer: exit when the sweep process is gone. A sweep killed hard (SIGTERM or
+    SIGKILL to it alone; Ctrl-C reaches the whole process group) left its workers running, orphaned:
+    seen here training on for over an hour."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(every_s)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="minicnn-watch-parent").start()
 
 
 def _result_or_error(fut, task, out):

@@ -212,3 +212,56 @@ def test_run_one_diverged_is_a_row_with_its_message(tmp_path):
     row = run_one("d", base(init_scale=1e30, steps=10).to_dict(), str(tmp_path / "d"))
     assert row["status"] == "diverged" and row["verdict"] == "diverged"
     assert "loss became" in row["error"] and row["decisive_step"] is not None
+
+
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"      # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_workers_exit_when_the_sweep_process_is_killed(tmp_path):
+    """SIGKILL to the sweep alone (not its process group): its workers notice and exit, instead of
+    training on as orphans."""
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "s"
+    args = [sys.executable, "-c", "from minicnn.cli.main import main; main()", "sweep", "--seeds", "0,1",
+            "--workers", "2", "--out", str(out), "-q", "--no-plot", "--arch", "tiny", "--n-train", "256",
+            "--n-val", "64", "--steps", "1000000", "--trace", "light", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(out.glob("*/steps.csv"))) < 2:
+            time.sleep(0.2)
+        assert len(list(out.glob("*/steps.csv"))) == 2, "the workers did not start training"
+        children = _children(proc.pid)
+        assert len(children) >= 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_running(c) for c in children):
+        time.sleep(0.2)
+    left = [c for c in children if _running(c)]
+    for c in left:
+        os.kill(c, 9)
+    assert not left, f"workers still running after the sweep was killed: {left}"
