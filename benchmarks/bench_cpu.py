@@ -126,8 +126,8 @@ class MinicnnStep:
 
     def __call__(self, x, y):
         net = self.net
-        loss = net._loss(x, y)
-        net._backward(y)
+        loss = net.loss(x, y)
+        net.backward()
         self.opt.step([net.flat_params], [net.flat_grads])
         return loss
 
@@ -251,7 +251,7 @@ def bench_infer(torch, name, n, budget_s):
     spec, shape = NETS[name]
     net = minicnn.Network.from_spec(spec, input_shape=shape, seed=0, dtype=np.float32)
     x = np.random.default_rng(0).standard_normal((n,) + shape).astype(np.float32)
-    fns = {"minicnn": (lambda xx, yy: net._forward(xx), x, None)}
+    fns = {"minicnn": (lambda xx, yy: net.forward(xx), x, None)}
     if torch is not None:
         model = torch_model(torch, net).eval()
 

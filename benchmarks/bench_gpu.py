@@ -70,8 +70,8 @@ def sgd_step(model, opt, x, y):
     """One training step as minicnn.train.Trainer takes it: forward and loss (read back: the loss
     is reduced on the device and one number comes to the host), backward into the flat gradient
     buffer, one update over the flat parameter buffer. x, y: host or device arrays."""
-    loss = model._loss(x, y)
-    model._backward()
+    loss = model.loss(x, y)
+    model.backward()
     opt.step([model.flat_params], [model.flat_grads])
     return loss
 
@@ -127,7 +127,7 @@ def time_minicnn(net, gpu, N, warmup, repeats, seed=0):
         sgd_step(model, opt, x, y)
         cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, model._loss(x, y)
+    return statistics.median(times) * 1e3, model.loss(x, y)
 
 
 def torch_cuda():

@@ -150,7 +150,7 @@ def lr_find(config=None, data=None, lr_min=LR_MIN, lr_max=LR_MAX, steps=LRFIND_S
                 if t >= steps:
                     break
                 xb = np.ascontiguousarray(data.x_train[idx], dtype=net.dtype)
-                loss = net._loss(xb, data.y_train[idx])
+                loss = net.loss(xb, data.y_train[idx])
                 losses.append(loss)
                 if on_step:
                     on_step({"step": t, "lr": float(ramp[t]), "loss": float(loss)})
@@ -161,7 +161,7 @@ def lr_find(config=None, data=None, lr_min=LR_MIN, lr_max=LR_MAX, steps=LRFIND_S
                     stopped = True
                     break
                 best = min(best, sm)
-                net._backward()
+                net.backward()
                 opt.step([net.flat_params], [net.flat_grads], lr=float(ramp[t - 1]))
             epoch += 1
     lrs = ramp[:len(losses)]

@@ -17,36 +17,26 @@ import math
 import numpy as np
 
 from .errors import ConfigError, SpecError
-from .ops import on_device
+from .ops import DEVICES, get_backend, on_device  # noqa: F401  (DEVICES: the accepted device names)
 from .spec import canonical_spec, parse_spec
 
-DEVICES = ("cpu", "numpy", "cuda")
 INITS = ("torch", "he", "xavier", "dead")
 # init "dead": He weights, every bias before a ReLU set to this, so every ReLU starts dead
 # (inputs here are O(1), so pre-activations stay far below 0): a network initialised on the plateau.
 DEAD_BIAS = -10.0
 
 
-def get_backend(device):
-    """The ops module for a device name; only the requested backend is imported (and compiled)."""
-    if device == "cpu":
-        from .ops import cpu
-        return cpu
-    if device == "numpy":
-        from .ops import ref
-        return ref
-    if device == "cuda":
-        from .ops import cuda
-        cuda.require_gpu()
-        return cuda
-    raise ConfigError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
-
-
 # --------------------------------------------------------------------------- layers
 class Layer:
-    """A layer: shapes fixed at build time; forward saves what backward needs."""
+    """A layer: shapes fixed at build time; forward saves what backward needs.
+
+    Each kind declares the buffers it works in for a batch of n (``buffers``); the Network
+    allocates them once per batch size and hands them to the ops as keywords.
+    """
     kind = ""
     param_shapes = ()
+    forward_fused = False        # a ReLU whose forward the conv before it already applied
+    backward_fused = False       # a ReLU whose backward the max-pool after it already applied
 
     def __init__(self, name, in_shape):
         self.name = name
@@ -58,9 +48,20 @@ class Layer:
     def fan_in_out(self):
         return 0, 0
 
+    def buffers(self, n, ops, dtype):
+        """{name: array} this layer writes for a batch of n: its output (unless fused into the
+        layer before) and its input gradient (unless fused into the layer after)."""
+        bufs = {}
+        if not self.forward_fused:
+            bufs["out"] = ops.empty((n,) + tuple(self.out_shape), dtype)
+        if not self.backward_fused:
+            bufs["dx"] = ops.empty((n,) + tuple(self.in_shape), dtype)
+        return bufs
+
 
 class Conv2d(Layer):
     kind = "conv"
+    relu_fused = False           # set by Network when the next layer is a ReLU the backend fuses in
 
     def __init__(self, name, in_shape, ls):
         super().__init__(name, in_shape)
@@ -78,21 +79,22 @@ class Conv2d(Layer):
         C = self.in_shape[0]
         return C * self.K * self.K, self.F * self.K * self.K
 
-    relu_fused = False           # set by Network when the next layer is a ReLU the backend fuses in
+    def buffers(self, n, ops, dtype):
+        bufs = super().buffers(n, ops, dtype)
+        # im2col and product buffers (backends that keep any): the forward fills them, the backward reuses them
+        work = ops.conv2d_workspace((n,) + tuple(self.in_shape), self.param_shapes[0], self.S, self.P, dtype)
+        if work is not None:
+            bufs["work"] = work
+        return bufs
 
     def forward(self, ops, ws, x):
         w, b = self.params
         self.x = x
-        kw = ws.out(self.name, "out", "work")
-        if self.relu_fused:
-            kw["relu"] = True
-        return ops.conv2d_forward(x, w, b, self.S, self.P, **kw)
+        return ops.conv2d_forward(x, w, b, self.S, self.P, relu=self.relu_fused, **ws.out(self.name, "out", "work"))
 
     def backward(self, ops, ws, dout, need_dx):
         w, _ = self.params
         dw, db = self.grads
-        if not ws.takes_out:
-            return _ref_into(ops.conv2d_backward(dout, self.x, w, self.S, self.P), (dw, db))[0]
         bufs = ws.out(self.name, "dx", "work") if need_dx else ws.out(self.name, "work")
         dx, _, _ = ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
@@ -100,8 +102,6 @@ class Conv2d(Layer):
 
 class ReLU(Layer):
     kind = "relu"
-    forward_fused = False        # the conv before it already applied the ReLU
-    backward_fused = False       # the max-pool after it already applied the ReLU's backward
 
     def forward(self, ops, ws, x):
         if self.forward_fused:
@@ -118,6 +118,7 @@ class ReLU(Layer):
 
 class MaxPool2d(Layer):
     kind = "maxpool"
+    relu_fused = False           # set by Network when the previous layer is a ReLU: its backward is fused in
 
     def __init__(self, name, in_shape, ls):
         super().__init__(name, in_shape)
@@ -129,7 +130,10 @@ class MaxPool2d(Layer):
                             f"use a smaller pooling window")
         self.out_shape = (C, OH, OW)
 
-    relu_fused = False           # set by Network when the previous layer is a ReLU: its backward is fused in
+    def buffers(self, n, ops, dtype):
+        bufs = super().buffers(n, ops, dtype)
+        bufs["argmax"] = ops.empty((n,) + tuple(self.out_shape), np.int32)
+        return bufs
 
     def forward(self, ops, ws, x):
         self.x_shape = x.shape
@@ -137,10 +141,8 @@ class MaxPool2d(Layer):
         return self.out
 
     def backward(self, ops, ws, dout, need_dx):
-        kw = ws.out(self.name, "dx")
-        if self.relu_fused:
-            kw["relu_pooled"] = self.out
-        return ops.maxpool2d_backward(dout, self.argmax, self.x_shape, **kw)
+        return ops.maxpool2d_backward(dout, self.argmax, self.x_shape, relu_pooled=self.out if self.relu_fused else None,
+                                      **ws.out(self.name, "dx"))
 
 
 class Flatten(Layer):
@@ -149,6 +151,9 @@ class Flatten(Layer):
     def __init__(self, name, in_shape):
         super().__init__(name, in_shape)
         self.out_shape = (int(np.prod(in_shape)),)
+
+    def buffers(self, n, ops, dtype):
+        return {}                                           # views only
 
     def forward(self, ops, ws, x):
         return x.reshape(x.shape[0], self.out_shape[0])   # a view: C,H,W order, as torch.flatten
@@ -177,19 +182,12 @@ class Dense(Layer):
     def backward(self, ops, ws, dout, need_dx):
         w, _ = self.params
         dw, db = self.grads
-        if not ws.takes_out:
-            return _ref_into(ops.dense_backward(dout, self.x, w), (dw, db))[0]
         bufs = ws.out(self.name, "dx") if need_dx else {}
         dx, _, _ = ops.dense_backward(dout, self.x, w, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
 
 
-def _ref_into(result, grad_views):
-    """For the allocating (reference) backend: copy (dx, dw, db) grads into the flat buffer views."""
-    dx, *grads = result
-    for view, g in zip(grad_views, grads):
-        view[...] = g
-    return (dx,) + tuple(grads)
+LAYER_KINDS = {"conv": Conv2d, "relu": ReLU, "maxpool": MaxPool2d, "flatten": Flatten, "fc": Dense}
 
 
 def _share_transient(bufs, names):
@@ -201,28 +199,23 @@ def _share_transient(bufs, names):
     """
     works = [b for (_, kind), b in bufs.items() if kind == "work"]
     for name in names:
-        arrays = [w[name] for w in works]
-        if len(arrays) < 2:
+        owners = [w for w in works if name in w]
+        if len(owners) < 2:
             continue
-        flat = np.empty(max(a.size for a in arrays), arrays[0].dtype)
-        for w, a in zip(works, arrays):
-            w[name] = flat[:a.size].reshape(a.shape)
+        flat = np.empty(max(w[name].size for w in owners), owners[0][name].dtype)
+        for w in owners:
+            w[name] = flat[:w[name].size].reshape(w[name].shape)
 
 
 class _Workspace:
-    """Preallocated per-batch-size buffers, handed to the ops as out=/dx=/argmax= keywords.
+    """The buffers of one batch size, {(layer name, buffer name): array}, handed to the ops as
+    out=/dx=/argmax=/work= keywords."""
 
-    The reference backend allocates its own results (clarity over speed), so it gets none.
-    """
-
-    def __init__(self, takes_out):
-        self.takes_out = takes_out
-        self.batch = None
-        self.bufs = {}
+    def __init__(self, bufs=None, batch=None):
+        self.bufs = bufs or {}
+        self.batch = batch
 
     def out(self, layer_name, *names):
-        if not self.takes_out:
-            return {}
         return {n: self.bufs[(layer_name, n)] for n in names if (layer_name, n) in self.bufs}
 
 
@@ -248,7 +241,7 @@ class Network:
         self.seed, self.init, self.init_scale = seed, init, init_scale
         self.ops = get_backend(device)
         self.layers = self._build(parse_spec(spec), self.input_shape)
-        if getattr(self.ops, "FUSES_RELU", False):
+        if self.ops.FUSES_RELU:
             self._fuse_relus()
         self.num_classes = self.layers[-1].out_shape[0]
 
@@ -270,7 +263,8 @@ class Network:
             layer.params, layer.grads = self.params[i:i + n], self.grads[i:i + n]
             i += n
         self.reset_parameters(seed, init, init_scale)
-        self._ws = _Workspace(takes_out=(device != "numpy"))
+        self._ws = _Workspace()
+        self._ws_cache = {}          # batch size -> its buffers (the last few sizes used)
         self.probs = None
         self.logits = None
         self.labels = None
@@ -287,6 +281,7 @@ class Network:
 
     @classmethod
     def from_spec(cls, spec, input_shape, seed=0, dtype=np.float32, init="torch", init_scale=1.0, device="cpu"):
+        """The same as ``Network(...)``: a network from a spec string or preset name."""
         return cls(spec, input_shape, seed=seed, dtype=dtype, init=init, init_scale=init_scale, device=device)
 
     @staticmethod
@@ -295,18 +290,10 @@ class Network:
         for ls in specs:
             counts[ls.kind] = counts.get(ls.kind, 0) + 1
             name = {"maxpool": "pool"}.get(ls.kind, ls.kind) + str(counts[ls.kind])
-            if ls.kind == "conv":
-                if len(shape) != 3:
-                    raise SpecError(f"layer '{ls.token()}' needs a (C, H, W) input, got {shape}")
-                layer = Conv2d(name, shape, ls)
-            elif ls.kind == "maxpool":
-                layer = MaxPool2d(name, shape, ls)
-            elif ls.kind == "relu":
-                layer = ReLU(name, shape)
-            elif ls.kind == "flatten":
-                layer = Flatten(name, shape)
-            else:
-                layer = Dense(name, shape, ls)
+            if ls.kind == "conv" and len(shape) != 3:
+                raise SpecError(f"layer '{ls.token()}' needs a (C, H, W) input, got {shape}")
+            cls = LAYER_KINDS[ls.kind]
+            layer = cls(name, shape) if ls.kind in ("relu", "flatten") else cls(name, shape, ls)
             layers.append(layer)
             shape = layer.out_shape
         return layers
@@ -422,49 +409,43 @@ class Network:
         return x
 
     def _prepare(self, n):
-        """(Re)allocate work buffers for batch size n (kept for the last few sizes used)."""
-        ws = self._ws
-        if not ws.takes_out or ws.batch == n:
+        """Make the buffers of batch size n current (allocated on first use; the last few sizes
+        are kept: the training batch, a last partial batch, the evaluation batch)."""
+        if self._ws.batch == n:
             return
-        cache = getattr(self, "_ws_cache", {})
-        self._ws_cache = cache
+        cache = self._ws_cache
         if n not in cache:
             bufs, dt, empty = {}, self.dtype, self.ops.empty
-            if self.device == "cuda":        # the batch and its labels are copied into these
+            if on_device(self.flat_params):      # the batch and its labels are copied into these
                 bufs[("input", "x")] = empty((n,) + self.input_shape, dt)
                 bufs[("loss", "y")] = empty((n,), np.int64)
-                bufs[("loss", "loss_out")] = empty((1,), dt)
             for layer in self.layers:
-                shp = (n,) + tuple(layer.out_shape)
-                if layer.kind in ("conv", "relu", "maxpool", "fc") and not getattr(layer, "forward_fused", False):
-                    bufs[(layer.name, "out")] = empty(shp, dt)
-                if layer.kind == "maxpool":
-                    bufs[(layer.name, "argmax")] = empty(shp, np.int32)
-                if layer.kind == "conv" and hasattr(self.ops, "conv2d_workspace"):
-                    # im2col and product buffers; the forward fills them, the backward reuses them
-                    bufs[(layer.name, "work")] = self.ops.conv2d_workspace(
-                        (n,) + tuple(layer.in_shape), layer.param_shapes[0], layer.S, layer.P, dt)
-                if layer.kind in ("conv", "relu", "maxpool", "fc") and not getattr(layer, "backward_fused", False):
-                    bufs[(layer.name, "dx")] = empty((n,) + tuple(layer.in_shape), dt)
+                bufs.update({(layer.name, k): v for k, v in layer.buffers(n, self.ops, dt).items()})
             _share_transient(bufs, ("prod", "gt", "xp"))
             bufs[("loss", "probs")] = empty((n, self.num_classes), dt)
             bufs[("loss", "dlogits")] = empty((n, self.num_classes), dt)
-            if len(cache) >= 4:                       # train batch, last partial batch, eval batch
+            bufs[("loss", "loss_out")] = empty((1,), dt)
+            if len(cache) >= 4:
                 cache.pop(next(iter(cache)))
             cache[n] = bufs
-        ws.bufs, ws.batch = cache[n], n
+        self._ws = _Workspace(cache[n], n)
 
-    def _forward(self, x):
+    def _forward(self, x, upto=None):
         self._prepare(x.shape[0])
         x = self.ops.to_device(x, self._ws.bufs.get(("input", "x")))
         for layer in self.layers:
             x = layer.forward(self.ops, self._ws, x)
+            if layer.name == upto:
+                return x
         self.logits = x
         return x
 
-    def forward(self, x):
-        """Logits (N, classes) for a batch x: (N, C, H, W). Returns a new (host) array."""
-        return self.ops.host_copy(self._forward(self._check_input(x)))
+    def forward(self, x, upto=None):
+        """Logits (N, classes) for a batch x: (N, C, H, W), as a new host array. ``upto``: a layer
+        name (``[l.name for l in net.layers]``): that layer's output instead (the debugger's look inside)."""
+        if upto is not None and upto not in {layer.name for layer in self.layers}:
+            raise ConfigError(f"no layer '{upto}'; layers: {', '.join(layer.name for layer in self.layers)}")
+        return self.ops.host_copy(self._forward(self._check_input(x), upto))
 
     def predict(self, x, batch_size=512):
         """Class predictions for any number of samples, in batches."""
@@ -472,6 +453,10 @@ class Network:
         return np.concatenate([self.forward(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
     def _check_labels(self, y, n):
+        if on_device(y):                        # already a device array (checked on the device by the loss kernel)
+            if tuple(y.shape) != (n,) or not np.issubdtype(y.dtype, np.integer):
+                raise ConfigError(f"labels must be an integer array of shape ({n},), got {y.dtype} {tuple(y.shape)}")
+            return y
         y = np.asarray(y)
         if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
             raise ConfigError(f"labels must be an integer array of shape ({n},), got {y.dtype} {y.shape}")
@@ -480,36 +465,37 @@ class Network:
         return np.ascontiguousarray(y, dtype=np.int64)
 
     def _labels_on_device(self, y):
-        if self.device != "cuda" or on_device(y):
+        if not on_device(self.flat_params) or on_device(y):
             return y
         return self.ops.to_device(np.ascontiguousarray(y, dtype=np.int64), self._ws.bufs.get(("loss", "y")))
 
     def _loss(self, x, y):
-        """Forward and loss; keeps probs and labels (self.labels, on the device) for the backward pass."""
+        """Forward and loss of checked inputs; keeps probs and labels (on the device) for backward."""
         logits = self._forward(x)
         self.labels = self._labels_on_device(y)
         loss, self.probs = self.ops.softmax_cross_entropy_forward(logits, self.labels,
                                                                   **self._ws.out("loss", "probs", "loss_out"))
         return self.ops.item(loss)
 
-    def _backward(self, y=None):
-        """Backward from the last _loss call (on its labels unless y is given); gradients land in flat_grads."""
-        y = self.labels if y is None else self._labels_on_device(y)
-        dout = self.ops.softmax_cross_entropy_backward(self.probs, y, **self._ws.out("loss", "dlogits"))
-        for i in range(len(self.layers) - 1, -1, -1):
-            dout = self.layers[i].backward(self.ops, self._ws, dout, need_dx=i > 0)
-
     def loss(self, x, y):
-        """Mean softmax cross-entropy of the batch (forward only)."""
+        """Mean softmax cross-entropy of a batch (forward only). x: (N, C, H, W), y: (N,) int.
+        Keeps what ``backward`` needs."""
         x = self._check_input(x)
         return self._loss(x, self._check_labels(y, x.shape[0]))
 
+    def backward(self):
+        """The backward pass of the last ``loss`` call: every gradient lands in ``flat_grads``
+        (``grads`` are views into it), overwritten by the next call. Returns nothing."""
+        if self.probs is None:
+            raise ConfigError("backward needs a loss first: call net.loss(x, y)")
+        dout = self.ops.softmax_cross_entropy_backward(self.probs, self.labels, **self._ws.out("loss", "dlogits"))
+        for i in range(len(self.layers) - 1, -1, -1):
+            dout = self.layers[i].backward(self.ops, self._ws, dout, need_dx=i > 0)
+
     def loss_and_grads(self, x, y):
         """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new host arrays."""
-        x = self._check_input(x)
-        y = self._check_labels(y, x.shape[0])
-        loss = self._loss(x, y)
-        self._backward()
+        loss = self.loss(x, y)
+        self.backward()
         return loss, [self.ops.host_copy(g) for g in self.grads]
 
     def trace_stats(self):

@@ -14,10 +14,19 @@ import re
 import numpy as np
 
 from .errors import ConfigError
-from .ops import on_device
+from .ops import backend_of, on_device
 
 
 class SGD:
+    """torch.optim.SGD's update rule on lists of arrays (host or device, see minicnn.ops):
+
+        opt = SGD(lr=0.1, momentum=0.9)
+        opt.step(net.params, grads)                       # or [net.flat_params], [net.flat_grads]
+
+    The update itself is a backend op (``sgd_update`` in ref, cpu and cuda, the same formula),
+    run where the parameters live.
+    """
+
     def __init__(self, lr=0.1, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
                         ("dampening", dampening)):
@@ -28,73 +37,22 @@ class SGD:
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.dampening, self.nesterov = float(dampening), bool(nesterov)
         self.buffers = None          # momentum buffers, one per parameter, created on the first step
-        self._works = {}             # (param index, name) -> work array of the host update (see _work)
-
-    def direction(self, params, grads):
-        """The update direction d of the rule above (without -lr), updating momentum buffers.
-
-        Computed in work buffers kept between steps (no allocation after the first step): the
-        arrays returned are overwritten by the next call."""
-        out = []
-        first = self.buffers is None
-        if first and self.momentum:
-            self.buffers = [None] * len(params)
-        for i, (p, g) in enumerate(zip(params, grads)):
-            d = g
-            if self.weight_decay:
-                d = np.multiply(p, self.weight_decay, out=self._work(i, "decayed", p))
-                d += g                                              # g + weight_decay * w
-            if self.momentum:
-                if first:
-                    self.buffers[i] = np.array(d, copy=True)
-                else:
-                    buf = self.buffers[i]
-                    buf *= self.momentum
-                    buf += np.multiply(d, 1 - self.dampening, out=self._work(i, "damped", p))
-                if self.nesterov:
-                    nd = np.multiply(self.buffers[i], self.momentum, out=self._work(i, "nesterov", p))
-                    nd += d                                         # d + momentum * buf
-                    d = nd
-                else:
-                    d = self.buffers[i]
-            out.append(d)
-        return out
-
-    def _work(self, i, name, like):
-        """A work array shaped like ``like`` for parameter i, allocated once."""
-        a = self._works.get((i, name))
-        if a is None or a.shape != like.shape or a.dtype != like.dtype:
-            a = self._works[(i, name)] = np.empty_like(like)
-        return a
+        self._work = {}              # the update's intermediate arrays, kept between steps
 
     def step(self, params, grads, lr=None):
-        """Update params in place: w -= lr * d. Returns the list of updates applied (-lr * d), in
-        work arrays that the next step overwrites (copy them to keep them).
-
-        Device (CUDA) arrays are updated on the device by one kernel per array (the same rule);
-        nothing is returned then (the trace measures the update itself, see Trainer.step)."""
+        """Update params in place: w -= lr * d (the rule in the module docstring), with the
+        optimizer's lr unless ``lr`` is given."""
         lr = self.lr if lr is None else lr
-        if params and on_device(params[0]):
-            return self._step_device(params, grads, lr)
-        deltas = []
-        for i, (p, d) in enumerate(zip(params, self.direction(params, grads))):
-            delta = np.multiply(d, -lr, out=self._work(i, "delta", p))
-            p += delta
-            deltas.append(delta)
-        return deltas
-
-    def _step_device(self, params, grads, lr):
-        from .ops import cuda as gpu
+        ops = backend_of(params[0] if params else None)
         first = self.buffers is None
         if self.momentum:
             if first:
-                self.buffers = [gpu.empty(p.shape, p.dtype) for p in params]
-            elif not on_device(self.buffers[0]):           # loaded from a checkpoint
-                self.buffers = [gpu.to_device(np.ascontiguousarray(b, dtype=p.dtype))
+                self.buffers = [ops.empty(p.shape, p.dtype) for p in params]
+            elif on_device(params[0]) and not on_device(self.buffers[0]):      # loaded from a checkpoint
+                self.buffers = [ops.to_device(np.ascontiguousarray(b, dtype=p.dtype))
                                 for b, p in zip(self.buffers, params)]
-        bufs = self.buffers if self.momentum else None
-        gpu.sgd_update(list(params), list(grads), bufs, lr, self.momentum, self.weight_decay,
-                       self.dampening, self.nesterov, first)
+        ops.sgd_update(list(params), list(grads), self.buffers if self.momentum else None, lr, self.momentum,
+                       self.weight_decay, self.dampening, self.nesterov, first, work=self._work)
 
     def state_dict(self):
         """Momentum buffers as host (NumPy) copies, wherever they live."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import diagnose as dg
+from .ops.ref import dead_fraction
 from . import trace as tr
 from .errors import ConfigError, MinicnnError
 from .train import Trainer, TrainConfig, _entropy, _environment, list_checkpoints, sharpness_batch
@@ -250,7 +251,7 @@ class Stepper:
                     rec = self.trainer.step(lr=x, sharpness=False)
                     after = rec.get("loss_after")
                     if after is None and math.isfinite(rec["loss"]):
-                        after = self.net._loss(xb, yb)
+                        after = self.net.loss(xb, yb)
                     after = math.nan if after is None else after
                     out.append({"lr": x, "loss": rec["loss"], "loss_after": after, "change": after - rec["loss"],
                                 "update_norm": rec.get("update_norm", math.nan), "alpha": rec.get("alpha", math.nan),
@@ -276,7 +277,7 @@ class Stepper:
             with np.errstate(**_ERRSTATE):
                 for i, a in enumerate(alphas):
                     net.set_flat_params((w0 + a * d).astype(net.dtype))
-                    losses[i] = net._loss(xb, yb)
+                    losses[i] = net.loss(xb, yb)
         finally:
             self._restore(now)
         f0 = float(losses[alphas == 0.0][0])
@@ -284,7 +285,7 @@ class Stepper:
         dn = float(np.linalg.norm(d))
         if dn > 0 and math.isfinite(f0):
             hv = tr.Sharpness(net, xb, yb)
-            slope = float(hv._grad(w0) @ d)
+            slope = float(hv.gradient(w0) @ d)
             lam_dir = float((d / dn) @ hv.hvp(w0, d / dn))
         else:
             slope, lam_dir = 0.0, math.nan
@@ -325,18 +326,13 @@ class Stepper:
         xb, yb = self.trainer.batch()
         out = {"name": name, "kind": layer.kind, "out_shape": tuple(layer.out_shape), "step": self.step_count}
         with np.errstate(**_ERRSTATE):
-            net._prepare(xb.shape[0])
-            x = net.ops.to_device(xb, net._ws.bufs.get(("input", "x")))      # as Network._forward does
-            for L in net.layers:
-                x = L.forward(net.ops, net._ws, x)
-                if L is layer:
-                    out["activation"] = _stats(net.host_copy(x), bins)
-                    if layer.kind == "relu":
-                        out["dead"] = net.ops.dead_fraction(x)
-                    break
-            loss = net._loss(xb, np.ascontiguousarray(yb, dtype=np.int64))
+            act = net.forward(xb, upto=name)
+            out["activation"] = _stats(act, bins)
+            if layer.kind == "relu":
+                out["dead"] = dead_fraction(act)
+            loss = net.loss(xb, yb)
             if math.isfinite(loss):
-                net._backward(np.ascontiguousarray(yb, dtype=np.int64))
+                net.backward()
         out["loss"] = loss
         for pname, p, g in zip(net.param_names, net.params, net.grads):
             lname, _, kind = pname.rpartition(".")

@@ -153,16 +153,17 @@ class Sharpness:
         self.v = None            # warm start: the previous top eigenvector
         self.evals = 0
 
-    def _grad(self, w):
+    def gradient(self, w):
+        """The float64 gradient of the loss on this batch at flat weights w (one evaluation)."""
         self.twin.flat_params[...] = w
-        self.twin._loss(self.x, self.y)
-        self.twin._backward(self.y)
+        self.twin.loss(self.x, self.y)
+        self.twin.backward()
         self.evals += 1
         return self.twin.flat_grads.copy()
 
     def hvp(self, w, v):
         eps = HVP_REL_EPS * max(1.0, float(np.linalg.norm(w)))
-        return (self._grad(w + eps * v) - self._grad(w - eps * v)) / (2 * eps)
+        return (self.gradient(w + eps * v) - self.gradient(w - eps * v)) / (2 * eps)
 
     def _power(self, w, v, shift=0.0):
         """Power iteration on H - shift*I from v: (its dominant eigenvalue, eigenvector)."""

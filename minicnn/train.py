@@ -278,10 +278,10 @@ class Trainer:
         xb, yb = self.batch()
         lr = self.schedule(step) if lr is None else float(lr)
         level = self.level if record else "off"
-        loss = net._loss(xb, yb)
+        loss = net.loss(xb, yb)
         rec = {"step": step, "epoch": self.epoch, "lr": lr, "loss": loss}
         if math.isfinite(loss):
-            net._backward()
+            net.backward()
             ops, g, before, delta = net.ops, net.flat_grads, self._flat_before, self._delta
             if level != "off":
                 rec.update(net.trace_stats())
@@ -301,10 +301,10 @@ class Trainer:
                 ops.copy_into(self.prev_grad, g)
             if level == "full":
                 df0 = float(dots[5].sum())
-                loss_after = net._loss(xb, yb)
+                loss_after = net.loss(xb, yb)
                 rec.update(loss_after=loss_after, loss_change=loss_after - loss, predicted_change=df0)
                 if math.isfinite(loss_after):
-                    net._backward()
+                    net.backward()
                     df1 = float(ops.segment_dots([(net.flat_grads, delta)], self._bounds).sum())
                     rec["alpha"] = tr.alpha_from_step(loss, loss_after, df0, df1)
         rec["time_s"] = time.perf_counter() - self.t_start

@@ -39,8 +39,9 @@ from numba import njit, prange
 
 from .ref import conv_out_size
 # Array helpers and two trace reductions: NumPy does them well on the host.
+# So is the SGD update (element-wise; ref.sgd_update works in place, in arrays kept between steps).
 from .ref import (copy_into, dead_fraction, empty, host_copy, item, logit_stats,  # noqa: F401
-                  subtract, to_device, zeros)
+                  sgd_update, subtract, to_device, zeros)
 
 # Threading layer: Numba's default here is OpenMP, whose worker threads spin after each parallel
 # loop; on a 2-core machine that spin steals the core from the BLAS call that follows and, when
@@ -709,12 +710,13 @@ def maxpool2d_forward(x, k, stride, out=None, argmax=None):
     return out, argmax
 
 
-def maxpool2d_backward(dout, argmax, x_shape, dx=None, relu_pooled=None):
+def maxpool2d_backward(dout, argmax, x_shape, dx=None, relu_pooled=None, k=None, stride=None):
     """Route each output gradient to the input element that won the max.
 
     dout: (N, C, OH, OW), argmax: (N, C, OH, OW) int32 -> dx: x_shape = (N, C, H, W)
     relu_pooled: (N, C, OH, OW), the forward's out, when the pooled input a was a ReLU's output:
     returns relu_backward(maxpool2d_backward(dout, ...), a) in one pass (the ReLU's backward fused).
+    k, stride: not needed here (argmax says where each gradient goes).
     """
     dout = _input(dout)
     dt = _float_dtype(dout)
@@ -956,10 +958,11 @@ def _softmax_cross_entropy_backward_kernel(dlogits, probs, y, N, L):
             dlogits[n, l] = p / N
 
 
-def softmax_cross_entropy_forward(logits, y, probs=None):
+def softmax_cross_entropy_forward(logits, y, probs=None, loss_out=None):
     """Mean cross-entropy of softmax(logits) against integer labels, computed stably.
 
     logits: (N, L), y: (N,) int -> loss: float, probs: (N, L)
+    loss_out: not used on the host (the loss is returned as a float).
     """
     logits = _input(logits)
     dt = _float_dtype(logits)

@@ -46,6 +46,9 @@ from ..errors import DeviceError
 from . import on_device
 from .ref import conv_out_size
 
+# The Network applies ReLUs as their own kernels (the fused forms are accepted, for the contract).
+FUSES_RELU = False
+
 # --------------------------------------------------------------------------- launch configuration
 # The only place launch sizes are chosen. The kernels read their block size from cuda.blockDim, so
 # these can be changed at run time (the tests shrink them to keep the CUDA simulator fast).
@@ -662,8 +665,14 @@ def _split_gemm_finish(out_flat, part, splits):
 
 
 # --------------------------------------------------------------------------- public: conv2d
-def conv2d_forward(x, w, b, stride, pad, out=None):
-    """x: (N, C, H, W), w: (F, C, K, K), b: (F,) -> out: (N, F, OH, OW) (device arrays)."""
+def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
+    """The CUDA convolutions are implicit GEMMs: no scratch space to keep between calls."""
+    return None
+
+
+def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
+    """x: (N, C, H, W), w: (F, C, K, K), b: (F,) -> out: (N, F, OH, OW) (device arrays).
+    relu: return relu(out) (applied in place after the product; FUSES_RELU is False here)."""
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     OH, OW = conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad)
@@ -672,10 +681,12 @@ def conv2d_forward(x, w, b, stride, pad, out=None):
     grid = (grid[1], grid[0], 1)          # x over output rows m = (n, i, j), y over filters
     _conv2d_forward_kernel[grid, block, 0, _tile_smem(x.dtype)](
         out, x, w, b, N, C, H, W, F, K, stride, pad, OH, OW)
+    if relu:
+        relu_forward(out, out=out)
     return out
 
 
-def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True):
+def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
     """dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K)
     -> dx: (N, C, H, W) (None when need_dx is False), dw: (F, C, K, K), db: (F,)."""
     N, C, H, W = x.shape
@@ -719,8 +730,11 @@ def maxpool2d_forward(x, k, stride, out=None, argmax=None):
     return out, argmax
 
 
-def maxpool2d_backward(dout, argmax, x_shape, dx=None, k=None, stride=None):
+def maxpool2d_backward(dout, argmax, x_shape, dx=None, relu_pooled=None, k=None, stride=None):
     """dout: (N, C, OH, OW), argmax: (N, C, OH, OW) int32 -> dx: x_shape = (N, C, H, W).
+
+    relu_pooled: the forward's out when the pooled input was a ReLU's output: the ReLU's backward
+    is applied to dout first (a winner was active exactly when its pooled value is > 0).
 
     The gather needs the window geometry (k, stride). It is taken, in order, from the k/stride
     arguments, from the argmax array returned by maxpool2d_forward (which records it), or else
@@ -735,6 +749,8 @@ def maxpool2d_backward(dout, argmax, x_shape, dx=None, k=None, stride=None):
         KH, SH, KW, SW = H - OH + 1, 1, W - OW + 1, 1
     else:
         KH, SH, KW, SW = k, stride, k, stride
+    if relu_pooled is not None:
+        dout = relu_backward(dout, relu_pooled, dx=_workspace("pool_relu_mask", dout.shape, dout.dtype))
     dx = _output(dx, (N, C, H, W), dout.dtype, "dx")
     blocks, tpb = _grid_1d(N * C * H * W)
     _maxpool2d_backward_kernel[blocks, tpb](dx, dout, argmax, N, C, H, W, KH, SH, KW, SW, OH, OW)
@@ -836,7 +852,7 @@ def softmax_cross_entropy_backward(probs, y, dlogits=None):
 
 
 # --------------------------------------------------------------------------- public: SGD, norms
-def sgd_update(params, grads, bufs, lr, momentum, weight_decay, dampening, nesterov, first_step):
+def sgd_update(params, grads, bufs, lr, momentum, weight_decay, dampening, nesterov, first_step, work=None):
     """torch.optim.SGD's step, in place on flat 1-D device arrays (or sequences of them).
 
         g   = grad + weight_decay * p
@@ -845,7 +861,7 @@ def sgd_update(params, grads, bufs, lr, momentum, weight_decay, dampening, neste
         p  -= lr * d
 
     params, grads, bufs: (n,) each; bufs is updated in place and may be None when momentum == 0.
-    grads are left unchanged.
+    grads are left unchanged. work: not needed here (one kernel per array, no intermediates).
     """
     if isinstance(params, (list, tuple)):
         bufs = [None] * len(params) if bufs is None else bufs

@@ -1,7 +1,9 @@
 """NumPy reference implementation of every op: the oracle for the Numba kernels.
 
 Clarity over speed. Each op is a ``<op>_forward`` / ``<op>_backward`` pair with the
-same name and argument order as in ``cpu.py`` and ``cuda.py``.
+same name and signature as in ``cpu.py`` and ``cuda.py`` (the contract: ``minicnn.ops.Backend``).
+The results are computed here in plain NumPy and then, when the caller passes a buffer
+(``out=``, ``dx=``, ...), copied into it.
 
 Dimension glossary (used in every shape comment in minicnn):
     N  batch size             C  input channels       F  output channels (filters)
@@ -17,6 +19,19 @@ dense weight (O, D), dense bias (O,).
 """
 import numpy as np
 
+# The reference computes every layer on its own: the Network does not fuse ReLUs into it.
+FUSES_RELU = False
+
+
+def _into(buf, value):
+    """``value`` written into the caller's buffer if one was given (returned), else ``value``."""
+    if buf is None:
+        return value
+    if buf.shape != value.shape:
+        raise ValueError(f"output buffer has shape {buf.shape}, the result {value.shape}")
+    buf[...] = value
+    return buf
+
 
 def conv_out_size(size, k, stride, pad):
     """Output length of a convolution/pooling window sliding over ``size`` pixels."""
@@ -24,49 +39,55 @@ def conv_out_size(size, k, stride, pad):
 
 
 # --------------------------------------------------------------------------- conv2d
-def conv2d_forward(x, w, b, stride, pad):
+def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
+    """The reference needs no scratch space."""
+    return None
+
+
+def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     """out[n,f,i,j] = b[f] + sum_{c,u,v} w[f,c,u,v] * xpad[n,c,i*S+u,j*S+v]
 
     x: (N, C, H, W), w: (F, C, K, K), b: (F,)  ->  out: (N, F, OH, OW)
+    relu: return relu_forward(out) instead.
     """
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     OH, OW = conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad)
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    out = np.empty((N, F, OH, OW), dtype=x.dtype)
+    res = np.empty((N, F, OH, OW), dtype=x.dtype)
     for i in range(OH):
         for j in range(OW):
             patch = xp[:, :, i * stride:i * stride + K, j * stride:j * stride + K]  # (N, C, K, K)
-            out[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
-    return out
+            res[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
+    return _into(out, relu_forward(res) if relu else res)
 
 
-def conv2d_backward(dout, x, w, stride, pad):
+def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
     """Gradients of conv2d_forward.
 
     dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K)
-    -> dx: (N, C, H, W), dw: (F, C, K, K), db: (F,)
+    -> dx: (N, C, H, W) (None when need_dx is False), dw: (F, C, K, K), db: (F,)
     """
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     _, _, OH, OW = dout.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     dxp = np.zeros_like(xp)
-    dw = np.zeros_like(w)
+    dw_ = np.zeros_like(w)
     for i in range(OH):
         for j in range(OW):
             hs, ws = i * stride, j * stride
             patch = xp[:, :, hs:hs + K, ws:ws + K]             # (N, C, K, K)
             g = dout[:, :, i, j]                                # (N, F)
-            dw += np.tensordot(g, patch, axes=([0], [0]))       # (F, C, K, K)
-            dxp[:, :, hs:hs + K, ws:ws + K] += np.tensordot(g, w, axes=([1], [0]))
-    dx = dxp[:, :, pad:pad + H, pad:pad + W]
-    db = dout.sum(axis=(0, 2, 3))
-    return np.ascontiguousarray(dx), dw, db
+            dw_ += np.tensordot(g, patch, axes=([0], [0]))      # (F, C, K, K)
+            if need_dx:
+                dxp[:, :, hs:hs + K, ws:ws + K] += np.tensordot(g, w, axes=([1], [0]))
+    dx_ = np.ascontiguousarray(dxp[:, :, pad:pad + H, pad:pad + W]) if need_dx else None
+    return _into(dx, dx_) if need_dx else None, _into(dw, dw_), _into(db, dout.sum(axis=(0, 2, 3)))
 
 
 # --------------------------------------------------------------------------- max-pool
-def maxpool2d_forward(x, k, stride):
+def maxpool2d_forward(x, k, stride, out=None, argmax=None):
     """out[n,c,i,j] = max over the KxK window at (i*S, j*S); no padding.
 
     x: (N, C, H, W) -> out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32
@@ -76,74 +97,121 @@ def maxpool2d_forward(x, k, stride):
     """
     N, C, H, W = x.shape
     OH, OW = conv_out_size(H, k, stride, 0), conv_out_size(W, k, stride, 0)
-    out = np.empty((N, C, OH, OW), dtype=x.dtype)
-    argmax = np.empty((N, C, OH, OW), dtype=np.int32)
+    res = np.empty((N, C, OH, OW), dtype=x.dtype)
+    arg = np.empty((N, C, OH, OW), dtype=np.int32)
     for i in range(OH):
         for j in range(OW):
             win = x[:, :, i * stride:i * stride + k, j * stride:j * stride + k].reshape(N, C, k * k)
             a = win.argmax(axis=2)                               # (N, C) first max
-            out[:, :, i, j] = np.take_along_axis(win, a[..., None], axis=2)[..., 0]
-            argmax[:, :, i, j] = (i * stride + a // k) * W + (j * stride + a % k)
-    return out, argmax
+            res[:, :, i, j] = np.take_along_axis(win, a[..., None], axis=2)[..., 0]
+            arg[:, :, i, j] = (i * stride + a // k) * W + (j * stride + a % k)
+    return _into(out, res), _into(argmax, arg)
 
 
-def maxpool2d_backward(dout, argmax, x_shape):
+def maxpool2d_backward(dout, argmax, x_shape, dx=None, relu_pooled=None, k=None, stride=None):
     """Route each output gradient to the input element that won the max.
 
     dout: (N, C, OH, OW), argmax: (N, C, OH, OW) -> dx: x_shape = (N, C, H, W)
+    relu_pooled: the forward's out when the pooled input was a ReLU's output: the ReLU's backward
+    is applied too (a winner was active exactly when its pooled value is > 0).
+    k, stride: not needed here (argmax says where each gradient goes).
     """
     N, C, H, W = x_shape
-    dx = np.zeros((N, C, H * W), dtype=dout.dtype)
+    if relu_pooled is not None:
+        dout = relu_backward(dout, relu_pooled)
+    res = np.zeros((N, C, H * W), dtype=dout.dtype)
     flat_idx = argmax.reshape(N, C, -1)
     flat_g = dout.reshape(N, C, -1)
     for n in range(N):
         for c in range(C):
-            np.add.at(dx[n, c], flat_idx[n, c], flat_g[n, c])
-    return dx.reshape(N, C, H, W)
+            np.add.at(res[n, c], flat_idx[n, c], flat_g[n, c])
+    return _into(dx, res.reshape(N, C, H, W))
 
 
 # --------------------------------------------------------------------------- ReLU
-def relu_forward(x):
+def relu_forward(x, out=None):
     """out = max(x, 0); any shape."""
-    return np.maximum(x, 0)
+    return _into(out, np.maximum(x, 0))
 
 
-def relu_backward(dout, out):
+def relu_backward(dout, out, dx=None):
     """dx = dout where the unit was active (out > 0); the kink x = 0 gets 0, as in PyTorch."""
-    return dout * (out > 0)
+    return _into(dx, dout * (out > 0))
 
 
 # --------------------------------------------------------------------------- dense
-def dense_forward(x, w, b):
+def dense_forward(x, w, b, out=None):
     """out = x @ w.T + b.   x: (N, D), w: (O, D), b: (O,) -> out: (N, O)"""
-    return x @ w.T + b
+    return _into(out, x @ w.T + b)
 
 
-def dense_backward(dout, x, w):
-    """dout: (N, O), x: (N, D), w: (O, D) -> dx: (N, D), dw: (O, D), db: (O,)"""
-    return dout @ w, dout.T @ x, dout.sum(axis=0)
+def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
+    """dout: (N, O), x: (N, D), w: (O, D) -> dx: (N, D) (None when need_dx is False), dw: (O, D), db: (O,)"""
+    return (_into(dx, dout @ w) if need_dx else None), _into(dw, dout.T @ x), _into(db, dout.sum(axis=0))
 
 
 # --------------------------------------------------------------------------- loss
-def softmax_cross_entropy_forward(logits, y):
+def softmax_cross_entropy_forward(logits, y, probs=None, loss_out=None):
     """Mean cross-entropy of softmax(logits) against integer labels, computed stably.
 
     logits: (N, L), y: (N,) int -> loss: float, probs: (N, L)
     loss = mean_n [ logsumexp(logits[n]) - logits[n, y[n]] ]
+    loss_out: not used on the host (the loss is returned as a float).
     """
     z = logits - logits.max(axis=1, keepdims=True)
     logsumexp = np.log(np.exp(z).sum(axis=1))
     loss = float(np.mean(logsumexp - z[np.arange(len(y)), y]))
-    probs = np.exp(z - logsumexp[:, None])
-    return loss, probs
+    return loss, _into(probs, np.exp(z - logsumexp[:, None]))
 
 
-def softmax_cross_entropy_backward(probs, y):
+def softmax_cross_entropy_backward(probs, y, dlogits=None):
     """d(mean loss)/d logits = (probs - onehot(y)) / N.   probs: (N, L) -> dlogits: (N, L)"""
     N = probs.shape[0]
     d = probs.copy()
     d[np.arange(N), y] -= 1
-    return d / N
+    return _into(dlogits, d / N)
+
+
+# --------------------------------------------------------------------------- SGD
+def sgd_update(params, grads, bufs, lr, momentum, weight_decay, dampening, nesterov, first_step, work=None):
+    """torch.optim.SGD's step, in place, on lists of arrays (one entry per parameter tensor):
+
+        g   = grad + weight_decay * p
+        buf = g  if first_step  else  momentum * buf + (1 - dampening) * g   (momentum != 0)
+        d   = g + momentum * buf  if nesterov  else  buf                      (d = g if momentum == 0)
+        p  += -lr * d
+
+    bufs: momentum buffers (updated in place; None when momentum == 0); grads are left unchanged.
+    work: a dict the caller keeps between steps; the intermediate arrays live in it, so that no
+    step after the first allocates anything parameter-sized.
+    """
+    work = {} if work is None else work
+
+    def scratch(i, name, like):
+        a = work.get((i, name))
+        if a is None or a.shape != like.shape or a.dtype != like.dtype:
+            a = work[(i, name)] = np.empty_like(like)
+        return a
+
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = g
+        if weight_decay:
+            d = np.multiply(p, weight_decay, out=scratch(i, "decayed", p))
+            d += g                                              # g + weight_decay * w
+        if momentum:
+            buf = bufs[i]
+            if first_step:
+                buf[...] = d
+            else:
+                buf *= momentum
+                buf += np.multiply(d, 1 - dampening, out=scratch(i, "damped", p))
+            if nesterov:
+                nd = np.multiply(buf, momentum, out=scratch(i, "nesterov", p))
+                nd += d                                         # d + momentum * buf
+                d = nd
+            else:
+                d = buf
+        p += np.multiply(d, -lr, out=scratch(i, "delta", p))
 
 
 # --------------------------------------------------------------------------- trace reductions
