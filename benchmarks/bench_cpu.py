@@ -56,7 +56,7 @@ _T = _early_threads()
 for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, _T)
 
-import numpy as np
+import numpy as np  # noqa: E402  (after the thread-count environment above)
 
 sys.path.insert(0, str(ROOT))
 
@@ -291,8 +291,9 @@ def mem_probe(framework, name, n, threads):
         torch.set_num_threads(threads)
         fn, x, y = TorchStep(torch, torch_model(torch, net)), torch.from_numpy(x), torch.from_numpy(y)
     else:
-        import minicnn.ops.cpu        # noqa: F401  (picks the threading layer before numba launches one)
         import numba
+
+        import minicnn.ops.cpu  # noqa: F401  (picks the threading layer before numba launches one)
         numba.set_num_threads(threads)
         fn = MinicnnStep(net)
         fn(x[:1], y[:1])                  # compile outside the measurement (another batch size)
@@ -375,7 +376,8 @@ def table(res):
         lines.append(f"| {r['net']} | {r['batch']} | {tm('minicnn_ms')} | {tm('torch_ms')} | {tm('ratio', '{:.2f}')} | "
                      f"{tm('minicnn_img_s', '{:.0f}')} | {tm('torch_img_s', '{:.0f}')} | "
                      f"{r['minicnn_gflops']:.1f} ({r['minicnn_share_of_matmul']:.0%}) | "
-                     + (f"{r['torch_gflops']:.1f} ({r['torch_share_of_matmul']:.0%}) |" if "torch_gflops" in r else "- |"))
+                     + (f"{r['torch_gflops']:.1f} ({r['torch_share_of_matmul']:.0%}) |"
+                        if "torch_gflops" in r else "- |"))
     if res.get("infer"):
         lines.append("")
         lines.append("| inference (forward only) | batch | minicnn ms | torch ms | ratio |")
@@ -388,7 +390,8 @@ def table(res):
         lines.append("| peak memory, 5 steps at batch 128 | framework | RSS before (MiB) | peak growth (MiB) |")
         lines.append("|---|---|---:|---:|")
         for r in res["memory"]:
-            lines.append(f"| {r['net']} | {r['framework']} | {r['rss_before_mib']:.0f} | {r['step_peak_growth_mib']:.1f} |")
+            lines.append(f"| {r['net']} | {r['framework']} | {r['rss_before_mib']:.0f} | "
+                         f"{r['step_peak_growth_mib']:.1f} |")
     if res.get("first_step"):
         fs = res["first_step"]
         lines.append("")
@@ -426,6 +429,19 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
+def validate_all(torch, nets):
+    """Validate every net against PyTorch first; exit without timing on a mismatch."""
+    print("validation (float32, batch 8, minicnn vs torch, max|diff|/max|torch| per tensor):", flush=True)
+    ok = True
+    for name in nets:
+        for n, what, err, good in validate(torch, name):
+            print(f"  {n} {what:14s} {err:.2e} {'OK' if good else 'NOT OK'}")
+            ok &= good
+    if not ok:
+        print("bench_cpu: validation failed; not timing", file=sys.stderr)
+        sys.exit(1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter timing per case (1 s instead of 4), skip nothing")
@@ -441,9 +457,10 @@ def main():
     if a.mem_probe:
         mem_probe(a.mem_probe[0], a.mem_probe[1], int(a.mem_probe[2]), a.threads)
         return
+    import numba  # set_num_threads would otherwise launch as the default (OpenMP)
+
     import minicnn
-    import minicnn.ops.cpu           # first: it picks Numba's threading layer (workqueue), which
-    import numba                     # set_num_threads would otherwise launch as the default (OpenMP)
+    import minicnn.ops.cpu  # first: it picks Numba's threading layer (workqueue), which
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
     torch = None if a.no_torch else try_torch()
     if torch is not None:
@@ -459,16 +476,7 @@ def main():
                        "torch": torch.__version__ if torch else None, "minicnn": minicnn.__version__},
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    print("validation (float32, batch 8, minicnn vs torch, max|diff|/max|torch| per tensor):", flush=True)
-    ok = True
-    for name in nets:
-        for n, what, err, good in validate(torch, name):
-            print(f"  {n} {what:14s} {err:.2e} {'OK' if good else 'NOT OK'}")
-            ok &= good
-    if not ok:
-        print("bench_cpu: validation failed; not timing", file=sys.stderr)
-        sys.exit(1)
-
+    validate_all(torch, nets)
     print("matmul ceiling:", flush=True)
     res["matmul_gflops"] = matmul_rate(torch, 2048, 2.0 if a.quick else 4.0)
     ceiling = max(res["matmul_gflops"].values())
@@ -490,7 +498,10 @@ def main():
     if "trace" not in skip:
         res["trace"] = bench_trace(a.threads, 30 if a.quick else 80)
 
-    out = Path(a.out)
+    write_results(res, Path(a.out))
+
+
+def write_results(res, out):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     write_csv(out.with_suffix(".csv"), res["train"] + [dict(r, kind="infer") for r in res.get("infer", [])])

@@ -67,7 +67,7 @@ def make(net, device, dtype, seed=0):
 
 
 def sgd_step(model, opt, x, y):
-    """One training step as minicnn.train.Trainer takes it: forward and loss (read back: the loss
+    """One training step as minicnn.trainer.Trainer takes it: forward and loss (read back: the loss
     is reduced on the device and one number comes to the host), backward into the flat gradient
     buffer, one update over the flat parameter buffer. x, y: host or device arrays."""
     loss = model.loss(x, y)
@@ -188,7 +188,7 @@ def time_torch(torch, net, N, warmup, repeats, tf32, seed=0):
 
 
 # --------------------------------------------------------------------------- main
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the results as JSON to this path")
     ap.add_argument("--nets", default="A,B", help="comma-separated subset of A,B (default A,B)")
@@ -205,8 +205,11 @@ def main(argv=None):
     ap.add_argument("--smoke-size", type=int, default=4,
                     help="with --smoke: input height/width, a multiple of 4 (default 4; "
                          "0 = the real 28 / 32)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def select(args):
+    """(nets, batches) to run; --smoke shrinks both (and the inputs) for the simulator."""
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
     unknown = [n for n in nets if n not in NETS]
     if unknown:
@@ -220,8 +223,12 @@ def main(argv=None):
                 fail(f"--smoke-size must be a multiple of 4 (two 2x2 pools), got {args.smoke_size}", 2)
             nets = {n: dict(net, input=(net["input"][0], args.smoke_size, args.smoke_size))
                     for n, net in nets.items()}
+    return nets, batches
 
-    from minicnn.ops import cuda as gpu        # imports numba.cuda
+
+def gpu_backend(args):
+    """minicnn's CUDA backend, checked: a GPU (or, for --smoke only, the simulator)."""
+    from minicnn.ops import cuda as gpu  # imports numba.cuda
     try:
         gpu.require_gpu()
     except DeviceError:
@@ -235,7 +242,13 @@ def main(argv=None):
     if simulator:
         # every simulated thread is a Python thread: smaller tiles keep the smoke run short
         gpu.TPB, gpu.MAX_BLOCKS, gpu.TILE, gpu.RED_TPB = 64, 4, 8, 64
+    return gpu, simulator
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    nets, batches = select(args)
+    gpu, simulator = gpu_backend(args)
     try:
         device_name = gpu.cuda.get_current_device().name
         device_name = device_name.decode() if isinstance(device_name, bytes) else str(device_name)
@@ -253,6 +266,14 @@ def main(argv=None):
                   inputs={n: list(net["input"]) for n, net in nets.items()},
                   python=platform.python_version(), validation={}, results=[])
 
+    validate_all(args, nets, report)
+    time_all(args, nets, batches, gpu, torch, report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+
+
+def validate_all(args, nets, report):
     all_ok = True
     for name in nets:
         t0 = time.perf_counter()
@@ -265,6 +286,8 @@ def main(argv=None):
             Path(args.out).write_text(json.dumps(report, indent=2))
         fail("validation against ref.py failed (NOT OK above); not timing")
 
+
+def time_all(args, nets, batches, gpu, torch, report):
     header = (f"{'net':3s} {'batch':>5s} {'minicnn ms':>11s} {'torch ms':>9s} "
               f"{'minicnn img/s':>13s} {'torch img/s':>11s} {'ratio':>6s}")
     print("\none SGD step (forward, loss, backward, update), float32, median of "
@@ -283,9 +306,6 @@ def main(argv=None):
             print(f"{name:3s} {N:5d} {ms:11.3f} {fmt(tms, '9.3f'):>9s} "
                   f"{row['minicnn_img_s']:13.0f} {fmt(row['torch_img_s'], '11.0f'):>11s} "
                   f"{fmt(row['ratio'], '6.2f'):>6s}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,13 @@ def main(argv=None):
 
     import minicnn
     cfg = minicnn.TrainConfig(data="mnist", data_dir=a.data_dir, arch=a.arch, lr=a.lr, momentum=a.momentum,
-                              lr_schedule=a.lr_schedule, epochs=a.epochs, batch_size=a.batch_size, trace=a.trace, threads=a.threads,
+                              lr_schedule=a.lr_schedule, epochs=a.epochs, batch_size=a.batch_size, trace=a.trace,
+                              threads=a.threads,
                               seed=a.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        r = minicnn.train(cfg, out=tmp, on_eval=lambda e: print(f"  epoch {e['epoch']:.2f}: val acc {100 * e['val_acc']:.2f}%",
-                                                  flush=True))
+        def show(e):
+            print(f"  epoch {e['epoch']:.2f}: val acc {100 * e['val_acc']:.2f}%", flush=True)
+        r = minicnn.train(cfg, out=tmp, on_eval=show)
     last = r.evals[-1]
     row = {"arch": a.arch, "lr": a.lr, "momentum": a.momentum, "schedule": a.lr_schedule, "epochs": a.epochs,
            "batch": a.batch_size,

@@ -37,9 +37,10 @@ def record(path):
         return call(self, *args)
 
     simkernel.FakeCUDAKernel.__call__ = recording
+    from minicnn.config import TrainConfig
     from minicnn.data import Dataset
     from minicnn.ops import cuda as gpu
-    from minicnn.train import Trainer, TrainConfig
+    from minicnn.trainer import Trainer
     gpu.TPB, gpu.MAX_BLOCKS, gpu.TILE, gpu.RED_TPB, gpu.RED_ITEMS, gpu.SPLIT_ROWS = 32, 2, 4, 8, 2, 16
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 1, 4, 4)).astype(np.float32)
@@ -77,8 +78,9 @@ def main():
         seen = pickle.load(f)
     sys.path.insert(0, str(ROOT))
     from numba import cuda
-    from minicnn.ops import cuda as gpu
     from numba.cuda import dispatcher
+
+    from minicnn.ops import cuda as gpu
     cc = tuple(int(v) for v in args.cc.split("."))
 
     class Device:                    # device functions ask the (absent) driver for the target: answer it

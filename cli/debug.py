@@ -4,7 +4,7 @@ slice, sharpness, back, save, quit).
 Interactive on a terminal (``help`` and tab completion from ``cmd.Cmd``); with ``--commands FILE``
 or piped standard input it runs the commands one by one, echoing each after the prompt, so a
 session's transcript is stable enough to assert on. A bad command prints one ``error: ...`` line
-and the session goes on. Registered on the ``minicnn`` group at the end of cli/main.py.
+and the session goes on.
 """
 import cmd
 import math
@@ -14,11 +14,14 @@ import sys
 import click
 import numpy as np
 
-from .main import config_from_options, training_options
+from minicnn.config import SHARPNESS_SAMPLES
+from minicnn.diagnose import COLLAPSE_MIN_STEPS, DEAD_LAYER, EOS_RATIO, STEP_EVENTS
+from minicnn.plots import text_hist, text_plot
+from minicnn.stepper import HISTORY
+
+from .options import config_from_options, training_options
 
 PROMPT = "(minicnn) "
-PLOT_W, PLOT_H = 61, 15          # text plot of `slice`: columns, rows
-HIST_W = 40                      # widest bar of a text histogram
 
 
 # --------------------------------------------------------------------------- formatting
@@ -46,56 +49,6 @@ def step_line(rec):
     if ev:
         parts.append("events: " + ", ".join(ev))
     return "  ".join(parts)
-
-
-def text_hist(counts, edges, width=HIST_W):
-    top = max(int(np.max(counts)), 1)
-    return [f"    [{edges[i]:+10.4g}, {edges[i + 1]:+10.4g})  {'#' * int(round(width * c / top)):<{width}} {int(c)}"
-            for i, c in enumerate(counts)]
-
-
-def text_plot(x, series, marks=(), ylim=None, width=PLOT_W, height=PLOT_H):
-    """A character plot. series: [(char, y values)], drawn in order (later on top); marks:
-    [(char, x, y)] single points drawn last; ylim: (lo, hi), default the range of the first
-    series. Returns the lines, y axis labelled on the left, integer x values ticked below."""
-    if ylim is None:
-        y0 = np.asarray(series[0][1], dtype=np.float64)
-        y0 = y0[np.isfinite(y0)]
-        ylim = (float(y0.min()), float(y0.max())) if len(y0) else (0.0, 1.0)
-    lo, hi = ylim
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    x0, x1 = float(x[0]), float(x[-1])
-    col = lambda xv: int(round((xv - x0) / (x1 - x0) * (width - 1)))
-    grid = [[" "] * width for _ in range(height)]
-
-    def put(ch, xv, yv):
-        if not (math.isfinite(xv) and math.isfinite(yv)) or yv < lo or yv > hi:
-            return
-        c, r = col(xv), height - 1 - int(round((yv - lo) / (hi - lo) * (height - 1)))
-        if 0 <= c < width and 0 <= r < height:
-            grid[r][c] = ch
-    if x0 <= 0 <= x1:
-        for r in range(height):
-            grid[r][col(0.0)] = "|"
-    for ch, y in series:
-        for xv, yv in zip(x, y):
-            put(ch, float(xv), float(yv))
-    for ch, xv, yv in marks:
-        put(ch, xv, yv)
-    lines = []
-    for r, row in enumerate(grid):
-        label = f"{hi - (hi - lo) * r / (height - 1):10.4f}" if r in (0, height // 2, height - 1) else " " * 10
-        lines.append(f"{label} |{''.join(row)}")
-    ticks, labels = [" "] * width, [" "] * (width + 4)
-    for k in range(math.ceil(x0), math.floor(x1) + 1):
-        ticks[col(k)] = "^"
-        for j, ch in enumerate(f"{k:g}"):
-            if col(k) + j < len(labels):
-                labels[col(k) + j] = ch
-    lines.append(" " * 12 + "".join(ticks))
-    lines.append(" " * 12 + "".join(labels).rstrip())
-    return lines
 
 
 def _parse_lrs(arg):
@@ -181,10 +134,7 @@ class DebugShell(cmd.Cmd):
             click.echo(step_line(rec))
 
     def do_until(self, arg):
-        """until EVENT [MAX_STEPS]: step until EVENT, MAX_STEPS steps, the end of the run, or NaN.
-        EVENT: overshoot (the loss on the step's own batch rose), spike, dead (a ReLU layer >= 90%
-        dead), collapse (constant prediction for 50 steps), nan, eos (lr * lambda_max >= 2),
-        loss>X, loss<X, step N."""
+        # the help text (the docstring) is set below the class from the diagnosis's thresholds
         words = arg.split()
         if not words:
             raise click.UsageError("until needs an event: " + self.EVENTS_HELP)
@@ -203,7 +153,6 @@ class DebugShell(cmd.Cmd):
     EVENTS_HELP = "overshoot, spike, dead, collapse, nan, eos, loss>X, loss<X, step N"
 
     def complete_until(self, text, line, begidx, endidx):
-        from minicnn.diagnose import STEP_EVENTS
         return [e for e in STEP_EVENTS + ("loss>", "loss<", "step") if e.startswith(text)]
 
     def do_show(self, arg):
@@ -238,7 +187,8 @@ class DebugShell(cmd.Cmd):
         click.echo(f"  {'':<12}{'size':>9}{'mean':>12}{'std':>12}{'min':>12}{'max':>12}{'norm':>12}{'zeros':>8}")
         for k in keys:
             v = st[k]
-            click.echo(f"  {k:<12}{v['size']:>9}" + "".join(f"{_g(v[c], 4):>12}" for c in ("mean", "std", "min", "max", "norm"))
+            click.echo(f"  {k:<12}{v['size']:>9}"
+                       + "".join(f"{_g(v[c], 4):>12}" for c in ("mean", "std", "min", "max", "norm"))
                        + f"{100 * v['zero_share']:>7.1f}%")
         for k in ("weight", "weight.grad", "activation"):
             if k in st:
@@ -257,7 +207,8 @@ class DebugShell(cmd.Cmd):
         click.echo(f"  {'lr':>10}  {'loss':>10}  {'after':>10}  {'change':>10}  {'|update|':>10}  {'alpha':>7}")
         for r in rows:
             click.echo(f"  {r['lr']:>10g}  {r['loss']:>10.6f}  {r['loss_after']:>10.6f}  {r['change']:>+10.6f}  "
-                       f"{_g(r['update_norm'], 4):>10}  {_g(r['alpha'], 3):>7}" + ("  (committed)" if r["committed"] else ""))
+                       f"{_g(r['update_norm'], 4):>10}  {_g(r['alpha'], 3):>7}"
+                       + ("  (committed)" if r["committed"] else ""))
 
     def do_slice(self, arg):
         """slice [PNG]: the loss on the last step's batch along its update direction, from -1 to +3
@@ -287,11 +238,12 @@ class DebugShell(cmd.Cmd):
             click.echo(f"figure: {s.png}")
 
     def do_sharpness(self, arg):
-        """sharpness: lambda_max of the loss Hessian now (fixed batch of 256), against 2/lr."""
+        # docstring set below the class (the size of the fixed batch)
         sh = self.s.sharpness()
         ratio = sh["lr_times_lambda"]
         verdict = ">= 2: past the edge of stability" if ratio >= 2 else "< 2: stable on a quadratic"
-        click.echo(f"step {sh['step']}: lambda_max {sh['lambda_max']:.5g}, lr {sh['lr']:g}, 2/lr {sh['two_over_lr']:.5g}; "
+        click.echo(f"step {sh['step']}: lambda_max {sh['lambda_max']:.5g}, lr {sh['lr']:g}, "
+                   f"2/lr {sh['two_over_lr']:.5g}; "
                    f"lr*lambda_max {ratio:.4g} {verdict} ({sh['hvp_evals']} gradient evaluations)")
 
     def do_back(self, arg):
@@ -322,6 +274,16 @@ class DebugShell(cmd.Cmd):
         return True
 
 
+# help texts that state the library's thresholds
+DebugShell.do_until.__doc__ = (
+    "until EVENT [MAX_STEPS]: step until EVENT, MAX_STEPS steps, the end of the run, or NaN.\n"
+    f"        EVENT: overshoot (the loss on the step's own batch rose), spike, dead (a ReLU layer >= "
+    f"{100 * DEAD_LAYER:.0f}%\n        dead), collapse (constant prediction for {COLLAPSE_MIN_STEPS} steps), nan, "
+    f"eos (lr * lambda_max >= {EOS_RATIO:g}),\n        loss>X, loss<X, step N.")
+DebugShell.do_sharpness.__doc__ = (f"sharpness: lambda_max of the loss Hessian now (fixed batch of "
+                                   f"{SHARPNESS_SAMPLES}), against 2/lr.")
+
+
 @click.command("debug")
 @training_options
 @click.option("--from", "from_run", type=click.Path(exists=True, file_okay=False), default=None,
@@ -331,7 +293,7 @@ class DebugShell(cmd.Cmd):
 @click.option("--commands", type=click.File("r"), default=None,
               help="Run the commands in this file (one per line) instead of prompting.")
 @click.option("--history", type=click.IntRange(1), default=None,
-              help="Steps 'back' can undo (default 100).")
+              help=f"Steps 'back' can undo (default {HISTORY}).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for slice figures (default: the --from run directory, else the current one).")
 def debug_command(from_run, at_step, commands, history, out, **kw):
@@ -348,12 +310,12 @@ def debug_command(from_run, at_step, commands, history, out, **kw):
       minicnn debug --from runs/x --step 1412
       printf 'until overshoot\\nwhatif lr=0.1,0.03\\nslice\\n' | minicnn debug --lr 1.0
     """
-    from minicnn.stepper import HISTORY, Stepper
+    from minicnn.stepper import Stepper
     history = history or HISTORY
     if at_step is not None and not from_run:
         raise click.UsageError("--step needs --from RUN_DIR")
     if from_run:
-        from minicnn.runs import load_run
+        from minicnn.rundir import load_run
         if at_step is None:
             steps = load_run(from_run).steps.get("step")
             if steps is None or not len(steps):

@@ -3,6 +3,8 @@ import sys
 
 import click
 
+from minicnn.ops import DEVICES
+
 
 @click.command("explain")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/explain", show_default=True,
@@ -10,7 +12,7 @@ import click
 @click.option("--quick", is_flag=True, help="A reduced size (fewer samples and steps), about a minute or two.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Parallel runs (default: one per core).")
 @click.option("--rerun", is_flag=True, help="Run every case again even when its run directory is complete.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "numpy"]), default="cpu", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Where the cases train (the diagnosis is the same).")
 def explain_command(out, quick, workers, rerun, device):
     """Why does lr = 0.1 train one network, throw another around, and collapse a third?

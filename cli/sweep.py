@@ -1,19 +1,16 @@
-"""``minicnn sweep`` (a grid of runs on local processes or a Dask cluster) and ``minicnn lr-find``
-(the learning-rate range test). Registered on the ``minicnn`` group at the end of cli/main.py.
+"""``minicnn sweep``: a grid of runs on local processes or a Dask cluster.
 
 In ``sweep`` every training option takes a comma-separated list of values (``--lr 0.01,0.1``,
 ``--arch small,wide``); ``--lr-schedule`` values may themselves contain commas, so its list is
 separated by ``;``. Each item is checked exactly as ``minicnn train`` checks the option.
 """
-import json
 import math
 import os
 import sys
-import time
 
 import click
 
-from .main import _lr_text, config_from_options, training_options
+from .options import config_from_options, lr_text, training_options
 
 # options whose single values may contain commas: their sweep lists are separated by ';'
 LIST_SEP = {"lr_schedule": ";"}
@@ -97,7 +94,7 @@ def format_table(rows, options):
             if c == "final_val_acc" and isinstance(v, float) and math.isfinite(v):
                 line.append(f"{100 * v:.1f}%")
             elif c == "lr" and isinstance(v, float):
-                line.append(_lr_text(v))
+                line.append(lr_text(v))
             elif c == "decisive_step" and isinstance(v, float) and math.isfinite(v):
                 line.append(str(int(v)))
             else:
@@ -111,6 +108,36 @@ def format_table(rows, options):
             text += "  " + str(r.get("error", ""))
         out.append(text.rstrip())
     return "\n".join(out)
+
+
+class SweepProgress:
+    """Where the runs go, what was resumed, and a progress bar over the runs as they finish."""
+
+    def __init__(self, scheduler, workers, quiet):
+        self.scheduler, self.workers, self.quiet = scheduler, workers, quiet
+        self.bar, self.last = None, ""
+
+    def start(self, to_run, skipped):
+        from minicnn.sweep import cores
+        where = f"Dask scheduler {self.scheduler}" if self.scheduler else \
+            f"{min(self.workers or cores(), max(1, to_run))} local worker processes"
+        if skipped:
+            click.echo(f"resuming: {skipped} runs already finished, {to_run} to run")
+        if to_run and not self.quiet:
+            click.echo(f"running {to_run} runs on {where}")
+            self.bar = click.progressbar(length=to_run, label="sweep", file=sys.stderr, show_pos=True,
+                                         item_show_func=lambda _: self.last)
+            self.bar.__enter__()
+
+    def result(self, row, done, to_run):
+        self.last = f"{row['name']}: {row.get('verdict') or row.get('status')}"
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 @click.command("sweep")
@@ -157,30 +184,12 @@ def sweep_command(ctx, seeds, workers, scheduler, out, rerun, plot, quiet, **kw)
     out = out or os.path.join("sweeps", f"sweep-{sweep_id(base, grid)}")
     swept = ", ".join(f"{k} ({len(v)})" for k, v in grid.items() if len(v) > 1) or "nothing"
     click.echo(f"sweep: {len(tasks)} runs over {swept} -> {out}")
-    state = {"bar": None, "last": ""}
-
-    def on_start(to_run, skipped):
-        where = f"Dask scheduler {scheduler}" if scheduler else \
-            f"{min(workers or _cores(), max(1, to_run))} local worker processes"
-        if skipped:
-            click.echo(f"resuming: {skipped} runs already finished, {to_run} to run")
-        if to_run and not quiet:
-            click.echo(f"running {to_run} runs on {where}")
-            state["bar"] = click.progressbar(length=to_run, label="sweep", file=sys.stderr, show_pos=True,
-                                             item_show_func=lambda _: state["last"])
-            state["bar"].__enter__()
-
-    def on_result(row, done, to_run):
-        state["last"] = f"{row['name']}: {row.get('verdict') or row.get('status')}"
-        if state["bar"] is not None:
-            state["bar"].update(1)
-
+    progress = SweepProgress(scheduler, workers, quiet)
     try:
-        result = run_sweep(tasks, out, workers=workers, scheduler=scheduler, rerun=rerun, on_start=on_start,
-                           on_result=on_result, grid=grid, base=base.to_dict())
+        result = run_sweep(tasks, out, workers=workers, scheduler=scheduler, rerun=rerun, on_start=progress.start,
+                           on_result=progress.result, grid=grid, base=base.to_dict())
     finally:
-        if state["bar"] is not None:
-            state["bar"].__exit__(None, None, None)
+        progress.close()
     click.echo(format_table(result.rows, result.options))
     errors = sum(r.get("status") == "error" for r in result.rows)
     click.echo(f"{result.ran} runs in {result.wall_s:.1f} s, {result.skipped} resumed"
@@ -191,61 +200,3 @@ def sweep_command(ctx, seeds, workers, scheduler, out, rerun, plot, quiet, **kw)
         path = plot_grid(sweep_cells(result), os.path.join(out, "grid.png"),
                          title=f"sweep {os.path.basename(os.path.normpath(out))}: loss against steps")
         click.echo(f"figure: {path}")
-
-
-def _cores():
-    from minicnn.sweep import _cores as cores
-    return cores()
-
-
-@click.command("lr-find")
-@training_options
-@click.option("--lr-min", type=click.FloatRange(0, min_open=True), default=1e-6, show_default=True,
-              help="Learning rate of the first step.")
-@click.option("--lr-max", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
-              help="Learning rate of the last step (the test stops earlier once the loss explodes).")
-@click.option("--sharpness-samples", type=click.IntRange(0), default=256, show_default=True,
-              help="Samples on which lambda_max is measured at initialisation (0: skip).")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder for lr_find.png/.csv/.json (default: runs/lr-find-<arch>-s<seed>-<time>).")
-def lr_find_command(lr_min, lr_max, sharpness_samples, out, **kw):
-    """The learning-rate range test: lr grows exponentially each step until the loss explodes.
-
-    Plots the smoothed loss against lr (log scale) and marks the suggested lr (steepest descent),
-    where the loss starts to blow up, 2/lambda_max at initialisation, and --lr (yours), with a line
-    on whether --lr is safe. --steps sets the test's length (default 200); --lr-schedule and
-    --epochs are not used.
-
-    \b
-    Example:
-      minicnn lr-find --arch small --lr 0.1
-      minicnn lr-find --arch deep --momentum 0.9 --lr-min 1e-5 --lr-max 3 --steps 300
-    """
-    from minicnn.lrfind import LRFIND_STEPS, lr_find, plot_lr_find, save_csv
-    cfg = config_from_options(**kw)
-    cfg.validate()
-    steps = cfg.steps or LRFIND_STEPS
-    arch = cfg.arch if len(cfg.arch) <= 24 else "custom"
-    out = out or os.path.join("runs", f"lr-find-{arch}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
-    with click.progressbar(length=steps, label="lr range test", file=sys.stderr, show_pos=True) as bar:
-        res = lr_find(cfg, lr_min=lr_min, lr_max=lr_max, steps=steps, sharpness_samples=sharpness_samples,
-                      on_step=lambda rec: bar.update(1))
-    click.echo(f"{len(res.lrs)} steps from lr {lr_min:g} to {res.lrs[-1]:.3g} in {time.perf_counter() - t0:.1f} s"
-               + (" (stopped: the loss exploded)" if res.stopped_early else ""))
-    click.echo(f"suggested lr (steepest descent):  {res.suggested_lr:.3g}")
-    click.echo(f"loss minimum at lr:               {res.min_loss_lr:.3g}")
-    click.echo(f"loss starts to blow up at lr:     {res.blowup_lr:.3g}")
-    if sharpness_samples:
-        click.echo(f"lambda_max at init: {res.lambda_max:.4g}, 2/lambda_max: {res.two_over_lambda:.3g}"
-                   + ("  (negative: the top-magnitude curvature is concave)" if res.lambda_max < 0 else ""))
-    click.echo(f"--lr {cfg.lr:g}: {res.verdict(cfg.lr)}")
-    save_csv(res, os.path.join(out, "lr_find.csv"))
-    with open(os.path.join(out, "lr_find.json"), "w") as f:
-        json.dump({"suggested_lr": res.suggested_lr, "min_loss_lr": res.min_loss_lr, "blowup_lr": res.blowup_lr,
-                   "lambda_max": res.lambda_max, "two_over_lambda": res.two_over_lambda,
-                   "stopped_early": res.stopped_early, "lr_min": lr_min, "lr_max": lr_max, "steps": len(res.lrs),
-                   "config": res.config}, f, indent=2, default=str)
-    path = plot_lr_find(res, os.path.join(out, "lr_find.png"), lr=cfg.lr)
-    click.echo(f"figure: {path}")

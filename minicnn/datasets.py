@@ -482,7 +482,7 @@ def _extract_cifar(archive: Path, dest: Path) -> None:
                 fd, tmp_name = tempfile.mkstemp(prefix=f".{parts[1]}.", suffix=".part", dir=out_dir)
                 try:
                     with os.fdopen(fd, "wb") as out:
-                        for block in iter(lambda: source.read(1 << 20), b""):
+                        for block in iter(lambda s=source: s.read(1 << 20), b""):
                             out.write(block)
                     os.chmod(tmp_name, 0o644)
                     os.replace(tmp_name, out_dir / parts[1])
@@ -618,7 +618,8 @@ def load_dataset(name: str, data_dir=None, download: bool = True, split: Optiona
 
     Returns a dict with ``x_train`` (N, C, H, W) float32, ``y_train`` int64, ``x_test``,
     ``y_test``, ``class_names``, ``name`` and ``files`` (the paths read), plus ``note`` (a
-    sentence about how the data was split) only when there is something to say. See the module docstring for where files are looked
+    sentence about how the data was split) only when there is something to say. See the module docstring for where
+    files are looked
     for and downloaded to. ``split`` (a fraction in (0, 1)) is used only when just one of the
     train/test splits is present: that split is then divided deterministically (seed 0).
     ``progress(bytes_done, bytes_total)`` is called while downloading.
@@ -683,6 +684,21 @@ def _check_image_size(image_size) -> Optional[tuple[int, int]]:
     return int(size[0]), int(size[1])
 
 
+def _image_folder_items(root, layout):
+    """(class names in sorted order, [(image file, class index)]) of an ImageFolder tree."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: has no class subfolders; {layout}")
+    items = []  # (file, class index)
+    for index, cls in enumerate(classes):
+        files = sorted(f for f in (root / cls).iterdir()
+                       if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"{root / cls}: class folder has no PNG/JPEG images; {layout}")
+        items += [(f, index) for f in files]
+    return classes, items
+
+
 def load_image_folder(path, image_size: Union[int, tuple[int, int], None] = None,
                       grayscale: Optional[bool] = None) -> dict:
     """Load an ImageFolder tree: ``path/<class name>/<image>.png|.jpg|.jpeg``.
@@ -700,16 +716,7 @@ def load_image_folder(path, image_size: Union[int, tuple[int, int], None] = None
     layout = f"accepted: {root}/<class name>/<image>{'|'.join(IMAGE_EXTENSIONS)}"
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; {layout}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root}: has no class subfolders; {layout}")
-    items = []  # (file, class index)
-    for index, cls in enumerate(classes):
-        files = sorted(f for f in (root / cls).iterdir()
-                       if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise DataError(f"{root / cls}: class folder has no PNG/JPEG images; {layout}")
-        items += [(f, index) for f in files]
+    classes, items = _image_folder_items(root, layout)
 
     def open_image(file: Path, load: bool):
         try:

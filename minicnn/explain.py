@@ -117,7 +117,7 @@ def case_configs(quick=False, device="cpu"):
 
 
 def _case_runs(quick, device):
-    from .train import TrainConfig
+    from .config import TrainConfig
     size = QUICK if quick else FULL
     out = []
     for c in CASES:
@@ -141,7 +141,7 @@ def explain(out, quick=False, workers=None, rerun=False, on_start=None, on_resul
     """Run the cases into ``out`` (skipping those already done), diagnose, draw, explain."""
     from .diagnose import diagnose
     from .plots import plot_grid
-    from .runs import load_run
+    from .rundir import load_run
     from .sweep import Task, run_sweep
 
     runs = _case_runs(quick, device)
@@ -210,7 +210,7 @@ def _sharpness_line(run):
 
 
 def report(result):
-    from .runs import load_run
+    from .rundir import load_run
     lines = ["The question: plain SGD at lr = 0.1 -- one network trains fine, one jumps around and never "
              "learns, one learns and then rises onto a plateau. Same data, the same constant lr; what differs "
              "is how sharp the loss is where the weights are (lr x lambda_max against 2), and whether a step "

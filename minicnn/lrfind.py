@@ -2,7 +2,7 @@
 
     res = lr_find(TrainConfig(arch="small"), lr_min=1e-6, lr_max=10, steps=200)
     res.suggested_lr, res.blowup_lr, res.two_over_lambda   # and res.lrs, res.losses, res.smoothed
-    plot_lr_find(res, "lr_find.png")
+    minicnn.plots.plot_lr_find(res, "lr_find.png")
 
 From fresh weights, one SGD step per batch with the learning rate growing exponentially from
 ``lr_min`` to ``lr_max`` (lr_t = lr_min * (lr_max / lr_min) ** (t / (steps - 1))), stopping early
@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import SHARPNESS_SAMPLES, setup, sharpness_batch
 from .errors import ConfigError
-from .train import batch_indices
+from .sgd import SGD
+from .trace import Sharpness
+from .trainer import batch_indices
 
 LRFIND_STEPS = 200
 LR_MIN = 1e-6
@@ -34,8 +37,6 @@ BLOWUP_RISE = 0.5
 BLOWUP_MIN_RISE = 0.05
 # the first steps of the EMA are too noisy to differentiate; skip this share of the curve
 SKIP_START_FRAC = 0.05
-# batch used for lambda_max at initialisation (as train()'s --sharpness-every)
-SHARPNESS_SAMPLES = 256
 
 
 @dataclass
@@ -125,8 +126,6 @@ def lr_find(config=None, data=None, lr_min=LR_MIN, lr_max=LR_MAX, steps=LRFIND_S
     measured at initialisation (0: skip it; it costs up to 60 gradient evaluations on that batch).
     Returns an LRFindResult.
     """
-    from .sgd import SGD
-    from .train import setup
     if not (0 < lr_min < lr_max and math.isfinite(lr_max)):
         raise ConfigError(f"--lr-min must be > 0 and below --lr-max, got {lr_min:g} and {lr_max:g}")
     if steps < 10:
@@ -135,8 +134,7 @@ def lr_find(config=None, data=None, lr_min=LR_MIN, lr_max=LR_MAX, steps=LRFIND_S
     n = len(data.y_train)
     lam = math.nan
     if sharpness_samples:
-        from .trace import Sharpness
-        sb = np.random.default_rng([cfg.seed, 1 << 20]).permutation(n)[:min(n, sharpness_samples)]
+        sb = sharpness_batch(n, cfg.seed, sharpness_samples)
         lam, _ = Sharpness(net, data.x_train[sb], data.y_train[sb], seed=cfg.seed)()
     opt = SGD(lr=lr_min, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     ramp = exp_lrs(lr_min, lr_max, steps)
@@ -177,42 +175,4 @@ def save_csv(res, path):
         f.write("step,lr,loss,smoothed\n")
         for i, (lr, l, s) in enumerate(zip(res.lrs, res.losses, res.smoothed)):
             f.write(f"{i},{float(lr)!r},{float(l)!r},{float(s)!r}\n")
-    return path
-
-
-def plot_lr_find(res, path, lr=None):
-    """Smoothed loss against lr (log scale) with the suggested lr, the blow-up lr, 2/lambda_max at
-    initialisation and (optionally) the user's lr marked."""
-    from .plots import _plt
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    ax.plot(res.lrs, res.losses, color="tab:blue", alpha=0.25, lw=0.8, label="batch loss")
-    ax.plot(res.lrs, res.smoothed, color="tab:blue", lw=1.6, label="smoothed loss")
-    ax.set_xscale("log")
-    finite = res.smoothed[np.isfinite(res.smoothed)]
-    raw = res.losses[np.isfinite(res.losses)]
-    if finite.size:
-        lo, hi = float(min(np.min(finite), np.percentile(raw, 5))), float(finite[0])
-        ax.set_ylim(max(0.0, lo - 0.1 * (hi - lo) - 0.05), max(hi, lo) * 1.6 + 0.1)
-    marks = [(res.suggested_lr, "tab:green", "-", f"suggested (steepest descent) {res.suggested_lr:.3g}"),
-             (res.min_loss_lr, "tab:olive", ":", f"loss minimum {res.min_loss_lr:.3g}"),
-             (res.blowup_lr, "tab:red", "-", f"loss starts to blow up {res.blowup_lr:.3g}"),
-             (res.two_over_lambda, "black", "--", f"2/lambda_max at init {res.two_over_lambda:.3g}")]
-    if lr is not None:
-        marks.append((lr, "tab:purple", "-.", f"your lr {lr:g}"))
-    for x, c, ls, label in marks:
-        if x is not None and math.isfinite(x) and x > 0:
-            ax.axvline(x, color=c, ls=ls, lw=1.3, label=label)
-    if res.suggested_lr and math.isfinite(res.suggested_lr):
-        i = int(np.argmin(np.abs(np.log(res.lrs) - np.log(res.suggested_lr))))
-        ax.plot([res.lrs[i]], [res.smoothed[i]], "o", color="tab:green", ms=6)
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("cross-entropy loss")
-    spec = res.config.get("arch", "")
-    ax.set_title(f"lr range test: {spec}, batch {res.config.get('batch_size')}, "
-                 f"momentum {res.config.get('momentum')}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -141,8 +141,8 @@ class MaxPool2d(Layer):
         return self.out
 
     def backward(self, ops, ws, dout, need_dx):
-        return ops.maxpool2d_backward(dout, self.argmax, self.x_shape, relu_pooled=self.out if self.relu_fused else None,
-                                      **ws.out(self.name, "dx"))
+        return ops.maxpool2d_backward(dout, self.argmax, self.x_shape,
+                                      relu_pooled=self.out if self.relu_fused else None, **ws.out(self.name, "dx"))
 
 
 class Flatten(Layer):

@@ -1,29 +1,27 @@
-"""Matplotlib figures from runs. Imported only when a figure is drawn (matplotlib is slow to import)."""
+"""Every figure minicnn draws, in one place: a run's losses (loss.png), the inspection panels
+(inspect.png), a grid of runs (sweeps, explain), the loss along one step (the debugger's slice),
+the lr range test, and the text plots the debugger prints. matplotlib is imported only when a
+figure is drawn (it is slow to import).
+"""
+import math
+import os
+import textwrap
+
 import numpy as np
 
+from .series import smooth
 
-def _plt():
+# text plots (the debugger's slice): columns and rows of the character grid; widest histogram bar
+TEXT_PLOT_W, TEXT_PLOT_H = 61, 15
+TEXT_HIST_W = 40
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (figures go to files)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def smooth(values, window):
-    """Trailing moving average (NaN-aware) over ``window`` steps."""
-    v = np.asarray(values, dtype=np.float64)
-    if window <= 1 or len(v) == 0:
-        return v
-    ok = np.isfinite(v)
-    c = np.cumsum(np.where(ok, v, 0.0))
-    k = np.cumsum(ok)
-    c = np.concatenate([[0.0], c])
-    k = np.concatenate([[0], k])
-    idx = np.arange(1, len(v) + 1)
-    lo = np.maximum(idx - window, 0)
-    cnt = k[idx] - k[lo]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, (c[idx] - c[lo]) / np.maximum(cnt, 1), np.nan)
 
 
 def draw_losses(ax, run, title=None):
@@ -49,9 +47,9 @@ def draw_losses(ax, run, title=None):
 
 def plot_losses(run_or_path, path=None):
     """loss.png of a run: training and validation loss against steps (epochs on the top axis)."""
-    from .runs import load_run
+    from .rundir import load_run
     run = load_run(run_or_path) if isinstance(run_or_path, str) else run_or_path
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cfg = run.config.get("config", {})
     draw_losses(ax, run, title=f"{run.config.get('spec', '')}  lr={cfg.get('lr')}  "
@@ -62,7 +60,6 @@ def plot_losses(run_or_path, path=None):
         top.set_xlabel("epoch")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    import os
     path = path or os.path.join(run.path, "loss.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -77,7 +74,7 @@ EVENT_COLORS = {"overshoot": "tab:orange", "spike": "tab:red", "oscillation": "t
 def plot_inspect(run, diagnosis, path):
     """The multi-panel inspection figure: losses with events, gradient norms, update ratios,
     dead fractions, and lambda_max against 2/lr."""
-    plt = _plt()
+    plt = pyplot()
     s = run.steps
     fig, axes = plt.subplots(5, 1, figsize=(9, 13), sharex=True)
     ax = axes[0]
@@ -140,10 +137,7 @@ def plot_grid(cells, path, title=None, panel_size=(3.4, 2.6), dpi=90):
         label          optional panel title (default "<verdict>")
     Used by ``minicnn sweep`` (rows architectures, columns learning rates) and to show runs side by side.
     """
-    import os
-    import textwrap
-    from .runs import load_run
-    plt = _plt()
+    plt = pyplot()
     row_labels = list(dict.fromkeys(c.get("row", "") for c in cells))
     col_labels = list(dict.fromkeys(c.get("col", "") for c in cells))
     nr, nc = max(1, len(row_labels)), max(1, len(col_labels))
@@ -152,46 +146,9 @@ def plot_grid(cells, path, title=None, panel_size=(3.4, 2.6), dpi=90):
     legend_ax = None
     for cell in cells:
         i, j = row_labels.index(cell.get("row", "")), col_labels.index(cell.get("col", ""))
-        ax = axes[i][j]
         used.add((i, j))
-        run = cell.get("run")
-        verdict, decisive = cell.get("verdict"), cell.get("decisive_step")
-        if isinstance(run, str):
-            run = load_run(run) if os.path.isfile(os.path.join(run, "config.json")) else None
-        if run is not None and run.steps and verdict is None:
-            from .diagnose import diagnose
-            d = diagnose(run)
-            verdict, decisive = d.verdict, d.decisive_step
-            cell = {"subtitle": d.title, **cell}
-        verdict = verdict or "error"
-        color = VERDICT_COLORS.get(verdict, "black")
-        if run is not None and run.steps:
-            draw_losses(ax, run)
-            if decisive is not None and _finite(decisive):
-                ax.axvline(float(decisive), color=color, ls="--", lw=1.2, label="decisive step")
-            legend_ax = legend_ax or ax
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        sub = str(cell.get("subtitle") or "")
-        if sub and (run is None or not run.steps):      # nothing to plot: the message fills the panel
-            ax.text(0.5, 0.5, textwrap.fill(sub, 36), ha="center", va="center", transform=ax.transAxes, fontsize=7)
-            sub = ""
-        sub = textwrap.shorten(sub, width=int(12 * panel_size[0]), placeholder="...") if sub else ""
-        label = cell.get("label") or verdict
-        ax.set_title(label + ("\n" + sub if sub else ""), fontsize=8, color=color,
-                     fontweight="bold" if verdict != "healthy" else "normal")
-        for spine in ax.spines.values():
-            spine.set_edgecolor(color)
-            spine.set_linewidth(2.0)
-        ax.set_facecolor(_tint(color))
-        ax.tick_params(labelsize=7)
-        ax.xaxis.label.set_size(7)
-        ax.yaxis.label.set_size(7)
-        if j > 0:
-            ax.set_ylabel("")
-        if i < nr - 1:
-            ax.set_xlabel("")
+        if _grid_panel(axes[i][j], cell, panel_size, first_col=j == 0, last_row=i == nr - 1):
+            legend_ax = legend_ax or axes[i][j]
     for i in range(nr):
         for j in range(nc):
             if (i, j) not in used:
@@ -214,6 +171,50 @@ def plot_grid(cells, path, title=None, panel_size=(3.4, 2.6), dpi=90):
     return path
 
 
+def _grid_panel(ax, cell, panel_size, first_col, last_row):
+    """One panel of plot_grid; returns whether it drew a run's curves."""
+    from .rundir import load_run
+    run = cell.get("run")
+    verdict, decisive = cell.get("verdict"), cell.get("decisive_step")
+    if isinstance(run, str):
+        run = load_run(run) if os.path.isfile(os.path.join(run, "config.json")) else None
+    if run is not None and run.steps and verdict is None:
+        from .diagnose import diagnose
+        d = diagnose(run)
+        verdict, decisive = d.verdict, d.decisive_step
+        cell = {"subtitle": d.title, **cell}
+    verdict = verdict or "error"
+    color = VERDICT_COLORS.get(verdict, "black")
+    drawn = run is not None and bool(run.steps)
+    if drawn:
+        draw_losses(ax, run)
+        if decisive is not None and _finite(decisive):
+            ax.axvline(float(decisive), color=color, ls="--", lw=1.2, label="decisive step")
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    sub = str(cell.get("subtitle") or "")
+    if sub and not drawn:      # nothing to plot: the message fills the panel
+        ax.text(0.5, 0.5, textwrap.fill(sub, 36), ha="center", va="center", transform=ax.transAxes, fontsize=7)
+        sub = ""
+    sub = textwrap.shorten(sub, width=int(12 * panel_size[0]), placeholder="...") if sub else ""
+    label = cell.get("label") or verdict
+    ax.set_title(label + ("\n" + sub if sub else ""), fontsize=8, color=color,
+                 fontweight="bold" if verdict != "healthy" else "normal")
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(2.0)
+    ax.set_facecolor(_tint(color))
+    ax.tick_params(labelsize=7)
+    ax.xaxis.label.set_size(7)
+    ax.yaxis.label.set_size(7)
+    if not first_col:
+        ax.set_ylabel("")
+    if not last_row:
+        ax.set_xlabel("")
+    return drawn
+
+
 def _finite(v):
     try:
         return np.isfinite(float(v))
@@ -226,3 +227,116 @@ def _tint(color, amount=0.08):
     from matplotlib.colors import to_rgb
     r, g, b = to_rgb(color)
     return (1 - amount * (1 - r), 1 - amount * (1 - g), 1 - amount * (1 - b))
+
+
+# --------------------------------------------------------------------------- the debugger
+def plot_slice(s, path):
+    """The slice as a figure: measured loss, the fitted quadratic, start, landing and minimum."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(s.alphas, s.losses, "o-", ms=3, label="loss on the step's batch")
+    if np.isfinite(s.quadratic).all():
+        ax.plot(s.alphas, s.quadratic, "--", label=f"quadratic from gradient and curvature (lambda {s.lam_dir:.3g})")
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.plot([0], [s.f0], "ks", label=f"start {s.f0:.4g}")
+    ax.plot([1], [s.landed], "r^", ms=9, label=f"landed (lr {s.lr:g}) {s.landed:.4g}")
+    if math.isfinite(s.min_alpha):
+        ax.axvline(s.min_alpha, color="green", lw=0.8, ls=":", label=f"1-D minimum at {s.min_alpha:.2f} step lengths")
+    ax.set_ylim(*s.view_range())
+    ax.set_xlabel("step lengths along the update (0 = before, 1 = after)")
+    ax.set_ylabel("batch loss")
+    ax.set_title(f"step {s.step}: the loss along the update direction")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def text_hist(counts, edges, width=TEXT_HIST_W):
+    top = max(int(np.max(counts)), 1)
+    return [f"    [{edges[i]:+10.4g}, {edges[i + 1]:+10.4g})  {'#' * int(round(width * c / top)):<{width}} {int(c)}"
+            for i, c in enumerate(counts)]
+
+
+def text_plot(x, series, marks=(), ylim=None, width=TEXT_PLOT_W, height=TEXT_PLOT_H):
+    """A character plot. series: [(char, y values)], drawn in order (later on top); marks:
+    [(char, x, y)] single points drawn last; ylim: (lo, hi), default the range of the first
+    series. Returns the lines, y axis labelled on the left, integer x values ticked below."""
+    if ylim is None:
+        y0 = np.asarray(series[0][1], dtype=np.float64)
+        y0 = y0[np.isfinite(y0)]
+        ylim = (float(y0.min()), float(y0.max())) if len(y0) else (0.0, 1.0)
+    lo, hi = ylim
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    x0, x1 = float(x[0]), float(x[-1])
+    def col(xv):
+        return int(round((xv - x0) / (x1 - x0) * (width - 1)))
+    grid = [[" "] * width for _ in range(height)]
+
+    def put(ch, xv, yv):
+        if not (math.isfinite(xv) and math.isfinite(yv)) or yv < lo or yv > hi:
+            return
+        c, r = col(xv), height - 1 - int(round((yv - lo) / (hi - lo) * (height - 1)))
+        if 0 <= c < width and 0 <= r < height:
+            grid[r][c] = ch
+    if x0 <= 0 <= x1:
+        for r in range(height):
+            grid[r][col(0.0)] = "|"
+    for ch, y in series:
+        for xv, yv in zip(x, y):
+            put(ch, float(xv), float(yv))
+    for ch, xv, yv in marks:
+        put(ch, xv, yv)
+    lines = []
+    for r, row in enumerate(grid):
+        label = f"{hi - (hi - lo) * r / (height - 1):10.4f}" if r in (0, height // 2, height - 1) else " " * 10
+        lines.append(f"{label} |{''.join(row)}")
+    ticks, labels = [" "] * width, [" "] * (width + 4)
+    for k in range(math.ceil(x0), math.floor(x1) + 1):
+        ticks[col(k)] = "^"
+        for j, ch in enumerate(f"{k:g}"):
+            if col(k) + j < len(labels):
+                labels[col(k) + j] = ch
+    lines.append(" " * 12 + "".join(ticks))
+    lines.append(" " * 12 + "".join(labels).rstrip())
+    return lines
+
+
+# --------------------------------------------------------------------------- the lr range test
+def plot_lr_find(res, path, lr=None):
+    """Smoothed loss against lr (log scale) with the suggested lr, the blow-up lr, 2/lambda_max at
+    initialisation and (optionally) the user's lr marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    ax.plot(res.lrs, res.losses, color="tab:blue", alpha=0.25, lw=0.8, label="batch loss")
+    ax.plot(res.lrs, res.smoothed, color="tab:blue", lw=1.6, label="smoothed loss")
+    ax.set_xscale("log")
+    finite = res.smoothed[np.isfinite(res.smoothed)]
+    raw = res.losses[np.isfinite(res.losses)]
+    if finite.size:
+        lo, hi = float(min(np.min(finite), np.percentile(raw, 5))), float(finite[0])
+        ax.set_ylim(max(0.0, lo - 0.1 * (hi - lo) - 0.05), max(hi, lo) * 1.6 + 0.1)
+    marks = [(res.suggested_lr, "tab:green", "-", f"suggested (steepest descent) {res.suggested_lr:.3g}"),
+             (res.min_loss_lr, "tab:olive", ":", f"loss minimum {res.min_loss_lr:.3g}"),
+             (res.blowup_lr, "tab:red", "-", f"loss starts to blow up {res.blowup_lr:.3g}"),
+             (res.two_over_lambda, "black", "--", f"2/lambda_max at init {res.two_over_lambda:.3g}")]
+    if lr is not None:
+        marks.append((lr, "tab:purple", "-.", f"your lr {lr:g}"))
+    for x, c, ls, label in marks:
+        if x is not None and math.isfinite(x) and x > 0:
+            ax.axvline(x, color=c, ls=ls, lw=1.3, label=label)
+    if res.suggested_lr and math.isfinite(res.suggested_lr):
+        i = int(np.argmin(np.abs(np.log(res.lrs) - np.log(res.suggested_lr))))
+        ax.plot([res.lrs[i]], [res.smoothed[i]], "o", color="tab:green", ms=6)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("cross-entropy loss")
+    spec = res.config.get("arch", "")
+    ax.set_title(f"lr range test: {spec}, batch {res.config.get('batch_size')}, "
+                 f"momentum {res.config.get('momentum')}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

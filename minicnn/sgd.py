@@ -85,48 +85,106 @@ class Schedule:
         return f"Schedule('{self.spec}')"
 
 
+# the whole schedule is checked before training (every step's lr finite and >= 0); runs longer than
+# this are checked on this many evenly spaced steps, both ends included (every schedule here is
+# monotone or piecewise constant, so its extremes are at the ends or at its named points)
+# (and a piecewise list's own values are checked directly). 100,000 evaluations take ~0.1 s.
+SCHEDULE_CHECK_MAX = 100_000
+
+
 def parse_schedule(spec, base_lr, total_steps):
-    """Parse a schedule spec (see SCHEDULE_HELP) into a Schedule over total_steps steps."""
+    """Parse a schedule spec (see SCHEDULE_HELP) into a Schedule over total_steps steps.
+
+    The lr of every step must be a finite number >= 0: a schedule that goes negative or NaN
+    anywhere in the run (cosine:-1, exp:nan, ...) is a ConfigError here, before training."""
     spec = (spec or "constant").strip()
     bad = ConfigError(f"bad --lr-schedule '{spec}'; accepted: {SCHEDULE_HELP}")
     total = max(int(total_steps), 1)
     try:
         if re.fullmatch(r"\d+:[^,]+(,\d+:[^,]+)*", spec) and not spec.startswith(("step", "warmup")):
-            points = sorted((int(s), float(v)) for s, v in (p.split(":") for p in spec.split(",")))
-            if points[0][0] != 0:
-                points.insert(0, (0, base_lr))
-            if any(not math.isfinite(v) or v < 0 for _, v in points):
-                raise bad
-            steps = np.array([s for s, _ in points])
-            lrs = [v for _, v in points]
-            return Schedule(lambda t: lrs[int(np.searchsorted(steps, t, side="right")) - 1], spec)
-        warm = 0
-        body = spec
-        if spec.startswith("warmup:"):
-            head, _, body = spec.partition("+")
-            warm = int(head.split(":")[1])
-            body = body or "constant"
-        name, *args = body.split(":")
-        args = [float(a) for a in args]
-        if name == "constant" and not args:
-            main = lambda t: base_lr
-        elif name == "step" and 1 <= len(args) <= 2 and args[0] >= 1:
-            every, gamma = int(args[0]), (args[1] if len(args) == 2 else 0.1)
-            main = lambda t: base_lr * gamma ** (t // every)
-        elif name == "cosine" and len(args) <= 1:
-            lo = args[0] if args else 0.0
-            main = lambda t: lo + (base_lr - lo) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
-        elif name == "linear" and len(args) <= 1:
-            end = args[0] if args else 0.0
-            main = lambda t: base_lr + (end - base_lr) * min(t, total) / total
-        elif name == "exp" and len(args) == 1:
-            main = lambda t: base_lr * args[0] ** t
+            fn = _piecewise(spec, base_lr)
         else:
-            raise bad
-        if warm < 0:
-            raise bad
-        if warm:
-            return Schedule(lambda t: main(t) * min(1.0, (t + 1) / warm), spec)
-        return Schedule(main, spec)
-    except (ValueError, IndexError):
+            fn = _named(spec, base_lr, total, bad)
+    except ConfigError:
+        raise
+    except (ValueError, IndexError, OverflowError, ZeroDivisionError):
         raise bad from None
+    schedule = Schedule(fn, spec)
+    _check_every_step(schedule, spec, total)
+    return schedule
+
+
+def _piecewise(spec, base_lr):
+    """STEP:LR,...: the lr from each step on (steps strictly increasing; before the first, base_lr)."""
+    points = [(int(s), float(v)) for s, v in (p.split(":") for p in spec.split(","))]
+    for (s0, _), (s1, _) in zip(points, points[1:]):
+        if s1 <= s0:
+            raise ConfigError(f"bad --lr-schedule '{spec}': {s1} comes after {s0}; accepted: a piecewise list "
+                              f"STEP:LR,... with increasing steps, e.g. 0:0.01,500:1.0,501:0.01")
+    for s, v in points:
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"bad --lr-schedule '{spec}': lr {v:g} from step {s}; accepted: learning rates "
+                              f"that are finite numbers >= 0")
+    if points[0][0] != 0:
+        points.insert(0, (0, base_lr))
+    steps = np.array([s for s, _ in points])
+    lrs = [v for _, v in points]
+
+    def lr(t):
+        return lrs[int(np.searchsorted(steps, t, side="right")) - 1]
+    return lr
+
+
+def _named(spec, base_lr, total, bad):
+    """constant | step:EVERY[:GAMMA] | cosine[:MIN] | linear[:END] | exp:GAMMA, after an optional warmup:N+."""
+    warm, body = 0, spec
+    if spec.startswith("warmup:"):
+        head, _, body = spec.partition("+")
+        warm = int(head.split(":")[1])
+        body = body or "constant"
+    name, *args = body.split(":")
+    args = [float(a) for a in args]
+    if name == "constant" and not args:
+        def main(t):
+            return base_lr
+    elif name == "step" and 1 <= len(args) <= 2 and args[0] >= 1:
+        every, gamma = int(args[0]), (args[1] if len(args) == 2 else 0.1)
+
+        def main(t):
+            return base_lr * gamma ** (t // every)
+    elif name == "cosine" and len(args) <= 1:
+        lo = args[0] if args else 0.0
+
+        def main(t):
+            return lo + (base_lr - lo) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+    elif name == "linear" and len(args) <= 1:
+        end = args[0] if args else 0.0
+
+        def main(t):
+            return base_lr + (end - base_lr) * min(t, total) / total
+    elif name == "exp" and len(args) == 1:
+        def main(t):
+            return base_lr * args[0] ** t
+    else:
+        raise bad
+    if warm < 0:
+        raise bad
+    if not warm:
+        return main
+
+    def warmed(t):
+        return main(t) * min(1.0, (t + 1) / warm)
+    return warmed
+
+
+def _check_every_step(schedule, spec, total):
+    steps = range(total) if total <= SCHEDULE_CHECK_MAX else np.unique(
+        np.linspace(0, total - 1, SCHEDULE_CHECK_MAX).astype(np.int64))
+    for t in steps:
+        try:
+            lr = schedule(int(t))
+        except (OverflowError, ZeroDivisionError):
+            lr = math.inf
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ConfigError(f"--lr-schedule '{spec}' gives lr {lr:g} at step {int(t)}; every step's lr must be "
+                              f"a finite number >= 0 (accepted: {SCHEDULE_HELP})")

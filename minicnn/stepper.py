@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import diagnose as dg
-from .ops.ref import dead_fraction
 from . import trace as tr
+from .config import TrainConfig, sharpness_batch
 from .errors import ConfigError, MinicnnError
-from .train import Trainer, TrainConfig, _entropy, _environment, list_checkpoints, sharpness_batch
+from .ops.ref import dead_fraction
+from .rundir import environment, label_entropy, list_checkpoints, load_run
+from .trainer import Trainer
 
 # Steps `back` can rewind: each costs ~3 copies of the parameters (weights, momentum, previous
 # gradient), 0.25 MB for the default network.
@@ -117,7 +119,7 @@ class Stepper:
         self.record = None                                    # the last step's record
         self._recent = deque(maxlen=max(dg.SPIKE_WINDOW, dg.COLLAPSE_MIN_STEPS))
         d = self.trainer.data
-        self.label_entropy = _entropy(d.y_train, d.num_classes)
+        self.label_entropy = label_entropy(d.y_train, d.num_classes)
         self.replay = None             # what from_run found
         self._sharp = None
 
@@ -297,6 +299,7 @@ class Stepper:
         s = Slice(self.record["step"], self.record["lr"], alphas, losses, quad, f0, landed, slope, curv, lam_dir,
                   min_alpha, quad_min)
         if png:
+            from .plots import plot_slice
             s.png = plot_slice(s, png)
         return s
 
@@ -356,7 +359,6 @@ class Stepper:
         the replayed losses with steps.csv. ``stepper.replay`` says what was found: match (bit for
         bit), the first step that differs and by how much, and the likely reason. ``back`` can
         then rewind as far as the checkpoint the replay started from (at most ``history`` steps)."""
-        from .runs import load_run
         run = load_run(run_dir)
         steps = run.steps.get("step")
         if steps is None or not len(steps):
@@ -406,7 +408,7 @@ def _same(a, b):
 def _mismatch_reason(run, stepper):
     """Why a replay may differ from the record: what differs between then and now."""
     diffs = []
-    then, now = run.config.get("environment", {}), _environment()
+    then, now = run.config.get("environment", {}), environment()
     for k in sorted(set(then) | set(now)):
         if then.get(k) != now.get(k):
             diffs.append(f"{k} {then.get(k)} when recorded, {now.get(k)} now")
@@ -430,27 +432,3 @@ def _stats(a, bins):
     return {"size": a.size, "mean": float(fin.mean()), "std": float(fin.std()), "min": float(fin.min()),
             "max": float(fin.max()), "norm": float(np.linalg.norm(fin)), "zero_share": float(np.mean(a == 0)),
             "hist": (counts, edges)}
-
-
-def plot_slice(s, path):
-    """The slice as a figure: measured loss, the fitted quadratic, start, landing and minimum."""
-    from .plots import _plt
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(s.alphas, s.losses, "o-", ms=3, label="loss on the step's batch")
-    if np.isfinite(s.quadratic).all():
-        ax.plot(s.alphas, s.quadratic, "--", label=f"quadratic from gradient and curvature (lambda {s.lam_dir:.3g})")
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.plot([0], [s.f0], "ks", label=f"start {s.f0:.4g}")
-    ax.plot([1], [s.landed], "r^", ms=9, label=f"landed (lr {s.lr:g}) {s.landed:.4g}")
-    if math.isfinite(s.min_alpha):
-        ax.axvline(s.min_alpha, color="green", lw=0.8, ls=":", label=f"1-D minimum at {s.min_alpha:.2f} step lengths")
-    ax.set_ylim(*s.view_range())
-    ax.set_xlabel("step lengths along the update (0 = before, 1 = after)")
-    ax.set_ylabel("batch loss")
-    ax.set_title(f"step {s.step}: the loss along the update direction")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -38,8 +38,8 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from .config import TrainConfig
 from .errors import ConfigError
-from .train import TrainConfig
 
 # statuses of a run that count as done: re-running a finished or diverged run with the same config
 # reproduces it bit for bit, so a resumed sweep skips it. "interrupted" and "error" are run again.
@@ -163,7 +163,7 @@ def run_one(name, config, run_dir, ship=False, procs_per_host=None):
 
 
 def _run_one(name, config, run_dir, ship, procs_per_host):
-    from .train import train
+    from .trainer import train
     t0 = time.perf_counter()
     _WORKER["runs"] += 1
     row = {"name": name, "worker_pid": os.getpid(), "worker_run": _WORKER["runs"]}
@@ -202,7 +202,7 @@ def _dask_worker_threads(procs_per_host):
         w = get_worker()
     except (ImportError, ValueError):
         return None
-    return max(1, _cores() // max(1, procs_per_host.get(_host(w.address), 1)))
+    return max(1, cores() // max(1, procs_per_host.get(_host(w.address), 1)))
 
 
 def _host(address):
@@ -235,12 +235,14 @@ def _write_files(d, files):
 def run_row(run_dir):
     """The summary row of a run directory: status, final/best losses and accuracies, diagnosis."""
     import numpy as np
+
     from .diagnose import diagnose
-    from .runs import load_run
+    from .rundir import load_run
     run = load_run(run_dir)
     s, ev = run.summary, run.evals
     row = {"status": s.get("status", "incomplete"), "steps": s.get("steps"), "wall_s": s.get("wall_s"),
-           "first_step_s": s.get("first_step_s"), "error": s.get("message", "") if s.get("status") == "diverged" else ""}
+           "first_step_s": s.get("first_step_s"),
+           "error": s.get("message", "") if s.get("status") == "diverged" else ""}
 
     def last(col):
         v = ev.get(col)
@@ -263,7 +265,8 @@ def run_row(run_dir):
 
 
 # ---------------------------------------------------------------- the sweep
-def _cores():
+def cores():
+    """CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -336,7 +339,7 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
     t0 = time.perf_counter()
     on_gpu = any(t.config.get("device") == "cuda" for t in tasks)
     if on_gpu and scheduler is None:
-        from .network import get_backend
+        from .ops import get_backend
         get_backend("cuda")          # no GPU here: the one-line error now, not from every worker
     os.makedirs(out, exist_ok=True)
     names = [t.name for t in tasks]
@@ -344,17 +347,7 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
         raise ConfigError("two runs of the sweep would share a directory name; give each option's values once")
     options = list(tasks[0].options) if tasks else []
     _write_sweep_json(out, tasks, grid, base)
-    rows = {}
-    todo = []
-    for t in tasks:
-        d = os.path.join(out, t.name)
-        if not rerun and is_done(d, t.config):
-            try:
-                rows[t.name] = {"name": t.name, **t.options, **run_row(d), "run_dir": d, "resumed": True}
-                continue
-            except Exception:       # an unreadable run directory is simply run again
-                pass
-        todo.append(t)
+    rows, todo = _done_rows(tasks, out, rerun)
     skipped = len(tasks) - len(todo)
     summary_path = os.path.join(out, "summary.csv")
     by_name = {t.name: t for t in tasks}
@@ -393,9 +386,24 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
                        summary_path=summary_path, options=options)
 
 
+def _done_rows(tasks, out, rerun):
+    """({name: row} of the tasks already done in ``out``, [the tasks still to run])."""
+    rows, todo = {}, []
+    for t in tasks:
+        d = os.path.join(out, t.name)
+        if not rerun and is_done(d, t.config):
+            try:
+                rows[t.name] = {"name": t.name, **t.options, **run_row(d), "run_dir": d, "resumed": True}
+                continue
+            except Exception:       # an unreadable run directory is simply run again
+                pass
+        todo.append(t)
+    return rows, todo
+
+
 def _write_sweep_json(out, tasks, grid, base):
-    from .train import _write_json
-    _write_json(os.path.join(out, "sweep.json"), {
+    from .rundir import write_json
+    write_json(os.path.join(out, "sweep.json"), {
         "base": base.to_dict() if isinstance(base, TrainConfig) else base,
         "grid": grid, "runs": [{"name": t.name, "options": t.options} for t in tasks]})
 
@@ -403,9 +411,9 @@ def _write_sweep_json(out, tasks, grid, base):
 def _run_local(todo, out, workers, finish):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
-    cores = _cores()
-    workers = max(1, min(workers or cores, len(todo)))
-    threads = max(1, cores // workers)
+    n_cores = cores()
+    workers = max(1, min(workers or n_cores, len(todo)))
+    threads = max(1, n_cores // workers)
     ctx = mp.get_context("spawn")
     with _child_env(threads), ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
                                                   initargs=(os.getpid(),)) as pool:

@@ -12,16 +12,15 @@ Sharpness (every K steps, any level): lambda_max of the loss Hessian on a fixed 
 iteration on Hessian-vector products from centred finite differences of gradients (no autograd),
 reported beside 2/lr, the stability threshold of gradient descent on a quadratic.
 
-The trace file is a CSV with a header: ``numpy.genfromtxt(path, delimiter=",", names=True)`` or
-``pandas.read_csv(path)`` reads it in one call. Rows are flushed as they are written, so a crash,
-NaN or Ctrl-C leaves every finished step on disk.
+Every quantity is computed here (StepMeter, step_norms, alpha_from_step, Sharpness; the dead
+fractions and logit statistics are backend reductions, see Network.trace_stats); the run directory
+(minicnn.rundir) writes the records as steps.csv.
 """
-import csv
 import math
 
 import numpy as np
 
-TRACE_LEVELS = ("off", "light", "full")
+from .config import TRACE_LEVELS  # noqa: F401  (the levels, documented above)
 
 # Power iteration for lambda_max: stop when the estimate changes by less than this (relative),
 # or after POWER_ITERS_MAX iterations (each costs two gradient evaluations).
@@ -49,56 +48,79 @@ def columns(net, level, sharpness):
     return cols
 
 
-class TraceWriter:
-    """Append-only CSV of step records, flushed after every row."""
-
-    def __init__(self, path, cols):
-        self.cols = cols
-        self.f = open(path, "w", newline="")
-        self.w = csv.DictWriter(self.f, fieldnames=cols, restval="", extrasaction="ignore")
-        self.w.writeheader()
-        self.f.flush()
-
-    def write(self, record):
-        self.w.writerow({k: _fmt(v) for k, v in record.items()})
-        self.f.flush()
-
-    def close(self):
-        if not self.f.closed:
-            self.f.close()
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    return v
-
-
-def read_trace(path):
-    """The trace as a dict of column name -> numpy array (pandas.read_csv works too)."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return {}
-    head, body = rows[0], rows[1:]
-    out = {}
-    for j, name in enumerate(head):
-        vals = [r[j] if j < len(r) else "" for r in body]
-        out[name] = np.array([float(v) if v != "" else np.nan for v in vals])
-    return out
-
-
 # --------------------------------------------------------------------------- step metrics
-# Dead-unit fractions and logit statistics are reductions of the backend (ops.dead_fraction,
-# ops.logit_stats; Network.trace_stats calls them), so that on the GPU they run there.
+# The per-layer dot products one step needs, by name, over g (the gradient), w (the weights before
+# the step), d (the update), p (the previous step's gradient): every norm, the gradient cosine and,
+# for the full trace, the first-order predicted change <g, d>. One ops.segment_dots call computes
+# them where the arrays live (the GPU for device cuda); only these numbers reach the host.
+LIGHT_DOTS = ("gg", "ww", "dd", "gp", "pp")
+FULL_DOTS = LIGHT_DOTS + ("gd",)
+
+
+class StepMeter:
+    """What the trace measures around one SGD step, in work vectors where the parameters live.
+
+        meter.before_update()                   # remembers the weights
+        opt.step(...)
+        rec.update(meter.after_update(cos=...)) # norms, update ratios, gradient cosine
+        meter.remember_gradient()               # for the next step's cosine
+        rec.update(meter.same_batch(x, y, loss))   # full trace: loss after the step, alpha
+    """
+
+    def __init__(self, net, level):
+        self.net, self.level = net, level
+        P, ops = net.num_params, net.ops
+        self.prev_grad = ops.zeros(P, net.dtype) if level != "off" else None
+        self.before = ops.empty(P, net.dtype)
+        self.delta = ops.empty(P, net.dtype)
+        slices = [sl for _, sl in net.param_layers()]
+        self.bounds = np.array([sl.start for sl in slices] + [slices[-1].stop], dtype=np.int64)
+        self.dots = {}
+
+    def _vectors(self, name):
+        net = self.net
+        v = {"g": net.flat_grads, "w": self.before, "d": self.delta, "p": self.prev_grad}
+        return v[name[0]], v[name[1]]
+
+    def before_update(self):
+        self.net.ops.copy_into(self.before, self.net.flat_params)
+
+    def after_update(self, cos=True):
+        """The step's norms (see step_norms) from one segment_dots call; keeps the dots by name."""
+        ops = self.net.ops
+        ops.subtract(self.delta, self.net.flat_params, self.before)
+        names = FULL_DOTS if self.level == "full" else LIGHT_DOTS
+        rows = ops.segment_dots([self._vectors(n) for n in names], self.bounds)
+        self.dots = dict(zip(names, rows))
+        return step_norms(self.net, self.dots, cos=cos)
+
+    def remember_gradient(self):
+        if self.prev_grad is not None:
+            self.net.ops.copy_into(self.prev_grad, self.net.flat_grads)
+
+    def same_batch(self, x, y, loss):
+        """The full trace's test of the step on its own batch: the loss after the step, its change
+        against the first-order prediction <g, d>, and Cockpit's alpha (one more forward+backward)."""
+        net = self.net
+        df0 = float(self.dots["gd"].sum())
+        loss_after = net.loss(x, y)
+        rec = {"loss_after": loss_after, "loss_change": loss_after - loss, "predicted_change": df0}
+        if math.isfinite(loss_after):
+            net.backward()
+            df1 = float(net.ops.segment_dots([(net.flat_grads, self.delta)], self.bounds).sum())
+            rec["alpha"] = alpha_from_step(loss, loss_after, df0, df1)
+        return rec
+
+
 def step_norms(net, dots, cos=True):
     """The step's norms from per-layer dot products (ops.segment_dots over the parameter layers).
 
-    dots rows: <g,g>, <w,w>, <d,d>, <g,g_prev>, <g_prev,g_prev> with g the gradient, w the weights
-    before the step, d the update. Per layer: gradient norm, weight norm, ||d|| / ||w||; in all:
-    the three norms and the cosine between this step's gradient and the previous one (cos=True).
+    dots: {name: per-layer values} with gg = <g,g>, ww = <w,w>, dd = <d,d>, gp = <g,g_prev>,
+    pp = <g_prev,g_prev>; g the gradient, w the weights before the step, d the update. Per layer:
+    gradient norm, weight norm, ||d|| / ||w||; in all: the three norms and the cosine between this
+    step's gradient and the previous one (cos=True).
     """
-    gg, ww, dd, gp, pp = (np.asarray(r, dtype=np.float64) for r in dots[:5])
+    gg, ww, dd, gp, pp = (np.asarray(dots[k], dtype=np.float64) for k in LIGHT_DOTS)
     gn = math.sqrt(gg.sum())
     rec = {"grad_norm": gn, "weight_norm": math.sqrt(ww.sum()), "update_norm": math.sqrt(dd.sum())}
     if cos:

@@ -57,8 +57,9 @@ def write(path: Path, data: bytes, gz: bool) -> Path:
     return path
 
 
-def make_mnist(folder: Path, parts=("train", "test"), gz=True, n={"train": 30, "test": 20}, seed=0):
+def make_mnist(folder: Path, parts=("train", "test"), gz=True, n=None, seed=0):
     """Small valid IDX files; returns {part: (uint8 images, labels)}."""
+    n = n or {"train": 30, "test": 20}
     rng = np.random.default_rng(seed)
     out = {}
     for part in parts:

@@ -88,7 +88,7 @@ def test_collapse_names_the_step_that_killed_the_relus_even_when_it_lowered_its_
     """A batch of 2 with one confidently wrong image (loss 14) takes the step that kills every ReLU:
     its own batch's loss FALLS (to ln 10, the constant prediction), while an earlier harmless step
     raised its batch's loss more. The decisive step is the outsized update, not the largest rise."""
-    from minicnn.runs import Run
+    from minicnn.rundir import Run
     rng = np.random.default_rng(0)
     n, kill, noisy = 400, 300, 290
     step = np.arange(n)

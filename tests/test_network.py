@@ -1,10 +1,11 @@
 """Whole networks: loss_and_grads against centred finite differences (float64), init, set_params."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import random_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minicnn import ConfigError, Network
-from conftest import random_batch
 
 
 @st.composite

@@ -13,16 +13,17 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import skip_without_cuda
 
 skip_without_cuda()
 
 from minicnn.cli.main import main  # noqa: E402
+from minicnn.config import TrainConfig  # noqa: E402
 from minicnn.data import Dataset  # noqa: E402
 from minicnn.network import Network  # noqa: E402
-from minicnn.trace import read_trace  # noqa: E402
-from minicnn.train import Trainer, TrainConfig, list_checkpoints, load_checkpoint, train  # noqa: E402
+from minicnn.rundir import list_checkpoints, load_checkpoint  # noqa: E402
+from minicnn.rundir import read_table as read_trace  # noqa: E402
+from minicnn.trainer import Trainer, train  # noqa: E402
 
 ARCH = "conv2k3p1-relu-maxpool2-fc3"
 SHAPE = (1, 4, 4)

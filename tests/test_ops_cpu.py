@@ -14,8 +14,17 @@ import pytest
 from hypothesis import given
 
 from minicnn.ops import cpu, ref
-from tests.strategies import (FEW_EXAMPLES, JIT_SETTINGS, conv_case, dense_case, loss_case,
-                              normal_array, pool_case, relu_case, separated_array)
+from tests.strategies import (
+    FEW_EXAMPLES,
+    JIT_SETTINGS,
+    conv_case,
+    dense_case,
+    loss_case,
+    normal_array,
+    pool_case,
+    relu_case,
+    separated_array,
+)
 
 DTYPES = [np.float64, np.float32]
 RTOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -167,7 +176,8 @@ def test_maxpool2d_matches_ref(dtype, case):
     assert argmax.dtype == np.int32
     np.testing.assert_array_equal(argmax, argmax_ref)
     assert_close(out, out_ref, dtype)
-    assert_close(cpu.maxpool2d_backward(dout, argmax, x.shape), ref.maxpool2d_backward(dout64, argmax_ref, x.shape), dtype)
+    assert_close(cpu.maxpool2d_backward(dout, argmax, x.shape), ref.maxpool2d_backward(dout64, argmax_ref, x.shape),
+                 dtype)
 
     out2, argmax2, dx2 = nan_like(out.shape, dtype), np.full(out.shape, -7, np.int32), nan_like(x.shape, dtype)
     got = cpu.maxpool2d_forward(x, K, S, out=out2, argmax=argmax2)
@@ -243,7 +253,8 @@ def test_dense_long_rows():
     x, w, b = normal_array(0, (5, 1568)), normal_array(1, (10, 1568)), normal_array(2, (10,))
     assert_close(cpu.dense_forward(x, w, b), ref.dense_forward(x, w, b), np.float64)
     x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
-    assert_close(cpu.dense_forward(x32, w32, b32), ref.dense_forward(*(a.astype(np.float64) for a in (x32, w32, b32))), np.float32)
+    assert_close(cpu.dense_forward(x32, w32, b32), ref.dense_forward(*(a.astype(np.float64) for a in (x32, w32, b32))),
+                 np.float32)
 
 
 # --------------------------------------------------------------------------- loss
@@ -412,7 +423,7 @@ def test_threads_option_keeps_the_workqueue_threading_layer():
     threads slowed B at batch 32 from ~23 to ~31 ms a step)."""
     import subprocess
     import sys
-    code = ("import minicnn.train as _, sys; sys.modules['minicnn.train'].set_threads(2)\n"
+    code = ("from minicnn.config import set_threads; set_threads(2)\n"
             "import numba, numpy as np\n"
             "from minicnn.ops import cpu\n"
             "x = np.zeros((1, 1, 1, 1), np.float32)\n"

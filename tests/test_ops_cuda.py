@@ -17,7 +17,6 @@ sizes. float64 is checked to ~1e-12, float32 to ~1e-5. About 35 s in the simulat
 """
 import numpy as np
 import pytest
-
 from conftest import CUDA_SMALL_LAUNCH, skip_without_cuda
 
 skip_without_cuda()

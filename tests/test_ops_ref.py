@@ -9,8 +9,7 @@ from hypothesis import given
 
 from minicnn.ops import ref
 from tests.gradcheck import numeric_gradient, rel_error
-from tests.strategies import (JIT_SETTINGS, conv_case, dense_case, loss_case, pool_case,
-                              relu_case)
+from tests.strategies import JIT_SETTINGS, conv_case, dense_case, loss_case, pool_case, relu_case
 
 TOL = 1e-6
 

@@ -9,7 +9,7 @@ from minicnn import MinicnnError, Stepper, load_run, train
 from minicnn import diagnose as dg
 from minicnn.data import load_shapes
 from minicnn.errors import ConfigError
-from minicnn.train import list_checkpoints
+from minicnn.rundir import list_checkpoints
 
 TINY = dict(arch="tiny", batch_size=32)
 
@@ -57,7 +57,8 @@ def test_back_then_step_reproduces_the_same_losses(shapes):
     assert s.record["step"] == 1 and s.record is first[1]
     again = s.step(4)
     for a, b in zip(again, first[2:]):
-        assert (a["step"], a["loss"], a["loss_after"], a["grad_cos"]) == (b["step"], b["loss"], b["loss_after"], b["grad_cos"])
+        keys = ("step", "loss", "loss_after", "grad_cos")
+        assert tuple(a[k] for k in keys) == tuple(b[k] for k in keys)
     with pytest.raises(MinicnnError, match="in memory"):
         s.back(6)                       # history holds 5
 

@@ -6,10 +6,9 @@ import pytest
 from click.testing import CliRunner
 
 from minicnn.cli.main import main
+from minicnn.config import TrainConfig
 from minicnn.errors import ConfigError
-from minicnn.sweep import (SUMMARY_COLUMNS, expand_grid, is_done, run_name, run_one, run_sweep,
-                           sweep_cells)
-from minicnn.train import TrainConfig
+from minicnn.sweep import SUMMARY_COLUMNS, expand_grid, is_done, run_name, run_one, run_sweep, sweep_cells
 
 TINY = dict(arch="tiny", n_train=256, n_val=64, steps=20, batch_size=32, eval_every=10, checkpoint_every=0)
 TINY_ARGS = ["--n-train", "256", "--n-val", "64", "--steps", "20", "--batch-size", "32", "--eval-every", "10",
@@ -76,7 +75,7 @@ def test_cli_bad_list_value(tmp_path, args, msg):
 # ---------------------------------------------------------------- one run, in-process
 def test_run_one_that_raises_is_an_error_row(tmp_path, monkeypatch):
     import sys
-    train_module = sys.modules["minicnn.train"]      # (minicnn.train is also the function's name)
+    train_module = sys.modules["minicnn.trainer"]
 
     def boom(*a, **k):
         raise RuntimeError("kernel exploded\nsecond line")

@@ -7,7 +7,7 @@ import pytest
 
 from minicnn import TrainConfig, load_run, train
 from minicnn.data import load_shapes
-from minicnn.train import batch_indices
+from minicnn.trainer import batch_indices
 
 SMALL = dict(n_train=512, n_val=128, batch_size=32, arch="conv4k3p1-relu-maxpool2-fc10")
 

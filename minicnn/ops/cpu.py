@@ -37,11 +37,21 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .ref import conv_out_size
 # Array helpers and two trace reductions: NumPy does them well on the host.
 # So is the SGD update (element-wise; ref.sgd_update works in place, in arrays kept between steps).
-from .ref import (copy_into, dead_fraction, empty, host_copy, item, logit_stats,  # noqa: F401
-                  sgd_update, subtract, to_device, zeros)
+from .ref import (  # noqa: F401
+    conv_out_size,
+    copy_into,
+    dead_fraction,
+    empty,
+    host_copy,
+    item,
+    logit_stats,
+    sgd_update,
+    subtract,
+    to_device,
+    zeros,
+)
 
 # Threading layer: Numba's default here is OpenMP, whose worker threads spin after each parallel
 # loop; on a 2-core machine that spin steals the core from the BLAS call that follows and, when
@@ -529,7 +539,8 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
     _pack_wb_kernel(work["wb"], w.reshape(F, CKK), b, F, CKK)
     prod, cols, wb = work["prod"][:F], work["cols"], work["wb"]
-    _products.run([(wb, cols[:, lo:hi], prod[:, lo:hi]) for lo, hi in _blocks(cols.shape[1], F * (CKK + 1))])   # (F, N*OH*WR)
+    blocks = _blocks(cols.shape[1], F * (CKK + 1))
+    _products.run([(wb, cols[:, lo:hi], prod[:, lo:hi]) for lo, hi in blocks])   # (F, N*OH*WR)
     (_rows_to_nchw_kernel if _parallel(prod.size) else _rows_to_nchw_serial)(out, prod, N, F, OH, OW, WR, bool(relu))
     return out
 
@@ -723,7 +734,8 @@ def maxpool2d_backward(dout, argmax, x_shape, dx=None, relu_pooled=None, k=None,
     argmax = _input(argmax, np.int32)
     N, C, H, W = (int(s) for s in x_shape)
     if dout.ndim != 4 or dout.shape[:2] != (N, C) or argmax.shape != dout.shape:
-        raise ValueError(f"maxpool2d_backward: dout {dout.shape} / argmax {argmax.shape} do not match x {tuple(x_shape)}")
+        raise ValueError(f"maxpool2d_backward: dout {dout.shape} / argmax {argmax.shape} "
+                         f"do not match x {tuple(x_shape)}")
     _, _, OH, OW = dout.shape
     dx = _output(dx, (N, C, H, W), dt, "dx")
     kernel = _maxpool2d_backward_kernel if _parallel(dx.size) else _maxpool2d_backward_serial

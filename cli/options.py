@@ -1,0 +1,92 @@
+"""Options and helpers the commands share. Every command module imports this one; it imports no
+command (so the group in main.py can import the commands without a cycle).
+
+Exit codes: 0 ok, 1 bad input/data, 2 usage error, 3 the run diverged (NaN/inf), 130 interrupted.
+"""
+import time
+
+import click
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+# a spec longer than this is called "custom" in default run-directory names
+MAX_ARCH_IN_NAME = 24
+
+
+def lr_text(v):
+    """A learning rate as it reads in names and tables: 0.1, 1e-05."""
+    return f"{v:g}"
+
+
+def training_options(f):
+    """The options shared by every command that trains (train, and later sweep/debug)."""
+    from minicnn.config import AUTO_FULL_TRACE_MAX_STEPS, CHECKPOINT_EVERY, DEFAULT_EPOCHS, DTYPES, TRACE_LEVELS
+    from minicnn.data import DATA_HELP
+    from minicnn.network import INITS
+    from minicnn.ops import DEVICES
+    from minicnn.sgd import SCHEDULE_HELP
+    from minicnn.spec import PRESETS
+    opts = [
+        click.option("--data", default="shapes", show_default=True, help=f"Dataset: {DATA_HELP}."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder holding (or to download) the files of a named dataset."),
+        click.option("--split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                     help="When a dataset has only its test split locally: fraction of it to train on."),
+        click.option("--image-size", type=click.IntRange(4, 1024), default=None,
+                     help="Resize images of an image folder to this size."),
+        click.option("--n-train", type=click.IntRange(1), default=None, help="Use only this many training samples."),
+        click.option("--n-val", type=click.IntRange(1), default=None, help="Use only this many validation samples."),
+        click.option("--arch", default="small", show_default=True,
+                     help=f"Network spec (e.g. conv16k3p1-relu-maxpool2-fc10) or preset: {', '.join(PRESETS)}."),
+        click.option("--lr", type=click.FloatRange(0), default=0.1, show_default=True, help="Learning rate."),
+        click.option("--lr-schedule", default="constant", show_default=True, help=f"Schedule: {SCHEDULE_HELP}."),
+        click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+                     help="SGD momentum (torch.optim.SGD's rule)."),
+        click.option("--nesterov", is_flag=True, help="Nesterov momentum."),
+        click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="L2 weight decay added to the gradient."),
+        click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Mini-batch size."),
+        click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
+                     help=f"Epochs to train (default {DEFAULT_EPOCHS} unless --steps is given)."),
+        click.option("--steps", type=click.IntRange(1), default=None, help="SGD steps to train (overrides --epochs)."),
+        click.option("--init", type=click.Choice(INITS), default="torch", show_default=True,
+                     help="Weight initialisation: PyTorch's default, He (Kaiming normal) or Xavier (Glorot uniform)."),
+        click.option("--init-scale", type=click.FloatRange(0), default=1.0, show_default=True,
+                     help="Multiply every initial parameter by this."),
+        click.option("--input-scale", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+                     help="Multiply every input by this (e.g. 255: see what un-normalised pixels do)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for data, init and data order."),
+        click.option("--eval-every", type=click.IntRange(1), default=None,
+                     help="Steps between evaluations (default: once per epoch)."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True),
+        click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+                     help="cpu (Numba), numpy (the slow reference) or cuda (Numba CUDA)."),
+        click.option("--trace", type=click.Choice(("auto",) + TRACE_LEVELS), default="auto", show_default=True,
+                     help=f"Per-step trace detail (auto: full for runs up to {AUTO_FULL_TRACE_MAX_STEPS:,} steps, "
+                          "else light)."),
+        click.option("--sharpness-every", type=click.IntRange(0), default=0, show_default=True,
+                     help="Every K steps, measure lambda_max of the loss Hessian on a fixed batch (0: never)."),
+        click.option("--threads", type=click.IntRange(1), default=None, help="Numba threads (default: all cores)."),
+        click.option("--checkpoint-every", type=click.IntRange(0), default=CHECKPOINT_EVERY, show_default=True,
+                     help="Steps between checkpoints under RUN_DIR/checkpoints/ (0: none); "
+                          "'minicnn debug --from' replays from the nearest one."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def config_from_options(**kw):
+    from minicnn.config import TrainConfig
+    return TrainConfig(**{k: v for k, v in kw.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def arch_label(arch):
+    """A network spec short enough for a directory name."""
+    return arch if len(arch) <= MAX_ARCH_IN_NAME else "custom"
+
+
+def timestamp():
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
