@@ -5,6 +5,7 @@
     loss, grads = net.loss_and_grads(x, y)
     minicnn.SGD(lr=0.1).step(net.params, grads)
     result = minicnn.train(lr=0.1, epochs=3, out="runs/demo")
+    net = minicnn.from_torch(model, input_shape=(1, 28, 28))    # and net.to_torch(): PyTorch in and out
 """
 from .config import TrainConfig
 from .data import Dataset, load_data
@@ -18,6 +19,15 @@ from .trainer import RunResult, Trainer, train
 
 __version__ = "0.1.0"
 
-__all__ = ["Network", "SGD", "parse_schedule", "train", "Trainer", "TrainConfig", "RunResult", "load_data", "Dataset",
-           "load_run", "Run", "Stepper", "parse_spec", "PRESETS", "MinicnnError", "SpecError", "DataError",
-           "ConfigError", "DeviceError", "__version__"]
+
+def __getattr__(name):
+    """minicnn.from_torch and minicnn.torch, imported on first use (minicnn.torch imports PyTorch
+    only inside its functions, so neither needs PyTorch to be installed until it is called)."""
+    if name in ("from_torch", "torch"):
+        import minicnn.torch
+        return minicnn.torch.from_torch if name == "from_torch" else minicnn.torch
+    raise AttributeError(f"module 'minicnn' has no attribute '{name}'")
+
+__all__ = ["Network", "SGD", "parse_schedule", "train", "Trainer", "TrainConfig", "RunResult", "load_data",
+           "Dataset", "load_run", "Run", "Stepper", "parse_spec", "PRESETS", "MinicnnError", "SpecError", "DataError",
+           "ConfigError", "DeviceError", "from_torch", "__version__"]

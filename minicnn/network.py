@@ -375,6 +375,12 @@ class Network:
             raise ConfigError(f"load_state_dict: missing {', '.join(missing)}")
         self.set_params([state[n] for n in self.param_names])
 
+    def to_torch(self):
+        """A torch nn.Sequential with this network's layers and a copy of its weights (needs PyTorch;
+        see minicnn.torch.to_torch)."""
+        from minicnn.torch import to_torch  # imports torch lazily: minicnn runs without it
+        return to_torch(self)
+
     @property
     def num_params(self):
         return int(self.flat_params.size)
