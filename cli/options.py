@@ -53,6 +53,9 @@ def training_options(f):
                      help="Weight initialisation: PyTorch's default, He (Kaiming normal) or Xavier (Glorot uniform)."),
         click.option("--init-scale", type=click.FloatRange(0), default=1.0, show_default=True,
                      help="Multiply every initial parameter by this."),
+        click.option("--init-from", type=click.Path(dir_okay=False), default=None,
+                     help="Start from the weights of a PyTorch state_dict file (torch.save(model.state_dict(), "
+                          "FILE.pt)), matched to --arch by names and shapes (needs PyTorch)."),
         click.option("--input-scale", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
                      help="Multiply every input by this (e.g. 255: see what un-normalised pixels do)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for data, init and data order."),

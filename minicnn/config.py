@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .errors import ConfigError
+from .trace import TRACE_LEVELS
 
 DTYPES = ("float32", "float64")
-TRACE_LEVELS = ("off", "light", "full")
 # "auto" trace: full when the run is small enough that doubling a step's cost is cheap
 AUTO_FULL_TRACE_MAX_STEPS = 20000
 DEFAULT_EPOCHS = 3
@@ -56,6 +56,7 @@ class TrainConfig:
     split: float = None
     image_size: int = None
     checkpoint_every: int = CHECKPOINT_EVERY   # steps between periodic checkpoints (0: none)
+    init_from: str = None         # a PyTorch state_dict file (.pt) to start from instead of the init
 
     def to_dict(self):
         return asdict(self)
@@ -132,4 +133,7 @@ def setup(config=None, data=None, **overrides):
     if net.num_classes < data.num_classes:
         raise ConfigError(f"the network has {net.num_classes} outputs but the data has {data.num_classes} "
                           f"classes; end the spec with fc{data.num_classes}")
+    if cfg.init_from:
+        from .torch import load_state_dict_file  # imports PyTorch only on this path
+        load_state_dict_file(net, cfg.init_from)
     return cfg, data, net

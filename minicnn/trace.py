@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .config import TRACE_LEVELS  # noqa: F401  (the levels, documented above)
+TRACE_LEVELS = ("off", "light", "full")      # documented above
 
 # Power iteration for lambda_max: stop when the estimate changes by less than this (relative),
 # or after POWER_ITERS_MAX iterations (each costs two gradient evaluations).

@@ -365,3 +365,26 @@ def test_without_torch_the_error_says_how_to_install(monkeypatch):
         with pytest.raises(ConfigError) as e:
             call()
         one_line(e, "PyTorch is not installed; pip install 'minicnn[torch]'")
+
+
+def test_train_init_from_a_state_dict_file(tmp_path):
+    """minicnn train --init-from FILE.pt starts from the file's weights (the step-0 checkpoint holds
+    them exactly); a file that does not fit the --arch is a one-line error and exit 1."""
+    from click.testing import CliRunner
+
+    from minicnn.cli.main import main
+    from minicnn.rundir import checkpoint_path
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 14 * 14, 10))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    spec = minicnn.from_torch(model, (1, 28, 28)).spec
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "--arch", spec, "--init-from", str(tmp_path / "m.pt"), "--steps", "2",
+                                    "--n-train", "64", "--n-val", "32", "-q", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    with np.load(checkpoint_path(str(out), 0)) as z:
+        for (name, t), key in zip(model.state_dict().items(), ["conv1.weight", "conv1.bias", "fc1.weight", "fc1.bias"]):
+            np.testing.assert_array_equal(z[f"param/{key}"], t.numpy(), err_msg=name)
+    res = CliRunner().invoke(main, ["train", "--arch", "conv8k3p1-relu-maxpool2-fc10", "--init-from",
+                                    str(tmp_path / "m.pt"), "--steps", "2", "-q", "--out", str(tmp_path / "r2")])
+    assert res.exit_code == 1 and "wrong shape" in res.output and len(res.output.strip().splitlines()) == 1
