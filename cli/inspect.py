@@ -4,6 +4,9 @@ import os
 import click
 import numpy as np
 
+from minicnn.diagnose.thresholds import EVENT_ROWS
+from minicnn.verify import VERIFY_STEPS
+
 
 @click.command("inspect")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
@@ -13,14 +16,21 @@ import numpy as np
               help="Neighbouring steps shown with --step.")
 @click.option("--plot/--no-plot", default=True, show_default=True,
               help="Write inspect.png: losses with events, gradient norms, update ratios, dead ReLUs, sharpness.")
-@click.option("--max-events", type=click.IntRange(1), default=40, show_default=True, help="Event rows to print.")
-def inspect_command(run_dir, at_step, context, plot, max_events):
-    """Diagnose a run: the verdict, the decisive steps, and a table of events.
+@click.option("--max-events", type=click.IntRange(1), default=EVENT_ROWS, show_default=True,
+              help="Rows of the event table: nearby episodes of a kind are merged until this many remain.")
+@click.option("--verify", is_flag=True,
+              help="Check the suggested fix: replay the run to its decisive step, train on as recorded and with the "
+                   "fix from the same state and batches, and compare (writes verify.png).")
+@click.option("--verify-steps", type=click.IntRange(1), default=VERIFY_STEPS, show_default=True,
+              help="With --verify: steps to train both ways.")
+def inspect_command(run_dir, at_step, context, plot, max_events, verify, verify_steps):
+    """Diagnose a run: the verdict, its decisive step and likely cause, and a table of events.
 
     \b
     Example:
       minicnn inspect runs/small-lr0.1-s0-20261128-101500
       minicnn inspect runs/x --step 1412
+      minicnn inspect runs/x --verify
     """
     from minicnn.diagnose import diagnose
     from minicnn.rundir import load_run
@@ -31,14 +41,7 @@ def inspect_command(run_dir, at_step, context, plot, max_events):
                f"{len(run.steps.get('step', []))} steps, "
                f"{run.summary.get('status', 'no summary: still running or killed')})")
     click.echo("diagnosis: " + d.text)
-    if d.events:
-        click.echo(f"events ({len(d.events)}):")
-        for ev in d.events[:max_events]:
-            click.echo("  " + str(ev))
-        if len(d.events) > max_events:
-            click.echo(f"  ... {len(d.events) - max_events} more (--max-events)")
-    else:
-        click.echo("events: none")
+    echo_events(d.events, max_events)
     if at_step is not None:
         steps = run.steps.get("step")
         if steps is None or at_step not in set(steps.astype(int)):
@@ -57,6 +60,30 @@ def inspect_command(run_dir, at_step, context, plot, max_events):
         from minicnn.plots import plot_inspect
         path = plot_inspect(run, d, os.path.join(run_dir, "inspect.png"))
         click.echo(f"figure: {path}")
+    if verify:
+        from minicnn.verify import verify as check
+        v = check(run_dir, steps=verify_steps, png=os.path.join(run_dir, "verify.png") if plot else None)
+        click.echo(v.text)
+        if v.png:
+            click.echo(f"figure: {v.png}")
+
+
+def echo_events(events, max_rows):
+    """A per-kind summary, then the event table with nearby episodes merged to at most max_rows rows."""
+    from minicnn.diagnose import event_summary, merge_events
+    if not events:
+        click.echo("events: none")
+        return
+    click.echo(f"events ({len(events)} episodes):")
+    for line in event_summary(events):
+        click.echo("  " + line)
+    rows = merge_events(events, max_rows)
+    if len(rows) < len(events):
+        click.echo(f"table ({len(rows)} rows, nearby episodes of a kind merged):")
+    for ev in rows[:max_rows]:
+        click.echo("  " + str(ev))
+    if len(rows) > max_rows:
+        click.echo(f"  ... {len(rows) - max_rows} more")
 
 
 def _num(v):

@@ -20,7 +20,7 @@ def lr_text(v):
 
 def training_options(f):
     """The options shared by every command that trains (train, and later sweep/debug)."""
-    from minicnn.config import AUTO_FULL_TRACE_MAX_STEPS, CHECKPOINT_EVERY, DEFAULT_EPOCHS, DTYPES, TRACE_LEVELS
+    from minicnn import config as c
     from minicnn.data import DATA_HELP
     from minicnn.network import INITS
     from minicnn.ops import DEVICES
@@ -47,7 +47,7 @@ def training_options(f):
                      help="L2 weight decay added to the gradient."),
         click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Mini-batch size."),
         click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
-                     help=f"Epochs to train (default {DEFAULT_EPOCHS} unless --steps is given)."),
+                     help=f"Epochs to train (default {c.DEFAULT_EPOCHS} unless --steps is given)."),
         click.option("--steps", type=click.IntRange(1), default=None, help="SGD steps to train (overrides --epochs)."),
         click.option("--init", type=click.Choice(INITS), default="torch", show_default=True,
                      help="Weight initialisation: PyTorch's default, He (Kaiming normal) or Xavier (Glorot uniform)."),
@@ -61,16 +61,20 @@ def training_options(f):
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for data, init and data order."),
         click.option("--eval-every", type=click.IntRange(1), default=None,
                      help="Steps between evaluations (default: once per epoch)."),
-        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True),
+        click.option("--dtype", type=click.Choice(c.DTYPES), default="float32", show_default=True),
         click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
                      help="cpu (Numba), numpy (the slow reference) or cuda (Numba CUDA)."),
-        click.option("--trace", type=click.Choice(("auto",) + TRACE_LEVELS), default="auto", show_default=True,
-                     help=f"Per-step trace detail (auto: full for runs up to {AUTO_FULL_TRACE_MAX_STEPS:,} steps, "
+        click.option("--trace", type=click.Choice(("auto",) + c.TRACE_LEVELS), default="auto", show_default=True,
+                     help=f"Per-step trace detail (auto: full for runs up to {c.AUTO_FULL_TRACE_MAX_STEPS:,} steps, "
                           "else light)."),
+        click.option("--probe-every", type=click.IntRange(0), default=c.PROBE_EVERY, show_default=True,
+                     help=f"Every K steps, measure dead units and predictions on {c.PROBE_SIZE} fixed held-out "
+                          "images (the diagnosis's evidence for dead layers and collapse; 0: never; needs a "
+                          "trace)."),
         click.option("--sharpness-every", type=click.IntRange(0), default=0, show_default=True,
                      help="Every K steps, measure lambda_max of the loss Hessian on a fixed batch (0: never)."),
         click.option("--threads", type=click.IntRange(1), default=None, help="Numba threads (default: all cores)."),
-        click.option("--checkpoint-every", type=click.IntRange(0), default=CHECKPOINT_EVERY, show_default=True,
+        click.option("--checkpoint-every", type=click.IntRange(0), default=c.CHECKPOINT_EVERY, show_default=True,
                      help="Steps between checkpoints under RUN_DIR/checkpoints/ (0: none); "
                           "'minicnn debug --from' replays from the nearest one."),
     ]

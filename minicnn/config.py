@@ -26,6 +26,17 @@ CHECKPOINT_EVERY = 200
 # gradient evaluations on them), drawn by SHARPNESS_STREAM from the run's seed.
 SHARPNESS_SAMPLES = 256
 SHARPNESS_STREAM = 1 << 20
+# The probe: every PROBE_EVERY steps, the network's units and predictions on PROBE_SIZE fixed
+# held-out (validation) images, drawn by PROBE_STREAM from the run's seed. A unit is dead when it
+# is zero on all of them -- on a training batch of 2 nearly every unit is zero for both images even
+# while the network learns (0.95-0.99 measured on the batch-2 runs of minicnn explain), so only the
+# probe says whether units are dead. 256 images make a dead fraction a property of the units, not
+# of the batch; the forward pass on them costs about one training step of batch 64 forward-only
+# (measured overhead: benchmarks/NOTES.md, session 5), so every PROBE_EVERY steps is cheap enough
+# for the light trace.
+PROBE_EVERY = 10
+PROBE_SIZE = 256
+PROBE_STREAM = 1 << 21
 
 
 @dataclass
@@ -57,6 +68,8 @@ class TrainConfig:
     image_size: int = None
     checkpoint_every: int = CHECKPOINT_EVERY   # steps between periodic checkpoints (0: none)
     init_from: str = None         # a PyTorch state_dict file (.pt) to start from instead of the init
+    probe_every: int = PROBE_EVERY   # steps between probe measurements (0: none; needs trace light/full)
+    probe_size: int = PROBE_SIZE     # held-out images the probe measures on
 
     def to_dict(self):
         return asdict(self)
@@ -87,6 +100,8 @@ class TrainConfig:
         need(self.sharpness_every >= 0, f"--sharpness-every must be >= 0, got {self.sharpness_every}")
         need(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        need(self.probe_every >= 0, f"--probe-every must be >= 0, got {self.probe_every}")
+        need(self.probe_size >= 1, f"--probe-size must be >= 1, got {self.probe_size}")
 
     # ------------------------------------------------------------------ derived
     def total_steps(self, steps_per_epoch):
@@ -105,6 +120,11 @@ class TrainConfig:
 def sharpness_batch(n, seed, samples=SHARPNESS_SAMPLES):
     """The indices of the fixed training samples lambda_max is measured on."""
     return np.random.default_rng([seed, SHARPNESS_STREAM]).permutation(n)[:min(n, samples)]
+
+
+def probe_batch(n_val, seed, samples=PROBE_SIZE):
+    """The indices of the fixed validation images the probe measures on."""
+    return np.random.default_rng([seed, PROBE_STREAM]).permutation(n_val)[:min(n_val, samples)]
 
 
 def set_threads(threads):

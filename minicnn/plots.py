@@ -340,3 +340,30 @@ def plot_lr_find(res, path, lr=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- verify
+def plot_verify(v, run, path):
+    """The recorded run's loss, and from the replayed step on both branches: as recorded and with the fix."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    s = run.steps
+    ax.plot(s["step"], smooth(s["loss"], 20), color="lightgray", lw=1.2, label="the recorded run (smoothed)")
+    for b, color in ((v.recorded, "tab:red"), (v.fixed, "tab:green")):
+        steps = [r["step"] for r in b.records]
+        ax.plot(steps, smooth([r["loss"] for r in b.records], 20), color=color, lw=1.4,
+                label=f"{b.label}: {b.verdict}")
+    ax.axvline(v.start, color="black", ls="--", lw=0.9, label=f"replayed to step {v.start}")
+    ax.axhline(np.log(max(2, run.config.get("num_classes", 10))), color="gray", ls=":", lw=0.8,
+               label="ln(classes): constant prediction")
+    finite = np.asarray(s["loss"])[np.isfinite(s["loss"])]
+    if finite.size:
+        ax.set_ylim(0, max(3.0, min(float(np.percentile(finite, 99)) * 1.2, 20.0)))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title(f"verify: {v.fix}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -205,6 +205,22 @@ def read_table(path):
     return out
 
 
+def mismatch_reason(run, data_description):
+    """Why a replay of ``run`` may differ from its record: what differs between then and now."""
+    diffs = []
+    then, now = run.config.get("environment", {}), environment()
+    for k in sorted(set(then) | set(now)):
+        if then.get(k) != now.get(k):
+            diffs.append(f"{k} {then.get(k)} when recorded, {now.get(k)} now")
+    if run.config.get("dataset") not in (None, data_description):
+        diffs.append(f"data '{run.config.get('dataset')}' when recorded, '{data_description}' now")
+    if diffs:
+        return "; ".join(diffs)
+    return ("same versions, thread count and data description: the training data may differ in content "
+            "(data passed to train() directly is recorded only by its description), or the code changed "
+            "since the run was recorded")
+
+
 def load_run(path):
     """Load config, per-step trace, evaluations and summary of a run directory."""
     cfg_path = os.path.join(path, CONFIG)

@@ -27,7 +27,7 @@ from . import trace as tr
 from .config import TrainConfig, sharpness_batch
 from .errors import ConfigError, MinicnnError
 from .ops.ref import dead_fraction
-from .rundir import environment, label_entropy, list_checkpoints, load_run
+from .rundir import label_entropy, list_checkpoints, load_run, mismatch_reason
 from .trainer import Trainer
 
 # Steps `back` can rewind: each costs ~3 copies of the parameters (weights, momentum, previous
@@ -172,7 +172,7 @@ class Stepper:
                 except BaseException:            # Ctrl-C mid-step: leave the state as it was
                     self._restore(self.history.pop())
                     raise
-                rec["events"] = dg.step_events(rec, self._recent, self.label_entropy)
+                rec["events"] = dg.step_events(rec, self._recent, self.label_entropy, self.cfg.batch_size)
                 self._recent.append(rec)
                 self.record = rec
                 recs.append(rec)
@@ -201,7 +201,7 @@ class Stepper:
             res.records.append(rec)
             if sh is not None:
                 rec.update(lambda_max=sh["lambda_max"], two_over_lr=sh["two_over_lr"])
-                rec["events"] = dg.step_events(rec, list(self._recent)[:-1], self.label_entropy)
+                rec["events"] = dg.step_events(rec, list(self._recent)[:-1], self.label_entropy, self.cfg.batch_size)
             ev = pred(self, rec)
             if ev:
                 res.hit, res.evidence = True, ev
@@ -395,7 +395,7 @@ class Stepper:
         if "loss_after" in cols and "loss_after" in rep:
             info.update(loss_after=rep["loss_after"], recorded_loss_after=float(run.steps["loss_after"][i]))
         if first_bad is not None:
-            info["reason"] = _mismatch_reason(run, s)
+            info["reason"] = mismatch_reason(run, s.trainer.data.describe())
         s.replay = info
         return s
 
@@ -403,23 +403,6 @@ class Stepper:
 def _same(a, b):
     a, b = float(a), float(b)
     return a == b or (math.isnan(a) and math.isnan(b))
-
-
-def _mismatch_reason(run, stepper):
-    """Why a replay may differ from the record: what differs between then and now."""
-    diffs = []
-    then, now = run.config.get("environment", {}), environment()
-    for k in sorted(set(then) | set(now)):
-        if then.get(k) != now.get(k):
-            diffs.append(f"{k} {then.get(k)} when recorded, {now.get(k)} now")
-    desc = stepper.trainer.data.describe()
-    if run.config.get("dataset") not in (None, desc):
-        diffs.append(f"data '{run.config.get('dataset')}' when recorded, '{desc}' now")
-    if diffs:
-        return "; ".join(diffs)
-    return ("same versions, thread count and data description: the training data may differ in content "
-            "(data passed to train() directly is recorded only by its description), or the code changed "
-            "since the run was recorded")
 
 
 def _stats(a, bins):

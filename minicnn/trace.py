@@ -32,8 +32,8 @@ POWER_ITERS_MAX = 30
 HVP_REL_EPS = 1e-4
 
 
-def columns(net, level, sharpness):
-    """Column names of the trace for a network and trace level."""
+def columns(net, level, sharpness, probe=False):
+    """Column names of the trace for a network and trace level (probe: with the probe's columns)."""
     cols = ["step", "epoch", "lr", "loss", "time_s"]
     if level in ("light", "full"):
         cols += ["grad_norm", "weight_norm", "update_norm", "grad_cos", "logit_max", "entropy",
@@ -45,7 +45,41 @@ def columns(net, level, sharpness):
         cols += ["loss_after", "loss_change", "predicted_change", "alpha"]
     if sharpness:
         cols += ["lambda_max", "two_over_lr", "hvp_evals"]
+    if probe and level != "off":
+        cols += probe_columns(net)
     return cols
+
+
+def probe_columns(net):
+    return ([f"probe_{k}" for k in PROBE_STATS]
+            + [f"probe_dead.{layer.name}" for layer in net.layers if layer.kind == "relu"])
+
+
+# --------------------------------------------------------------------------- the probe
+PROBE_STATS = ("loss", "acc", "top_class_share", "logit_max", "entropy")
+
+
+class Probe:
+    """The network's units and predictions on a fixed set of held-out images (every K steps):
+    the loss and accuracy on them, the share predicted as the most common class, the largest
+    |logit|, the mean softmax entropy, and per ReLU layer the share of units zero on every image.
+
+    Unlike the same numbers on the training batch these do not depend on which (or how few)
+    images a step drew: a unit zero for all probe images is dead, a probe predicted as one class
+    is a constant prediction."""
+
+    def __init__(self, net, x, y):
+        self.net = net
+        self.x = np.ascontiguousarray(x, dtype=net.dtype)
+        self.y = np.ascontiguousarray(y, dtype=np.int64)
+
+    def __call__(self):
+        loss = self.net.loss(self.x, self.y)
+        st = self.net.trace_stats()
+        rec = {"probe_loss": loss, "probe_acc": st.pop("batch_acc")}
+        rec.update({f"probe_{k}": st.pop(k) for k in PROBE_STATS if k in st})
+        rec.update({f"probe_{k}": v for k, v in st.items()})          # probe_dead.<relu layer>
+        return rec
 
 
 # --------------------------------------------------------------------------- step metrics

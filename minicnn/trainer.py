@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import trace as tr
-from .config import setup, sharpness_batch
+from .config import probe_batch, setup, sharpness_batch
 from .rundir import RunWriter, checkpoint_extra, environment, label_entropy, load_checkpoint, save_checkpoint
 from .sgd import SGD, parse_schedule
 
@@ -73,6 +73,10 @@ class Trainer:
             sb = sharpness_batch(n, cfg.seed)
             self.sharp = tr.Sharpness(net, data.x_train[sb], data.y_train[sb], seed=cfg.seed)
         self.meter = tr.StepMeter(net, self.level)   # the trace's work vectors, where the parameters live
+        self.probe = None
+        if cfg.probe_every and self.level != "off":
+            pb = probe_batch(len(data.y_val), cfg.seed, cfg.probe_size)
+            self.probe = tr.Probe(net, data.x_val[pb], data.y_val[pb])
         self.step_count = 0          # steps taken; the next step is step number step_count
         self.epoch = 0               # the next batch: batch ``pos`` of epoch ``epoch``
         self.pos = 0
@@ -106,6 +110,7 @@ class Trainer:
         xb, yb = self.batch()
         lr = self.schedule(step) if lr is None else float(lr)
         level = self.level if record else "off"
+        probed = self.probe() if self.probe and level != "off" and step % self.cfg.probe_every == 0 else {}
         loss = net.loss(xb, yb)
         rec = {"step": step, "epoch": self.epoch, "lr": lr, "loss": loss}
         if math.isfinite(loss):
@@ -123,6 +128,7 @@ class Trainer:
             meter.remember_gradient()
             if level == "full":
                 rec.update(meter.same_batch(xb, yb, loss))
+        rec.update(probed)
         rec["time_s"] = time.perf_counter() - self.t_start
         self.step_count += 1
         self.pos += 1
@@ -186,7 +192,7 @@ class Trainer:
                 "num_params": net.num_params, "dataset": data.describe(), "num_classes": data.num_classes,
                 "label_entropy": label_entropy(data.y_train, data.num_classes), "steps_total": self.total,
                 "steps_per_epoch": self.steps_per_epoch, "trace_level": self.level, "eval_every": self.eval_every,
-                "environment": environment()}
+                "input_stats": input_stats(data.x_train), "environment": environment()}
 
     def evaluate(self, step):
         """Loss and accuracy on the first EVAL_TRAIN_SUBSET training samples and on the validation set."""
@@ -196,6 +202,13 @@ class Trainer:
         vl, va = net.evaluate(data.x_val, data.y_val)
         return {"step": step, "epoch": step / self.steps_per_epoch, "train_loss": tl, "train_acc": ta,
                 "val_loss": vl, "val_acc": va}
+
+
+def input_stats(x, samples=EVAL_TRAIN_SUBSET):
+    """Mean, standard deviation, min and max of the inputs (the first ``samples`` images): what
+    un-normalised pixels look like (0..255 instead of 0..1) in the run's config.json."""
+    x = np.asarray(x[:samples], dtype=np.float64)
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}
 
 
 def train(config=None, out=None, data=None, on_step=None, on_eval=None, on_start=None, **overrides):
@@ -209,8 +222,8 @@ def train(config=None, out=None, data=None, on_step=None, on_eval=None, on_start
     result = RunResult("finished", 0, run_dir=out, config=trainer.cfg.to_dict(), net=trainer.net)
     writer = None
     if out:
-        writer = RunWriter(out, trainer.describe(), tr.columns(trainer.net, trainer.level, bool(trainer.sharp)),
-                           checkpoints=bool(trainer.cfg.checkpoint_every))
+        cols = tr.columns(trainer.net, trainer.level, bool(trainer.sharp), probe=trainer.probe is not None)
+        writer = RunWriter(out, trainer.describe(), cols, checkpoints=bool(trainer.cfg.checkpoint_every))
     if on_start:
         on_start({"net": trainer.net, "data": trainer.data, "steps_total": trainer.total,
                   "steps_per_epoch": trainer.steps_per_epoch, "trace_level": trainer.level})

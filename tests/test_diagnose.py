@@ -98,12 +98,16 @@ def test_collapse_names_the_step_that_killed_the_relus_even_when_it_lowered_its_
     loss[noisy], after[noisy], ratio[noisy] = 0.4, 1.9, 0.03                 # a rise of 1.5, small update
     loss[kill], after[kill], ratio[kill] = 14.0, math.log(10), 0.4           # the kill: loss falls
     loss[kill + 1:] = after[kill + 1:] = math.log(10) + 0.01 * rng.standard_normal(n - kill - 1)
-    dead = np.where(step > kill, 1.0, 0.3)
-    share = np.where(step > kill, 1.0, 0.3)
     grad = np.where(step > kill, 0.0, 0.5)
+    # on the batch of 2, units read dead and the batch one class before the kill too (noise); the probe
+    # (every 10 steps, 256 held-out images) tells the truth: dead and constant only after the kill
+    probed = step % 10 == 0
     steps = {"step": step, "lr": np.full(n, 0.1), "loss": loss, "loss_after": after,
              "update_ratio.conv1": ratio, "grad_norm.conv1": grad, "grad_norm": grad,
-             "dead.relu1": dead, "top_class_share": share}
+             "dead.relu1": np.full(n, 0.98), "top_class_share": np.full(n, 1.0),
+             "probe_loss": np.where(probed, np.where(step > kill, math.log(10), 1.0), np.nan),
+             "probe_dead.relu1": np.where(probed, np.where(step > kill, 1.0, 0.3), np.nan),
+             "probe_top_class_share": np.where(probed, np.where(step > kill, 1.0, 0.2), np.nan)}
     run = Run("synthetic", {"config": {"batch_size": 2}, "label_entropy": math.log(10)}, steps, {}, {})
     d = diagnose(run)
     assert d.verdict == "collapse", d.text

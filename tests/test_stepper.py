@@ -159,14 +159,22 @@ def test_step_events_use_diagnose_thresholds():
     spike = max(0.4 * dg.SPIKE_FACTOR, 0.4 + dg.SPIKE_ABS)
     assert "spike" in dg.step_events({**base, "loss": spike + 0.01}, prev)
     assert "spike" not in dg.step_events({**base, "loss": spike - 0.01}, prev)
-    assert "dead" in dg.step_events({**base, "dead.relu1": dg.DEAD_LAYER})
+    big = dg.BATCH_EVIDENCE_MIN              # a training batch this large may stand in for the probe
+    assert "dead" in dg.step_events({**base, "dead.relu1": dg.DEAD_LAYER}, batch_size=big)
+    assert "dead" not in dg.step_events({**base, "dead.relu1": 1.0}, batch_size=2)        # a batch of 2 says nothing
+    assert "dead" in dg.step_events({**base, "probe_loss": 1.0, "probe_dead.relu1": dg.DEAD_LAYER}, batch_size=2)
     assert "eos" in dg.step_events({**base, "lambda_max": dg.EOS_RATIO / 0.1})
     assert "eos" not in dg.step_events({**base, "lambda_max": 0.99 * dg.EOS_RATIO / 0.1})
     h = math.log(10)
     flat = {**base, "loss": h, "top_class_share": 1.0}
     n = dg.COLLAPSE_MIN_STEPS
-    assert "collapse" in dg.step_events(flat, [flat] * (n - 1), h)
-    assert "collapse" not in dg.step_events(flat, [flat] * (n - 2), h)
+    assert "collapse" in dg.step_events(flat, [flat] * (n - 1), h, batch_size=big)
+    assert "collapse" not in dg.step_events(flat, [flat] * (n - 2), h, batch_size=big)
+    assert "collapse" not in dg.step_events(flat, [flat] * (n - 1), h, batch_size=2)
+    probe = {**base, "probe_loss": h, "probe_top_class_share": 1.0}
+    every = 10                               # probe rows every 10 steps, spanning COLLAPSE_MIN_STEPS
+    recs = [probe if (i % every == 0) else base for i in range(n + 1)]   # the last one a probe step
+    assert "collapse" in dg.step_events(recs[-1], recs[:-1], h, batch_size=2)
 
 
 def _same(a, b):

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..series import centred_mean, column, runs_of, smooth, trailing_median
 from .thresholds import (
+    BATCH_EVIDENCE_MIN,
     COLLAPSE_LOSS_TOL,
     COLLAPSE_MIN_STEPS,
     COLLAPSE_SHARE,
@@ -21,6 +22,8 @@ from .thresholds import (
     DIVERGE_FACTOR,
     EARLY_STEPS,
     EOS_RATIO,
+    EVENT_ROWS,
+    EXPLODED_NEAR_PEAK,
     OSC_MEAN_COS,
     OSC_PROGRESS,
     OSC_PROGRESS_WINDOW,
@@ -68,23 +71,60 @@ class Trace:
     """Per-step columns (name -> float64 array, NaN where a step has no value) of a run, or of the
     debugger's recent records, plus what the rules need to know about the run."""
 
-    def __init__(self, steps, label_entropy=TEN_CLASSES, sharpness_every=None, last_keys=None):
+    def __init__(self, steps, label_entropy=TEN_CLASSES, sharpness_every=None, last_keys=None, batch_size=None):
         self.steps = steps
         self.n = len(steps.get("step", []))
         self.label_entropy = label_entropy
         self.sharpness_every = sharpness_every
+        self.batch_size = batch_size
         self.last_keys = set(steps) if last_keys is None else last_keys   # what the last record holds
         self._cols = {}
 
     @classmethod
     def of_run(cls, run):
-        return cls(run.steps, run.label_entropy, run.config.get("config", {}).get("sharpness_every"))
+        cfg = run.config.get("config", {})
+        return cls(run.steps, run.label_entropy, cfg.get("sharpness_every"), batch_size=cfg.get("batch_size"))
 
     @classmethod
-    def of_records(cls, records, label_entropy):
+    def of_records(cls, records, label_entropy, batch_size=None):
         keys = list(dict.fromkeys(k for r in records for k in r if k != "events"))
         steps = {k: np.array([_number(r.get(k, math.nan)) for r in records]) for k in keys}
-        return cls(steps, label_entropy, last_keys=set(records[-1]) if records else set())
+        return cls(steps, label_entropy, last_keys=set(records[-1]) if records else set(), batch_size=batch_size)
+
+    # ---- where units and predictions are read: the probe, else a large enough training batch
+    @property
+    def probed(self):
+        return "probe_loss" in self.steps
+
+    def batch_is_evidence(self):
+        return self.batch_size is not None and self.batch_size >= BATCH_EVIDENCE_MIN
+
+    def unit_source(self):
+        """The prefix of the dead-fraction columns to read ('probe_dead.' or 'dead.'), or None."""
+        return "probe_dead." if self.probed else ("dead." if self.batch_is_evidence() else None)
+
+    def prediction_source(self):
+        """(top-class share column, loss column) to read a constant prediction from, or None."""
+        if self.probed:
+            return "probe_top_class_share", "probe_loss"
+        return ("top_class_share", "loss") if self.batch_is_evidence() else None
+
+    def every(self):
+        """Steps between measurements of the unit/prediction source: the probe's interval, else 1."""
+        if not self.probed:
+            return 1
+        at = np.flatnonzero(np.isfinite(self("probe_loss")))
+        return int(np.median(np.diff(at))) if len(at) > 1 else 1
+
+    def state_gap(self):
+        """Episodes of a persistent condition merge across one measurement interval plus STATE_GAP."""
+        return STATE_GAP + (self.every() if self.probed else 0)
+
+    def where(self):
+        return "on the probe" if self.probed else "on the batch"
+
+    def images(self):
+        return "probe's images" if self.probed else "batch"
 
     def __call__(self, name):
         """Column ``name`` (all NaN when the trace does not have it)."""
@@ -108,7 +148,8 @@ class Trace:
         return self.cached("smoothed loss", lambda: smooth(self("loss"), SMOOTH))
 
     def relu_layers(self):
-        return [k[len("dead."):] for k in self.steps if k.startswith("dead.")]
+        names = [k.split("dead.", 1)[1] for k in self.steps if k.startswith(("dead.", "probe_dead."))]
+        return list(dict.fromkeys(names))
 
     def param_layers(self):
         return [k[len("grad_norm."):] for k in self.steps if k.startswith("grad_norm.")]
@@ -121,11 +162,12 @@ def _number(v):
         return math.nan
 
 
-def episodes(kind, t, flags, evidence, gap, min_steps=1):
-    """Flagged steps grouped into Events (see series.runs_of); episodes shorter than min_steps dropped."""
+def episodes(kind, t, flags, evidence, gap, min_steps=1, extent=1):
+    """Flagged steps grouped into Events (see series.runs_of); episodes shorter than min_steps dropped
+    (extent: the steps one flagged measurement stands for -- a probe's interval)."""
     step = t.step
     return [Event(kind, int(step[a]), int(step[b]), count, evidence(a)) for a, b, count in runs_of(flags, gap)
-            if b - a + 1 >= min_steps]
+            if b - a + extent >= min_steps]
 
 
 # ---------------------------------------------------------------- the rules
@@ -246,58 +288,69 @@ class EdgeOfStability:
 
 
 class DeadLayer:
-    """A ReLU layer with (almost) every unit zero on the batch: no gradient passes below it."""
+    """A ReLU layer with (almost) every unit zero on the probe's held-out images (or, without a
+    probe, on a training batch of at least BATCH_EVIDENCE_MIN images): no gradient passes below it."""
     kind = "dead"
 
     def applies(self, t):
-        return bool(t.relu_layers())
+        return bool(t.relu_layers()) and t.unit_source() is not None
 
     def flags(self, t, name):
-        dead = t(f"dead.{name}")
+        dead = t(t.unit_source() + name)
         with np.errstate(invalid="ignore"):
             return np.isfinite(dead) & (dead >= DEAD_LAYER)
 
     def evidence(self, t, i, name):
-        return f"{name}: {100 * t(f'dead.{name}')[i]:.0f}% of units dead on the batch"
+        return f"{name}: {100 * t(t.unit_source() + name)[i]:.0f}% of units dead {t.where()}"
 
     def events(self, t):
         return [e for name in t.relu_layers() for e in episodes(
-            self.kind, t, self.flags(t, name), lambda i, name=name: self.evidence(t, i, name), STATE_GAP)]
+            self.kind, t, self.flags(t, name), lambda i, name=name: self.evidence(t, i, name), t.state_gap())]
 
     def at_last(self, t):
+        if not self.applies(t):
+            return None
         parts = [self.evidence(t, t.n - 1, name) for name in t.relu_layers() if self.flags(t, name)[-1]]
         return "; ".join(parts) or None
 
 
 class Collapse:
-    """(Nearly) the whole batch predicted as one class at the label entropy's loss, for at least
-    COLLAPSE_MIN_STEPS steps: the network outputs a constant."""
+    """(Nearly) every held-out image of the probe (or, without a probe, of a training batch of at
+    least BATCH_EVIDENCE_MIN images) predicted as one class at the label entropy's loss, for at
+    least COLLAPSE_MIN_STEPS steps: the network outputs a constant."""
     kind = "collapse"
 
     def applies(self, t):
-        return t.has("top_class_share")
+        return t.prediction_source() is not None and t.has(t.prediction_source()[0])
 
     def flags(self, t):
-        share, loss = t("top_class_share"), t("loss")
+        share_col, loss_col = t.prediction_source()
+        share, loss = t(share_col), t(loss_col)
         with np.errstate(invalid="ignore"):
             return np.isfinite(share) & (share >= COLLAPSE_SHARE) & (np.abs(loss - t.label_entropy) < COLLAPSE_LOSS_TOL)
 
+    def evidence(self, t, i):
+        share_col, loss_col = t.prediction_source()
+        return (f"{100 * t(share_col)[i]:.0f}% of the {t.images()} predicted as one class, loss {t(loss_col)[i]:.3f} "
+                f"(label entropy {t.label_entropy:.3f})")
+
     def events(self, t):
-        share, loss = t("top_class_share"), t("loss")
-        return episodes(self.kind, t, self.flags(t), lambda i: (
-            f"{100 * share[i]:.0f}% of the batch predicted as one class, loss {loss[i]:.3f} "
-            f"(label entropy {t.label_entropy:.3f})"), STATE_GAP, min_steps=COLLAPSE_MIN_STEPS)
+        return episodes(self.kind, t, self.flags(t), lambda i: self.evidence(t, i), t.state_gap(),
+                        min_steps=COLLAPSE_MIN_STEPS, extent=t.every())
 
     def at_last(self, t):
         """Once the episode ending here has lasted COLLAPSE_MIN_STEPS steps (as the whole-run rule requires)."""
+        if not self.applies(t) or t.n < COLLAPSE_MIN_STEPS:
+            return None
         flags = self.flags(t)[-COLLAPSE_MIN_STEPS:]
-        if t.n < COLLAPSE_MIN_STEPS or not flags[-1]:
+        if not flags[-1]:
             return None
-        first, last, _ = runs_of(flags, STATE_GAP)[-1]
-        if first != 0 or last != len(flags) - 1:
+        measured = np.flatnonzero(np.isfinite(t(t.prediction_source()[0])[-COLLAPSE_MIN_STEPS:]))
+        first, last, _ = runs_of(flags, t.state_gap())[-1]
+        if first != measured[0] or last != len(flags) - 1:
             return None
-        return (f"{100 * t('top_class_share')[-1]:.0f}% of the batch predicted as one class for "
-                f"{COLLAPSE_MIN_STEPS} steps, loss {t('loss')[-1]:.3f} (label entropy {t.label_entropy:.3f})")
+        return self.evidence(t, t.n - 1).replace(" predicted as one class,", " predicted as one class for "
+                                                 f"{COLLAPSE_MIN_STEPS} steps,")
 
 
 class Stall:
@@ -324,8 +377,9 @@ class Stall:
 
 
 class Diverged:
-    """NaN/inf, or the smoothed loss DIVERGE_FACTOR x its start and staying there to the end (a single
-    huge step that comes back down is a spike, not a divergence)."""
+    """NaN/inf, or the smoothed loss DIVERGE_FACTOR x its start and staying there to the end, still near
+    its peak (a single huge step that comes back down is a spike, not a divergence; one that throws
+    the loss up onto a high flat plateau -- dead ReLUs under a huge constant logit -- is a collapse)."""
     kind = "diverged"
 
     def applies(self, t):
@@ -345,7 +399,8 @@ class Diverged:
             k = n - 1
             while k > 0 and over[k - 1]:
                 k -= 1
-            exploded[k:] = True
+            if sm[-1] >= EXPLODED_NEAR_PEAK * np.nanmax(sm[k:]):
+                exploded[k:] = True
         first_bad = np.flatnonzero(bad | exploded)
         if not len(first_bad):
             return []
@@ -393,7 +448,7 @@ def find_events(run):
     return sorted(events, key=lambda ev: (ev.step, ev.kind))
 
 
-def step_events(rec, previous=(), label_entropy=TEN_CLASSES):
+def step_events(rec, previous=(), label_entropy=TEN_CLASSES, batch_size=None):
     """The events one step's record shows, as {kind: evidence}: find_events' rules applied to the
     last step, for a debugger that stops when one happens.
 
@@ -402,13 +457,60 @@ def step_events(rec, previous=(), label_entropy=TEN_CLASSES):
     when it is the rule over a window.
     rec: a step record (minicnn.trace columns); previous: the records of the steps before it,
     oldest first (a spike is judged against the median of the last SPIKE_WINDOW losses; a collapse
-    is reported once its episode has lasted COLLAPSE_MIN_STEPS steps, as find_events requires).
+    is reported once its episode has lasted COLLAPSE_MIN_STEPS steps, as find_events requires);
+    batch_size: the run's, which says whether a training batch may stand in for the probe.
     """
     recent = list(previous)[-max(SPIKE_WINDOW, COLLAPSE_MIN_STEPS - 1):] + [rec]
-    t = Trace.of_records(recent, label_entropy)
+    t = Trace.of_records(recent, label_entropy, batch_size)
     out = {}
     for kind, rule in STEP_RULES.items():
         evidence = rule.at_last(t)
         if evidence:
             out[kind] = evidence
     return out
+
+
+# ---------------------------------------------------------------- the event table
+def merge_events(events, max_rows=None):
+    """The events with nearby episodes of the same kind (and layer) merged, the merge distance doubled
+    until at most ``max_rows`` rows remain (default EVENT_ROWS): a 3,000-step run's 178 one-step
+    episodes become a couple of dozen readable rows. A merged row counts every flagged step and
+    says how many episodes it holds."""
+    max_rows = EVENT_ROWS if max_rows is None else max_rows
+    rows, gap = list(events), 1
+    span = max((e.end for e in events), default=0) + 1
+    while len(rows) > max_rows and gap <= span:
+        gap *= 2
+        rows = _merged(events, gap)
+    return sorted(rows, key=lambda e: (e.step, e.kind))
+
+
+def _merged(events, gap):
+    groups = {}
+    for e in sorted(events, key=lambda e: e.step):
+        key = (e.kind, e.evidence.split(":")[0] if e.kind == "dead" else "")
+        groups.setdefault(key, []).append([e])
+    out = []
+    for chain in groups.values():
+        merged = [chain[0]]
+        for (e,) in chain[1:]:
+            if e.step - merged[-1][-1].end <= gap:
+                merged[-1].append(e)
+            else:
+                merged.append([e])
+        for m in merged:
+            first = m[0]
+            note = f" [{len(m)} episodes, steps {first.step}-{max(x.end for x in m)}]" if len(m) > 1 else ""
+            out.append(Event(first.kind, first.step, max(x.end for x in m), sum(x.count for x in m),
+                             first.evidence + note))
+    return out
+
+
+def event_summary(events):
+    """One line per kind: how many episodes and flagged steps, first and last step."""
+    kinds = {}
+    for e in events:
+        kinds.setdefault(e.kind, []).append(e)
+    return [f"{k}: {len(es)} episode{'s' * (len(es) != 1)}, {sum(e.count for e in es)} step"
+            f"{'s' * (sum(e.count for e in es) != 1)} flagged, steps {min(e.step for e in es)}-{max(e.end for e in es)}"
+            for k, es in kinds.items()]

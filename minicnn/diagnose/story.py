@@ -36,11 +36,13 @@ def after_story(t, i):
     n = t.n
     tail = slice(min(i + 1, n - 1), n)
     lines = []
-    for name in t.relu_layers():
-        d = t(f"dead.{name}")[tail]
+    src = t.unit_source()
+    for name in t.relu_layers() if src else ():
+        d = t(src + name)[tail]
         if np.isfinite(d).any() and np.nanmedian(d) >= DEAD_LAYER:
-            since = i + 1 + int(np.argmax(d >= DEAD_LAYER))
-            lines.append(f"{100 * np.nanmedian(d):.0f}% of {name} units have been dead since step "
+            with np.errstate(invalid="ignore"):
+                since = i + 1 + int(np.argmax(d >= DEAD_LAYER))
+            lines.append(f"{100 * np.nanmedian(d):.0f}% of {name} units have been dead {t.where()} since step "
                          f"{int(t.step[min(since, n - 1)])}")
     layers = t.param_layers()
     if layers:
@@ -53,7 +55,8 @@ def after_story(t, i):
     loss = t("loss")[tail]
     level = float(np.nanmedian(loss)) if np.isfinite(loss).any() else math.nan
     if np.isfinite(level):
-        lines.append(_level_line(t, level, n - 1 - i, t("top_class_share")[tail]))
+        source = t.prediction_source()
+        lines.append(_level_line(t, level, n - 1 - i, t(source[0])[tail] if source else np.full(1, np.nan)))
     return lines
 
 
@@ -65,5 +68,5 @@ def _level_line(t, level, steps_since, share):
                 else f" ~ the label entropy {h:.2f} (constant prediction)")
     msg += f" for the {steps_since:,} steps since"
     if np.isfinite(share).any():
-        msg += f"; {100 * np.nanmedian(share):.0f}% of each batch gets the same class"
+        msg += f"; {100 * np.nanmedian(share):.0f}% of the {t.images()} get the same class"
     return msg

@@ -33,9 +33,16 @@ OSC_WINDOW = 20
 OSC_MEAN_COS = -0.5
 OSC_PROGRESS_WINDOW = 100
 OSC_PROGRESS = 0.05       # the smoothed loss fell by less than this share across that window
-# Dead layer: a ReLU layer with this share of its units zero for every sample of the batch passes
-# (almost) no gradient to the layers below.
+# Dead layer: a ReLU layer with this share of its units zero for every image passes (almost) no
+# gradient to the layers below.
 DEAD_LAYER = 0.9
+# Dead layers and a constant prediction are read from the probe: the same PROBE_SIZE held-out
+# images every PROBE_EVERY steps (minicnn.config). On a training batch a unit is "dead" when it is
+# zero for the batch's few images: on batches of 2 the explain case-3 runs read 95-99% dead while
+# they learned to 65-90% val accuracy, and one run listed 178 one-step "dead" episodes. Without a
+# probe (runs recorded before it, --probe-every 0) the training batch stands in only from this
+# many images up: at batch 32+ the batch figures of the healthy runs stayed below 60% dead.
+BATCH_EVIDENCE_MIN = 32
 # Collapse: (nearly) the whole batch predicted as one class and the batch loss within this many nats
 # of the label entropy (ln 10 for 10 balanced classes): the network outputs a constant. A batch's
 # composition moves a constant predictor's loss around the entropy (2.40 against 2.303 on the
@@ -55,8 +62,12 @@ EARLY_STEPS = 50
 STALL_GRAD_FRAC = 0.1
 STALL_FLAT = 0.05
 STALL_ABOVE_BEST = 0.5
-# Divergence: NaN/inf, or the smoothed loss this many times its starting value.
+# Divergence: NaN/inf, or the smoothed loss this many times its starting value to the end of the run
+# and still within EXPLODED_NEAR_PEAK of its peak there: a loss that keeps growing. An lr-1e6 step
+# threw a run to loss 3e24 and then onto a flat 6e4 (every ReLU dead under one huge logit): that is
+# a plateau, not a divergence.
 DIVERGE_FACTOR = 10.0
+EXPLODED_NEAR_PEAK = 0.1
 # Edge of stability: lr * lambda_max >= 2 (gradient descent on a quadratic with curvature lambda
 # is stable only for lr < 2/lambda).
 EOS_RATIO = 2.0
@@ -76,9 +87,21 @@ PLATEAU_RISE_FRAC = 0.3
 OVERFIT_REL = 0.1
 SMOOTH = 20          # steps in the moving average used for run-level levels
 START_STEPS = 5      # the run's starting loss is the mean over its first this many steps (one batch is noisy)
-# Collapse's decisive step: steps just before the largest update that moved the weights at least this
-# share as much belong to the same outsized move; the first of them is named.
-CHAIN_FRAC = 0.5
+# Decisive step = onset. The step that threw a run off is found as the largest update (relative to
+# the weights, max over layers) in the window where it happened; the ONSET is the first of the run
+# of outsized steps that ends there: walking back from the largest, a step before it belongs to the
+# same move when it moved the weights ONSET_FACTOR times the median update of the ONSET_WINDOW
+# steps before the move, or ran at ONSET_FACTOR times their median lr. A one-step lr jump is its
+# own onset (its update is ~lr_jump/lr times the usual: 180x for 0.05 -> 9.0), not the step after
+# it, whose update on the jump's huge gradient is often larger still (5474% against ~100% measured
+# for the lr-9 jump at step 150 of a conv8k5-conv16k3-fc32 run: the old rule named step 151).
+# Healthy runs at a constant lr stay within 3x of their median update ratio step to step.
+ONSET_FACTOR = 10.0
+ONSET_WINDOW = 50
+# A plateau needs the gradient reaching the first layer to have fallen below this share of its median
+# before the onset: on the collapsed runs it fell to 0 (every ReLU dead) or below 1% of before; the
+# narrow batch-2 run that kept learning noisily had 1.5 against 0.24 before -- risen, not fallen.
+GRAD_FALLEN = 0.1
 # A plateau (dead layers / constant prediction) "lasts to the end" when its episode ends within
 # this many steps of the run's last step (episodes are merged across gaps of up to STATE_GAP
 # steps, so the last few steps may fall outside the episode).
@@ -90,5 +113,46 @@ PLATEAU_END_SLACK = 5
 # oscillation, stall); edge-of-stability measurements, taken every K steps, merge across 2K.
 SPIKE_GAP = OVERSHOOT_GAP = 3
 STATE_GAP = 5
+# The event table (minicnn inspect, the figure's shading) merges nearby episodes of a kind until at
+# most this many rows remain.
+EVENT_ROWS = 24
 
 
+# An update that moves a layer by this share of its norm is outsized whatever came before it (the
+# onset walk-back needs a history of usual steps; at step 0 there is none). Healthy runs: the
+# largest update ratio of any step of the explore runs at lr 0.05-0.1 was ~0.1 (first steps of a
+# fresh network); the steps that killed a network moved a layer by 0.26-924x its norm.
+OUTSIZED_UPDATE = 0.5
+
+# ---------------------------------------------------------------- causes (minicnn.diagnose.causes)
+# lr spike: the lr at the onset this many times the median lr of the 50 steps before. Schedules that
+# users write change the lr by 0.1x (step decay) or smoothly (cosine, warmup: at most 2x per step
+# from the second step of a warmup on); a 10x jump up within one step is an outsized lr.
+LR_SPIKE_FACTOR = 10.0
+# Un-normalised inputs: values beyond this magnitude. Images scaled to [0, 1] stay within 1;
+# standardised MNIST / CIFAR-10 within 2.8 / 2.6; pixels left at 0-255 reach 255. (explain's case 2,
+# softmax regression on pixels x 10, reaches 10; case 3's x 3 does not count.)
+INPUT_ABS_MAX = 5.0
+# An initialisation far too large: the first |logit| above this with normal inputs. PyTorch's
+# default init gives first logits of 0.1-1 on the built-in data (small, tiny, mlp nets); x 30 gave
+# thousands.
+INIT_LOGIT_MAX = 20.0
+# ... or, without logit statistics, a first loss this many times the label entropy.
+FIRST_LOSS_FACTOR = 3.0
+# Tiny batches: at most this many images, so one confidently wrong image makes the whole step
+# (explain's case 3: batches of 2, a batch loss of 10-40 on the step that killed the ReLUs).
+TINY_BATCH = 4
+# High momentum: each gradient keeps acting for 1/(1-m) steps; at m >= 0.95 that is 20+ steps, so
+# a learning rate tuned without momentum is 20x too large.
+MOMENTUM_HIGH = 0.95
+# Too much weight decay: lr x wd shrinks the weights by this share every step before the gradient
+# acts (1%: halved in 70 steps) and the weight norm ended below WD_SHRINK of its start.
+WD_STEP_DECAY = 0.01
+WD_SHRINK = 0.5
+# Learning rate too small: the median step moves the weights by less than this share of their norm
+# (healthy runs at lr 0.05-0.1: 0.1-1% per step; lr 1e-4: ~0.0001%).
+SLOW_UPDATE_RATIO = 1e-4
+# Labels that do not follow the images: the best validation accuracy within this of chance while the
+# training accuracy reached MEMORISED_TRAIN_ACC.
+CHANCE_MARGIN = 0.05
+MEMORISED_TRAIN_ACC = 0.5

@@ -1,24 +1,29 @@
-"""The verdict: one name for what happened to a run as a whole, its decisive step, and the
-mechanism in numbers. ``diagnose`` tries the verdicts in order of severity; each is a function
-of the run's Levels (start, best and final loss, what it learned) and its events."""
+"""The verdict: one name for what happened to a run as a whole, its decisive step (the onset), the
+mechanism in numbers, and the most likely cause with what to try. ``diagnose`` tries the verdicts in
+order of severity; each is a function of the run's Levels and its events."""
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .causes import NO_CAUSE, Cause, find_cause
 from .events import Trace, find_events, overshoot_flags
+from .onset import onset, step_sizes
 from .story import after_story, step_story
 from .thresholds import (
-    CHAIN_FRAC,
     COLLAPSE_MIN_STEPS,
+    EARLY_STEPS,
+    GRAD_FALLEN,
     LEARNED_DROP_FRAC,
     NEVER_LEARNED_FRAC,
+    OUTSIZED_UPDATE,
     PLATEAU_END_SLACK,
     PLATEAU_RISE,
     PLATEAU_RISE_FRAC,
     SMOOTH,
     START_STEPS,
     UNSTABLE_OVERSHOOT_SHARE,
+    WD_SHRINK,
 )
 
 VERDICTS = ("healthy", "slow", "unstable", "collapse", "diverged", "stuck", "overfitting", "empty")
@@ -28,13 +33,17 @@ VERDICTS = ("healthy", "slow", "unstable", "collapse", "diverged", "stuck", "ove
 class Diagnosis:
     verdict: str                 # one of VERDICTS
     title: str                   # one line
-    decisive_step: int = None
+    decisive_step: int = None    # the onset: the first step of what went wrong
     lines: list = field(default_factory=list)     # the mechanism, in numbers
     events: list = field(default_factory=list)
+    cause: Cause = field(default_factory=lambda: NO_CAUSE)   # the most likely cause, its evidence, what to try
 
     @property
     def text(self):
-        return "\n".join([self.title] + ["  " + line for line in self.lines])
+        lines = [self.title] + ["  " + line for line in self.lines]
+        if self.cause.name != "none" or self.verdict not in ("healthy", "empty"):
+            lines += ["  " + line for line in self.cause.text.splitlines()]
+        return "\n".join(lines)
 
     def __str__(self):
         return self.text
@@ -54,9 +63,10 @@ class Levels:
     never: bool
     over_share: float            # share of steps that raised their own batch's loss (full trace)
     by_kind: dict
+    t_evals: dict = None         # the run's evaluations (evals.csv)
 
     @classmethod
-    def of(cls, t, events):
+    def of(cls, t, events, evals=None):
         loss, sm = t("loss"), t.smoothed_loss
         head = loss[:min(t.n, START_STEPS)]
         start = float(np.mean(head[np.isfinite(head)])) if np.isfinite(head).any() else math.nan
@@ -73,15 +83,30 @@ class Levels:
         for ev in events:
             by_kind.setdefault(ev.kind, []).append(ev)
         return cls(t, events, start, best_i, best, float(sm[-1]) if finite[-1] else math.nan, base,
-                   best < (1 - LEARNED_DROP_FRAC) * base, best > NEVER_LEARNED_FRAC * base, over_share, by_kind)
+                   best < (1 - LEARNED_DROP_FRAC) * base, best > NEVER_LEARNED_FRAC * base, over_share, by_kind,
+                   evals)
 
     def index(self, step):
         return int(np.flatnonzero(self.t.step == step)[0])
 
     def plateau(self):
-        """Dead-layer and constant-prediction episodes that last to the end of the run."""
+        """Dead-layer and constant-prediction episodes (on the probe) that last to the end of the run."""
         last = self.t.step[-1]
-        return [e for e in self.events if e.kind in ("dead", "collapse") and e.end >= last - PLATEAU_END_SLACK]
+        slack = max(PLATEAU_END_SLACK, self.t.state_gap())
+        return [e for e in self.events if e.kind in ("dead", "collapse") and e.end >= last - slack]
+
+    def grad_fallen(self, i):
+        """(fallen, before, after): the gradient reaching the first layer after index i against before it."""
+        layers = self.t.param_layers()
+        if not layers:
+            return True, math.nan, math.nan
+        g = self.t(f"grad_norm.{layers[0]}")
+        g0 = np.nanmedian(g[max(0, i - EARLY_STEPS):max(1, i)]) if np.isfinite(g[:max(1, i)]).any() else math.nan
+        tail = g[min(i + 1, self.t.n - 1):]
+        g1 = np.nanmedian(tail) if np.isfinite(tail).any() else math.nan
+        if not (np.isfinite(g0) and np.isfinite(g1)):
+            return True, g0, g1
+        return bool(g1 < GRAD_FALLEN * g0 or g0 == 0), float(g0), float(g1)
 
     def rose(self):
         """The loss ended well above its best."""
@@ -94,126 +119,169 @@ class Levels:
 
 
 def diagnose(run):
-    """One verdict for a run (``minicnn.load_run``), with its decisive step and the mechanism in numbers."""
+    """One verdict for a run (``minicnn.load_run``), with its decisive step, the mechanism in numbers
+    and the most likely cause."""
     events = find_events(run)
     t = Trace.of_run(run)
     if t.n == 0:
         return Diagnosis("empty", "no steps recorded", events=events)
-    lv = Levels.of(t, events)
+    lv = Levels.of(t, events, run.evals)
     for verdict in (_diverged, _stuck, _collapse, _unstable, _overfitting, _slow):
         d = verdict(lv)
         if d is not None:
-            return d
-    return _healthy(lv)
+            break
+    else:
+        d = _healthy(lv)
+    if d.verdict != "healthy":
+        T = lv.index(d.decisive_step) if d.decisive_step is not None else None
+        d.cause = find_cause(lv, d.verdict, T, run.config, onset_is_a_step=not d.title.startswith("unstable after"))
+    return d
 
 
 def _diverged(lv):
     if "diverged" not in lv.by_kind:
         return None
     ev = lv.by_kind["diverged"][0]
-    first_spike = next((e for e in lv.events if e.kind in ("spike", "overshoot") and e.step <= ev.step), None)
-    d = Diagnosis("diverged", f"diverged at step {ev.step}: {ev.evidence}", ev.step, events=lv.events)
-    if first_spike:
-        d.lines.append(f"it started at step {first_spike.step} ({first_spike.kind}): "
-                       f"{step_story(lv.t, lv.index(first_spike.step))}")
-    d.lines.append(f"at step {ev.step}: {step_story(lv.t, lv.index(ev.step))}")
+    i = lv.index(ev.step)
+    if i == 0:
+        d = Diagnosis("diverged", f"non-finite from the start: {ev.evidence} at step 0, before any step",
+                      0, events=lv.events)
+        d.lines.append("mechanism: the inputs or the initial weights are so large that the first forward pass "
+                       "overflows; no step was taken")
+        return d
+    T = lv.t.step[onset(lv.t, 0, i + 1)]
+    d = Diagnosis("diverged", f"diverged at step {ev.step}: {ev.evidence}", int(T), events=lv.events)
+    d.lines.append(f"it started at step {T}: {step_story(lv.t, lv.index(T))}")
+    if T != ev.step:
+        d.lines.append(f"at step {ev.step}: {step_story(lv.t, i)}")
     d.lines.append("mechanism: each step overshot by more than the last (lr x curvature > 2), so the "
                    "weights and the loss grew geometrically until they overflowed")
     return d
 
 
 def _stuck(lv):
-    """Dead from the initialisation, before any step: a plateau no lr leaves."""
+    """On a plateau from the start and never off it: dead from the initialisation, or held there
+    (e.g. by weight decay) without one large step throwing it there."""
     plateau = lv.plateau()
-    dead0 = sorted({e.evidence.split(":")[0] for e in plateau if e.kind == "dead" and e.step == 0})
-    if not (lv.never and min((e.step for e in plateau), default=None) == 0 and dead0):
+    if not (lv.never and plateau):
         return None
-    d = Diagnosis("stuck", f"stuck from the start: initialised on a plateau (loss {lv.start:.3f}, best {lv.best:.3f})",
-                  0, events=lv.events)
-    d.lines.append(f"{', '.join(dead0)} dead from step 0: no gradient flows below them, so the weights "
-                   "under a dead layer never change, whatever the learning rate")
-    d.lines += after_story(lv.t, 0)
+    dead0 = sorted({e.evidence.split(":")[0] for e in plateau if e.kind == "dead" and e.step == 0})
+    if dead0:
+        d = Diagnosis("stuck", f"stuck from the start: initialised on a plateau (loss {lv.start:.3f}, "
+                      f"best {lv.best:.3f})", 0, events=lv.events)
+        d.lines.append(f"{', '.join(dead0)} dead from step 0: no gradient flows below them, so the weights "
+                       "under a dead layer never change, whatever the learning rate")
+    elif not _thrown(lv, plateau):
+        T = min(e.step for e in plateau)
+        d = Diagnosis("stuck", f"stuck on a plateau from step {T}, never learning (loss {lv.start:.3f} -> "
+                      f"{lv.final:.3f})", T, events=lv.events)
+        d.lines.append("no single step threw it there: the weights were pulled onto the plateau step by step")
+    else:
+        return None
+    d.lines += after_story(lv.t, lv.index(d.decisive_step))
     d.lines.append("mechanism: the gradient is (near) zero on this plateau, so SGD has nothing to follow; "
-                   "a smaller learning rate does not help, a different initialisation does")
+                   "a smaller learning rate does not help, a different initialisation or setup does")
     return d
 
 
-def _relapse(lv):
-    """Risen again without a plateau at the end while jumping around: instability, not a collapse."""
-    return lv.learned and lv.rose() and not lv.plateau() and lv.unstable_evidence()
+def _thrown(lv, plateau):
+    """Whether an outsized step (see onset) led onto the plateau while the weights still had their
+    size: as weight decay pulls the weights towards 0, each step is large next to what is left."""
+    T1 = max(e.step for e in plateau)
+    hi = int(np.flatnonzero(lv.t.step >= T1)[0]) + 1
+    size, by_update = step_sizes(lv.t, slice(0, hi))
+    if not by_update:
+        return True
+    wn = lv.t("weight_norm")[:hi]
+    w0 = wn[np.isfinite(wn)][0] if np.isfinite(wn).any() else np.nan
+    intact = ~(wn < WD_SHRINK * w0) if np.isfinite(w0) else np.ones(hi, bool)
+    return bool(np.any((size >= OUTSIZED_UPDATE) & intact))
 
 
 def _collapse(lv):
-    """Thrown onto a plateau: after learning (the loss rose and stayed up), or before it could learn."""
+    """Thrown onto a plateau (dead layers / a constant prediction on the probe, the gradient reaching
+    the first layer fallen): after learning (the loss rose and stayed up), or before it could learn."""
     plateau = lv.plateau()
-    if not ((lv.learned and lv.rose() and not _relapse(lv)) or (plateau and not lv.learned)):
+    if not plateau or not (lv.rose() or not lv.learned):
         return None
-    T = _decisive_step(lv, plateau)
+    lo = max(0, lv.best_i - SMOOTH) if lv.learned else 0
+    T1 = max(e.step for e in plateau)
+    hi = int(np.flatnonzero(lv.t.step >= T1)[0]) + 1
+    i = onset(lv.t, lo, hi)
+    fallen, g0, g1 = lv.grad_fallen(i)
+    if not fallen:
+        return None
+    T = int(lv.t.step[i])
     if lv.learned:
         title = (f"progress, then collapse onto a plateau at step {T} (best smoothed loss {lv.best:.3f} "
                  f"at step {int(lv.t.step[lv.best_i])}, final {lv.final:.3f})")
     else:
         title = f"thrown onto a plateau at step {T} before it could learn (loss {lv.start:.3f} -> {lv.final:.3f})"
     d = Diagnosis("collapse", title, T, events=lv.events)
-    d.lines.append(f"step {T}: {step_story(lv.t, lv.index(T))}")
-    d.lines += after_story(lv.t, lv.index(T))
+    d.lines.append(f"step {T}: {step_story(lv.t, i)}")
+    d.lines += after_story(lv.t, i)
     d.lines.append("mechanism: one large step threw the weights off the valley onto a flat region "
                    "(dead ReLUs / a constant prediction) where the gradient is near zero, so nothing "
                    "pulls them back")
     return d
 
 
-def _decisive_step(lv, plateau):
-    """The step that threw the run onto its plateau: the largest update relative to the weights (max
-    over layers) between the best point (or the start) and where the last of the plateau's conditions
-    set in; without update ratios in the trace, the largest same-batch rise (or batch loss).
-
-    Not the same-batch rise first: the step that kills every ReLU often LOWERS its own batch's loss
-    (one image at loss 14 -> a constant prediction at ln 10), measured on a batch-2 run whose largest
-    rise in the window came 400 steps early. A fresh network often predicts one class from step 0;
-    the step that killed its ReLUs comes after, hence the window's end."""
-    t = lv.t
-    lo_i = max(0, lv.best_i - SMOOTH) if lv.learned else 0
-    T1 = max((e.step for e in plateau), default=None)
-    hi_i = int(np.flatnonzero(t.step >= T1)[0]) + 1 if T1 is not None else t.n - 1
-    window = slice(lo_i, max(hi_i, lo_i + 1))
-    ratios = [t(f"update_ratio.{name}")[window] for name in t.param_layers()]
-    by_update = bool(ratios) and np.isfinite(np.vstack(ratios)).any()
-    if by_update:
-        with np.errstate(invalid="ignore"):
-            jump = np.nan_to_num(np.nanmax(np.vstack(ratios), axis=0), nan=-np.inf)
-    else:
-        loss, after = t("loss"), t("loss_after")
-        jump = (after - loss)[window] if np.isfinite(after[window]).any() else loss[window]
-        jump = np.where(np.isfinite(jump), jump, np.inf)
-    k = int(np.argmax(jump))
-    if by_update:   # the first of a chain of outsized steps (an lr-10 step, then the lr-0.1 step on
-        while k > 0 and jump[k - 1] >= CHAIN_FRAC * jump[k]:     # its huge gradient): the cause
-            k -= 1
-    return int(t.step[lo_i + k])
-
-
 def _unstable(lv):
-    if not ((lv.never or _relapse(lv)) and lv.unstable_evidence()):
+    """Jumping around and never learning, or learned and then worse again while the loss keeps moving."""
+    after_learning = lv.learned and lv.rose()
+    if not ((lv.never and lv.unstable_evidence()) or after_learning):
         return None
-    osc = lv.by_kind.get("oscillation", [])
-    title = (f"unstable from the start: the loss jumps around and never learns (start {lv.start:.3f}, "
-             f"best smoothed {lv.best:.3f}, final {lv.final:.3f})" if lv.never else
-             f"unstable: the loss jumps around; it fell to {lv.best:.3f} (smoothed, step {int(lv.t.step[lv.best_i])}) "
-             f"and is back at {lv.final:.3f}")
-    d = Diagnosis("unstable", title, 0, events=lv.events)
+    if lv.never:
+        title = (f"unstable from the start: the loss jumps around and never learns (start {lv.start:.3f}, "
+                 f"best smoothed {lv.best:.3f}, final {lv.final:.3f})")
+        T = 0
+    else:
+        title = (f"unstable after learning: it fell to {lv.best:.3f} (smoothed, step {int(lv.t.step[lv.best_i])}) "
+                 f"and is back at {lv.final:.3f}")
+        T = int(lv.t.step[lv.best_i])
+    d = Diagnosis("unstable", title, T, events=lv.events)
+    d.lines += _instability_lines(lv)
+    if after_learning:
+        d.lines += _degraded_lines(lv)
+    else:
+        d.lines.append(f"step 0: {step_story(lv.t, 0)}")
+    d.lines.append("mechanism: the steps are too large for where the weights are: each overshoots the valley "
+                   "it is in (lr x sharpness > 2) or follows a few images' noisy gradient, and lands somewhere "
+                   "no better")
+    return d
+
+
+def _instability_lines(lv):
+    lines = []
     if np.isfinite(lv.over_share):
-        d.lines.append(f"{100 * lv.over_share:.0f}% of steps raised the loss on their own batch (overshoot)")
+        lines.append(f"{100 * lv.over_share:.0f}% of steps raised the loss on their own batch (overshoot)")
+    osc = lv.by_kind.get("oscillation", [])
     if osc:
-        d.lines.append(f"consecutive gradients point against each other: {osc[0].evidence}")
+        lines.append(f"consecutive gradients point against each other: {osc[0].evidence}")
     spikes = lv.by_kind.get("spike", [])
     if spikes:
-        d.lines.append(f"{sum(e.count for e in spikes)} loss spikes, the first at step {spikes[0].step}: "
-                       f"{spikes[0].evidence}")
-    d.lines.append(f"step 0: {step_story(lv.t, 0)}")
-    d.lines.append("mechanism: the step is too large for the curvature (lr x sharpness > 2), so each step "
-                   "overshoots the valley it is in and lands somewhere no better")
-    return d
+        lines.append(f"{sum(e.count for e in spikes)} loss spikes, the first at step {spikes[0].step}: "
+                     f"{spikes[0].evidence}")
+    return lines
+
+
+def _degraded_lines(lv):
+    """After learning: not a plateau -- the numbers that say the network is still there, and moving."""
+    lines = []
+    e = lv.t_evals or {}
+    if len(e.get("val_acc", [])):
+        va = np.asarray(e["val_acc"], dtype=np.float64)
+        lines.append(f"validation accuracy: best {100 * np.nanmax(va):.0f}%, final {100 * va[-1]:.0f}%")
+    fallen, g0, g1 = lv.grad_fallen(lv.best_i)
+    if np.isfinite(g0) and np.isfinite(g1) and not fallen:
+        lines.append(f"not a plateau: the gradient reaching the first layer is {g1:.2g} (it was {g0:.2g} before), "
+                     f"the loss keeps moving")
+    elif np.isfinite(g0) and np.isfinite(g1):
+        lines.append(f"the gradient reaching the first layer fell to {g1:.2g} (it was {g0:.2g} before), but "
+                     f"nothing measured whether units died or the prediction is constant: "
+                     + ("the batch is too small to tell" if lv.t.unit_source() is None else "no plateau seen")
+                     + (" (train with --probe-every K to measure it)" if not lv.t.probed else ""))
+    return lines
 
 
 def _overfitting(lv):
