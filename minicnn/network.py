@@ -48,6 +48,12 @@ class Layer:
     def fan_in_out(self):
         return 0, 0
 
+    def per_sample_grads(self, ops, ws, dout):
+        """Per-sample gradients of this layer's parameters, given the gradient at its output
+        dout: (N,) + out_shape (as ``backward`` gets it): one (N,) + param shape array per
+        parameter, in ``param_shapes`` order (none for a layer without parameters)."""
+        return ()
+
     def buffers(self, n, ops, dtype):
         """{name: array} this layer writes for a batch of n: its output (unless fused into the
         layer before) and its input gradient (unless fused into the layer after)."""
@@ -98,6 +104,10 @@ class Conv2d(Layer):
         bufs = ws.out(self.name, "dx", "work") if need_dx else ws.out(self.name, "work")
         dx, _, _ = ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
+
+    def per_sample_grads(self, ops, ws, dout):
+        w, _ = self.params
+        return ops.conv2d_weight_grad_per_sample(dout, self.x, w, self.S, self.P, **ws.out(self.name, "work"))
 
 
 class ReLU(Layer):
@@ -185,6 +195,9 @@ class Dense(Layer):
         bufs = ws.out(self.name, "dx") if need_dx else {}
         dx, _, _ = ops.dense_backward(dout, self.x, w, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
+
+    def per_sample_grads(self, ops, ws, dout):
+        return ops.dense_weight_grad_per_sample(dout, self.x)
 
 
 LAYER_KINDS = {"conv": Conv2d, "relu": ReLU, "maxpool": MaxPool2d, "flatten": Flatten, "fc": Dense}
@@ -497,6 +510,40 @@ class Network:
         loss = self.loss(x, y)
         self.backward()
         return loss, [self.ops.host_copy(g) for g in self.grads]
+
+    def per_sample_grads(self, x, y, out=None):
+        """Per-sample gradients of the loss, one row per sample: G[i] = d loss_i / d w, with loss_i
+        the cross-entropy of sample i alone, in flat_params order (``param_layers()`` slices the
+        columns by layer). The batch gradient of the mean loss is their mean:
+        G.mean(axis=0) == flat_grads (up to rounding).
+
+        x: (N, C, H, W), y: (N,) int -> G: (N, num_params) float64 host array (``out``: a C-contiguous
+        float64 array of that shape to fill instead). Memory: N * num_params floats.
+        One forward and the normal backward (its input gradients do not depend on the sum over the
+        batch), plus each parameter layer's per-sample weight-gradient op on the same output
+        gradient. Like ``loss`` + ``backward``, it leaves the batch gradient in ``flat_grads``.
+        """
+        x = self._check_input(x)
+        n = x.shape[0]
+        y = self._check_labels(y, n)
+        if out is None:
+            out = np.empty((n, self.num_params))
+        elif out.shape != (n, self.num_params) or out.dtype != np.float64 or not out.flags.c_contiguous:
+            raise ConfigError(f"per_sample_grads: out must be a C-contiguous float64 array of shape "
+                              f"({n}, {self.num_params}), got {out.dtype} {out.shape}")
+        self._loss(x, y)
+        dout = self.ops.softmax_cross_entropy_backward(self.probs, self.labels, **self._ws.out("loss", "dlogits"))
+        first = np.cumsum([0] + [len(layer.param_shapes) for layer in self.layers])   # each layer's first param
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            col = int(self.offsets[first[i]])
+            for g in layer.per_sample_grads(self.ops, self._ws, dout):
+                size = g.size // n
+                out[:, col:col + size] = self.ops.host_copy(g).reshape(n, size)
+                col += size
+            dout = layer.backward(self.ops, self._ws, dout, need_dx=i > 0)
+        out *= n             # the ops see d(mean loss)/d logits = (probs - onehot) / N
+        return out
 
     def trace_stats(self):
         """Logit statistics of the last _loss call's batch (see ops logit_stats), and the dead

@@ -577,6 +577,82 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     return dx, dw, db
 
 
+# Per-sample weight gradients (the gradient-noise instruments): the dW product of conv2d_backward
+# with the batch kept apart. Image n owns the columns n*Mn .. (n+1)*Mn of gt and cols (Mn = OH*WR),
+# so its [dW | db] is gt[:, block n] @ cols[:, block n].T: F*(CKK+1) dot products of two contiguous
+# runs of length Mn. One prange iteration per image computes all of them, each dot with the
+# lane-blocked sum of the dense kernels (fixed order: deterministic, independent of thread count).
+# The same multiply-adds as the batch dW product, but at Numba's vector rate rather than BLAS's.
+@njit(cache=True)
+def _conv2d_weight_grad_per_sample_body(dw, db, gt, cols, N, F, CKK, Mn, LANES, n):
+    # dw: (N, F, CKK), db: (N, F), gt: (F, N*Mn) dout in row layout (0 in wide columns),
+    # cols: (CKK+1, N*Mn) im2col with the ones row last.
+    # [dw | db][n, f, r] = sum_q gt[f, n*Mn + q] * cols[r, n*Mn + q]   (row CKK of cols: db)
+    # one iteration (n) of the loop in _conv2d_weight_grad_per_sample_kernel / _serial
+    ML = Mn - Mn % LANES
+    base = n * Mn
+    acc = np.empty(LANES, dtype=dw.dtype)
+    for f in range(F):
+        g = gt[f, base:base + ML].reshape((ML // LANES, LANES))
+        for r in range(CKK + 1):
+            c = cols[r, base:base + ML].reshape((ML // LANES, LANES))
+            acc[:] = 0
+            for k in range(ML // LANES):
+                _mul_add(acc, g[k], c[k], LANES)
+            s = acc[0]
+            for lane in range(1, LANES):
+                s += acc[lane]
+            for q in range(base + ML, base + Mn):
+                s += gt[f, q] * cols[r, q]
+            if r < CKK:
+                dw[n, f, r] = s
+            else:
+                db[n, f] = s
+
+
+@njit(parallel=True, cache=True)
+def _conv2d_weight_grad_per_sample_kernel(dw, db, gt, cols, N, F, CKK, Mn, LANES):
+    for n in prange(N):
+        _conv2d_weight_grad_per_sample_body(dw, db, gt, cols, N, F, CKK, Mn, LANES, n)
+
+
+@njit(cache=True)
+def _conv2d_weight_grad_per_sample_serial(dw, db, gt, cols, N, F, CKK, Mn, LANES):
+    for n in range(N):
+        _conv2d_weight_grad_per_sample_body(dw, db, gt, cols, N, F, CKK, Mn, LANES, n)
+
+
+def conv2d_weight_grad_per_sample(dout, x, w, stride, pad, dw=None, db=None, work=None):
+    """Per-sample weight gradients of conv2d: conv2d_backward's dw, db before the sum over the batch.
+
+    dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K) (only its shape is used)
+    -> dw: (N, F, C, K, K), db: (N, F)
+    work: the workspace that the forward pass of this same x filled (its cols are reused; its
+    transient gt is overwritten); without it the cols are recomputed.
+    """
+    x = _input(x)
+    dt = _float_dtype(x)
+    dout = _input(dout, dt)
+    N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, (w.shape[0],), stride, pad)
+    if dout.shape != (N, F, OH, OW):
+        raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
+    dw = _output(dw, (N, F, C, K, K), dt, "dw")
+    db = _output(db, (N, F), dt, "db")
+    CKK = C * K * K
+    WR = W + 2 * pad if stride == 1 else OW
+    if work is None:
+        work = _conv_work(None, x.shape, w.shape, stride, pad, dt)
+        _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
+    else:
+        work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
+    gt, cols = work["gt"], work["cols"]
+    (_nchw_to_rows_kernel if _parallel(gt.size) else _nchw_to_rows_serial)(gt, dout, N, F, OH, OW, WR)
+    kernel = (_conv2d_weight_grad_per_sample_kernel if _parallel(cols.size)
+              else _conv2d_weight_grad_per_sample_serial)
+    kernel(dw.reshape(N, F, CKK), db, gt, cols, N, F, CKK, OH * WR, _DOT_LANES)
+    return dw, db
+
+
 def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
     """Check conv arguments; return (N, C, H, W, F, K, OH, OW, S, P) with S, P as Python ints."""
     if len(x_shape) != 4 or len(w_shape) != 4:
@@ -909,6 +985,51 @@ def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
     else:
         _products.run([(dout, w, dx)])
     return dx, dw, db
+
+
+@njit(cache=True)
+def _dense_weight_grad_per_sample_body(dw, db, dout, x, N, D, O, n):
+    # dw: (N, O, D), db: (N, O), dout: (N, O), x: (N, D);  dw[n, o] = dout[n, o] * x[n], db[n] = dout[n]
+    # one iteration (n) of the loop in _dense_weight_grad_per_sample_kernel / _serial
+    for o in range(O):
+        g = dout[n, o]
+        db[n, o] = g
+        row = dw[n, o]
+        xr = x[n]
+        for d in range(D):
+            row[d] = g * xr[d]
+
+
+@njit(parallel=True, cache=True)
+def _dense_weight_grad_per_sample_kernel(dw, db, dout, x, N, D, O):
+    for n in prange(N):
+        _dense_weight_grad_per_sample_body(dw, db, dout, x, N, D, O, n)
+
+
+@njit(cache=True)
+def _dense_weight_grad_per_sample_serial(dw, db, dout, x, N, D, O):
+    for n in range(N):
+        _dense_weight_grad_per_sample_body(dw, db, dout, x, N, D, O, n)
+
+
+def dense_weight_grad_per_sample(dout, x, dw=None, db=None):
+    """Per-sample weight gradients of the dense layer: dense_backward's dw, db before the batch sum.
+
+    dout: (N, O), x: (N, D) -> dw: (N, O, D) with dw[n] = outer(dout[n], x[n]), db: (N, O) = dout
+    """
+    x = _input(x)
+    dt = _float_dtype(x)
+    dout = _input(dout, dt)
+    if x.ndim != 2 or dout.ndim != 2 or dout.shape[0] != x.shape[0]:
+        raise ValueError(f"dense_weight_grad_per_sample: dout {dout.shape} and x {x.shape} do not match")
+    N, D = x.shape
+    O = dout.shape[1]
+    dw = _output(dw, (N, O, D), dt, "dw")
+    db = _output(db, (N, O), dt, "db")
+    kernel = (_dense_weight_grad_per_sample_kernel if _parallel(dw.size)
+              else _dense_weight_grad_per_sample_serial)
+    kernel(dw, db, dout, x, N, D, O)
+    return dw, db
 
 
 def _dense_sizes(x_shape, w_shape, b_shape):
