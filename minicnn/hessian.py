@@ -9,16 +9,23 @@ for all parameters or one layer's block.
     op.restrict("conv2")                          # the block H_ll of one layer as an operator
 
 Hessian-vector products. ``HessianOperator`` works on a float64 twin of the network (same spec,
-weights copied in, on the CPU for every device, as trace.Sharpness does) and computes
-H v = (grad(w + h v) - grad(w - h v)) / (2 h) with h = HVP_REL_EPS * max(1, |w|) / |v|: two
-gradient evaluations per product. Why finite differences and not an exact R-operator (Pearlmutter's
-forward-mode pass through every layer): an R-op would cost about the same (a forward and a backward
-with a tangent carried along, ~2 gradients) and be exact, but it needs a forward-mode twin of every
-kernel in all three backends; the centred difference reuses the one tested gradient and is accurate
-to ~1e-7 relative in float64 (O(h^2) truncation against O(1e-16 / h) rounding). Its one weakness is
-the same as any piecewise-linear network's: a ReLU or max-pool switch within h of w makes the
-product see the kink (measure of such w is tiny; the tests check against dense Hessians and against
-PyTorch's double backward, benchmarks/bench_instruments.py).
+weights copied in, on the CPU for every device, as trace.Sharpness does). By default (method
+"exact") each product is ``Network.hessian_vector_product``: Pearlmutter's R-operator, the forward
+and backward passes differentiated along v, built from the same ops; it equals PyTorch's double
+backward to rounding (1e-16 relative on network A) and costs about EXACT_HVP_GRAD_EQUIV gradient
+evaluations. Method "fd" is the centred difference of two gradients that trace.Sharpness uses,
+H v = (grad(w + h v) - grad(w - h v)) / (2 h), h = HVP_REL_EPS * max(1, |w|) / |v|: 2 gradient
+evaluations, accurate to ~1e-8 where the loss is smooth, but wrong wherever a ReLU or max-pool
+switches between w - h v and w + h v -- and on real data that is not rare: a unit whose
+pre-activation is within ~h |patch| of 0 switches, and with N * (units per image) candidates some
+do. Measured on network A (benchmarks/bench_instruments.py, shapes data, initial weights, batch 8):
+the product along a random direction was off by 670% for one direction in three, and the power
+iteration of trace.Sharpness returned lambda_max = 23.5 against the exact 3.95 (batch 32: 2.56
+against 2.16). Hence the exact R-operator: about 1.5x the work of the two gradients, and no kinks
+(the Hessian it gives, like PyTorch's, is that of the piece of the loss the weights are on).
+
+Cost: every result reports ``hvps`` (Hessian-vector products), ``grad_evals`` (gradient
+evaluations, or their equivalent for exact products) and ``seconds``.
 
 A layer block: ``op.restrict(name)`` (or ``HessianOperator(..., layer=name)``) is H_ll, the block of
 one parameter layer (its weight and bias): v is nonzero only in that layer's slice and the product
@@ -39,7 +46,6 @@ here with Lanczos instead of its deflated power iteration for the top eigenvalue
   first components of T's eigenvectors); the density is the average over runs of
   sum_j tau_j N(t; theta_j, sigma^2), which integrates to 1 (times the number of parameters: the
   eigenvalue count density).
-Every result reports its cost: gradient evaluations and seconds.
 """
 import math
 import time
@@ -49,18 +55,23 @@ import numpy as np
 
 from .errors import ConfigError
 
-# Finite-difference step for Hessian-vector products, relative to the weight norm (the product
-# direction is normalised): in float64 the centred difference's truncation error is
-# O(h^2 * third derivative) and its rounding error O(1e-16 / h); 1e-4 of max(1, |w|) balances both
-# for the networks here (the value trace.Sharpness uses).
+METHODS = ("exact", "fd")
+# An exact product (R-operator) in gradient evaluations, by multiply-adds: a gradient is a forward
+# (1 unit) and a backward (2: dW and dX); the R-operator runs them plus the tangent forward (2 per
+# layer: x rw and rx w) and the tangent backward (4: two backward passes): 9 units = 3 gradients.
+# Measured on network A, batch 32, cpu: 44 ms against 13 ms for a gradient.
+EXACT_HVP_GRAD_EQUIV = 3
+# method "fd": finite-difference step relative to the weight norm (the product direction is
+# normalised): the centred difference's truncation error is O(h^2 * third derivative), its
+# rounding error O(1e-16 / h); 1e-4 of max(1, |w|) is the value trace.Sharpness uses.
 HVP_REL_EPS = 1e-4
 
 # Lanczos for the top eigenvalues: stop when every wanted Ritz pair's residual |H y - theta y|
 # (= beta_m |s_mi|, free from T) is below LANCZOS_TOL * |lambda_1|. Eigenvalue errors go as the
-# residual squared over the gap, so 1e-3 leaves them far below the FD products' own ~1e-7 noise
-# for separated eigenvalues, and at ~1e-3 relative for clustered ones.
+# residual squared over the gap: ~1e-6 relative for separated eigenvalues, up to ~1e-3 for
+# clustered ones -- well inside what an instrument compares (lr * lambda against 2).
 LANCZOS_TOL = 1e-3
-# At most this many Lanczos steps (two gradient evaluations each) per call.
+# At most this many Lanczos steps (one Hessian-vector product each) per call.
 LANCZOS_MAX_STEPS = 80
 
 # Hutchinson: stop when the standard error is below HUTCHINSON_REL_SE of |trace| (after at least
@@ -93,6 +104,7 @@ class EigenResult:
     steps: int
     converged: bool
     ritz_values: np.ndarray
+    hvps: int
     grad_evals: int
     seconds: float
 
@@ -109,6 +121,7 @@ class TraceResult:
     stderr: float
     samples: int
     layers: dict = field(default_factory=dict)
+    hvps: int = 0
     grad_evals: int = 0
     seconds: float = 0.0
 
@@ -124,6 +137,7 @@ class DensityResult:
     ritz_weights: np.ndarray
     sigma: float
     size: int
+    hvps: int
     grad_evals: int
     seconds: float
 
@@ -135,12 +149,17 @@ class HessianOperator:
     net: any Network (its spec, input shape and current weights are used; it is not modified);
     x: (N, C, H, W), y: (N,) the batch; flat_params: (P,) weights instead of the network's current
     ones; layer: a parameter layer's name (``[n for n, _ in net.param_layers()]``) for that layer's
-    block H_ll only. ``size`` is the dimension (P, or the layer's parameter count). ``grad_evals``
-    and ``seconds`` count the gradient evaluations made through this operator and their time.
+    block H_ll only; method: "exact" (R-operator) or "fd" (finite differences), see the module
+    docstring. ``size`` is the dimension (P, or the layer's parameter count). ``hvps``,
+    ``grad_evals`` and ``seconds`` count the products made through this operator, their cost in
+    gradient evaluations and their time.
     """
 
-    def __init__(self, net, x, y, flat_params=None, layer=None):
+    def __init__(self, net, x, y, flat_params=None, layer=None, method="exact"):
         from .network import Network
+        if method not in METHODS:
+            raise ConfigError(f"unknown Hessian-vector product method '{method}'; accepted: {', '.join(METHODS)}")
+        self.method = method
         self.twin = Network(net.spec, net.input_shape, seed=0, dtype=np.float64,
                             device="numpy" if net.device == "numpy" else "cpu")
         w = net.get_flat_params() if flat_params is None else flat_params
@@ -152,8 +171,7 @@ class HessianOperator:
         self.y = np.ascontiguousarray(y, dtype=np.int64)
         self.layers = self.twin.param_layers()             # [(name, slice)] of the full parameter vector
         self.h = HVP_REL_EPS * max(1.0, float(np.linalg.norm(w)))
-        self.grad_evals = 0
-        self.seconds = 0.0
+        self.hvps, self.grad_evals, self.seconds = 0, 0, 0.0
         self._set_block(layer)
 
     def _set_block(self, layer):
@@ -171,13 +189,13 @@ class HessianOperator:
         (with its own cost counters)."""
         op = object.__new__(HessianOperator)
         op.__dict__.update(self.__dict__)
-        op.grad_evals, op.seconds = 0, 0.0
+        op.hvps, op.grad_evals, op.seconds = 0, 0, 0.0
         op._set_block(layer)
         return op
 
     def gradient(self, w=None):
         """The float64 gradient of the mean loss on the batch at flat weights w (default: the
-        operator's), all parameters: (P,). One gradient evaluation."""
+        operator's), all parameters: (P,). One gradient evaluation (counted in grad_evals and seconds)."""
         t0 = time.perf_counter()
         self.twin.set_flat_params(self.w if w is None else w)
         self.twin.loss(self.x, self.y)
@@ -188,11 +206,23 @@ class HessianOperator:
         return g
 
     def hvp(self, v):
-        """H v for v: (size,) (in the block when the operator is restricted) -> (size,).
-        Centred difference of two gradients (module docstring)."""
+        """H v for v: (size,) (in the block when the operator is restricted) -> (size,)."""
         v = np.asarray(v, dtype=np.float64)
         if v.shape != (self.size,):
             raise ConfigError(f"hvp: v must have shape ({self.size},), got {v.shape}")
+        self.hvps += 1
+        if self.method == "fd":
+            return self._hvp_fd(v)
+        t0 = time.perf_counter()
+        full = np.zeros(self.twin.num_params)
+        full[self.block] = v
+        self.twin.set_flat_params(self.w)
+        out = self.twin.hessian_vector_product(self.x, self.y, full)[self.block]
+        self.grad_evals += EXACT_HVP_GRAD_EQUIV
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def _hvp_fd(self, v):
         nv = float(np.linalg.norm(v))
         if nv == 0:
             return np.zeros(self.size)
@@ -206,6 +236,11 @@ class HessianOperator:
 
     def __matmul__(self, v):
         return self.hvp(v)
+
+
+def _cost(op, h0, e0, t0):
+    """(hvps, grad_evals, seconds) spent on op since the counts h0, e0 and the time t0."""
+    return dict(hvps=op.hvps - h0, grad_evals=op.grad_evals - e0, seconds=time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- Lanczos
@@ -255,13 +290,13 @@ def _tridiag_eig(alpha, beta):
 def top_eigenvalues(op, k=1, tol=LANCZOS_TOL, max_steps=LANCZOS_MAX_STEPS, seed=0, v0=None):
     """The k largest (most positive) eigenvalues of op and their vectors, by Lanczos.
 
-    op: a HessianOperator (or anything with .size, .hvp(v), .grad_evals, .seconds); k >= 1;
+    op: a HessianOperator (or anything with .size, .hvp(v), .hvps, .grad_evals); k >= 1;
     tol: residual tolerance relative to |lambda_1|; v0: (size,) start vector (default: Gaussian
     from seed; a previous top eigenvector warm-starts a measurement a few steps later). -> EigenResult
     """
     if not 1 <= k <= min(op.size, max_steps):
         raise ConfigError(f"k must be between 1 and min(the operator's size {op.size}, max_steps {max_steps}), got {k}")
-    e0, t0 = op.grad_evals, time.perf_counter()
+    h0, e0, t0 = op.hvps, op.grad_evals, time.perf_counter()
     rng = np.random.default_rng(seed)
     v0 = rng.standard_normal(op.size) if v0 is None else np.asarray(v0, dtype=np.float64)
     state = {}
@@ -284,8 +319,7 @@ def top_eigenvalues(op, k=1, tol=LANCZOS_TOL, max_steps=LANCZOS_MAX_STEPS, seed=
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     conv = bool(np.all(res[:len(top)] <= tol * max(abs(theta[-1]), abs(theta[0]), 1e-300)))
     return EigenResult(values=theta[top], vectors=vectors, residuals=np.asarray(res[:len(top)]),
-                       steps=len(alpha), converged=conv, ritz_values=theta,
-                       grad_evals=op.grad_evals - e0, seconds=time.perf_counter() - t0)
+                       steps=len(alpha), converged=conv, ritz_values=theta, **_cost(op, h0, e0, t0))
 
 
 def lambda_max(op, **kw):
@@ -310,7 +344,7 @@ def hutchinson_trace(op, max_samples=HUTCHINSON_MAX_SAMPLES, rel_se=HUTCHINSON_R
     if max_samples < 2 or min_samples < 2:
         raise ConfigError(f"hutchinson_trace needs at least 2 samples (for its standard error), got "
                           f"max_samples={max_samples}, min_samples={min_samples}")
-    e0, t0 = op.grad_evals, time.perf_counter()
+    h0, e0, t0 = op.hvps, op.grad_evals, time.perf_counter()
     rng = np.random.default_rng(seed)
     blocks = op.layers if op.layer is None else []
     base = op.block.start
@@ -333,8 +367,7 @@ def hutchinson_trace(op, max_samples=HUTCHINSON_MAX_SAMPLES, rel_se=HUTCHINSON_R
 
     tr, se = mean_se(total)
     return TraceResult(trace=tr, stderr=se, samples=len(total),
-                       layers={name: mean_se(s) for name, s in per_layer.items()},
-                       grad_evals=op.grad_evals - e0, seconds=time.perf_counter() - t0)
+                       layers={name: mean_se(s) for name, s in per_layer.items()}, **_cost(op, h0, e0, t0))
 
 
 # --------------------------------------------------------------------------- SLQ
@@ -344,7 +377,7 @@ def spectral_density(op, steps=SLQ_STEPS, runs=SLQ_RUNS, grid_points=SLQ_GRID, s
     steps: Lanczos steps per run; runs: independent Rademacher starts averaged; sigma: Gaussian
     width (default SLQ_SIGMA_REL of the Ritz values' spread). -> DensityResult
     """
-    e0, t0 = op.grad_evals, time.perf_counter()
+    h0, e0, t0 = op.hvps, op.grad_evals, time.perf_counter()
     rng = np.random.default_rng(seed)
     values, weights = [], []
     for _ in range(runs):
@@ -362,4 +395,4 @@ def spectral_density(op, steps=SLQ_STEPS, runs=SLQ_RUNS, grid_points=SLQ_GRID, s
     z = (grid[None, None, :] - ritz[:, :, None]) / sigma   # (runs, m, G)
     dens = (wts[:, :, None] * np.exp(-0.5 * z * z)).sum(axis=1).mean(axis=0) / (sigma * math.sqrt(2 * math.pi))
     return DensityResult(grid=grid, density=dens, ritz_values=ritz, ritz_weights=wts, sigma=sigma,
-                         size=op.size, grad_evals=op.grad_evals - e0, seconds=time.perf_counter() - t0)
+                         size=op.size, **_cost(op, h0, e0, t0))
