@@ -111,15 +111,18 @@ def _ratio(a, b):
 def block_stats(g, d):
     """NoiseStats of one block. g: (P,) the batch gradient G, d: (B, P) the centred per-sample
     gradients g_i - G (float64)."""
-    B = d.shape[0]
+    return _stats(g, np.einsum("ij,ij->i", d, d), d @ g, np.einsum("ij,ij->j", d, d) / d.shape[0], d.shape[0])
+
+
+def _stats(g, sq, dg, var_j, B):
+    """NoiseStats from g: (P,) = G, sq: (B,) = |d_i|^2, dg: (B,) = <d_i, G>, var_j: (P,) = the
+    per-parameter population variance (1/B) sum_i d_ij^2."""
     grad_sq = float(g @ g)
-    sq = np.einsum("ij,ij->i", d, d)                  # (B,) |d_i|^2
-    dg = d @ g                                        # (B,) <d_i, G> = <g_i, G> - |G|^2
     tr_sigma = float(sq.sum()) / (B - 1)
     grad_sq_unb = grad_sq - tr_sigma / B
     b_noise = _ratio(tr_sigma, grad_sq_unb)
     snr = _ratio(grad_sq_unb, tr_sigma / B) if tr_sigma > 0 else (math.inf if grad_sq_unb > 0 else math.nan)
-    var_proj = float(dg @ dg) / (B - 1)               # unbiased variance of <g_i, G>
+    var_proj = float(dg @ dg) / (B - 1)               # unbiased variance of <g_i, G> (its mean is |G|^2)
     if grad_sq > 0:
         orth = np.maximum(sq - dg * dg / grad_sq, 0.0)    # |d_i - (<d_i,G>/|G|^2) G|^2 = the orthogonal part of g_i
         var_orth = float(orth.sum()) / (B - 1)
@@ -128,7 +131,6 @@ def block_stats(g, d):
         ortho = math.sqrt(var_orth / (B * grad_sq))
     else:
         norm_test = inner = ortho = math.inf if tr_sigma > 0 else math.nan
-    var_j = np.einsum("ij,ij->j", d, d) / B             # (P,) population variance, as Cockpit
     gsnr = float(np.mean(g * g / (var_j + GSNR_EPS))) if g.size else math.nan
     return NoiseStats(batch_size=B, grad_sq=grad_sq, tr_sigma=tr_sigma, grad_sq_unbiased=grad_sq_unb,
                       b_noise=b_noise, snr=snr, gsnr_mean=gsnr, norm_test=norm_test,
@@ -140,16 +142,23 @@ def noise_stats(per_sample, layers=None):
 
     per_sample: (B, P) array, row i the gradient of sample i's loss (``Network.per_sample_grads``);
     layers: [(name, slice)] column blocks (``net.param_layers()``), or None for the total only.
-    -> NoiseReport. B >= 2 (the variance needs two samples).
+    -> NoiseReport. B >= 2 (the variance needs two samples). Three (B, P) float64 temporaries.
     """
     t0 = time.perf_counter()
     G = np.asarray(per_sample, dtype=np.float64)
     if G.ndim != 2 or G.shape[0] < 2:
         raise ConfigError(f"noise statistics need per-sample gradients of shape (B, P) with B >= 2, got {G.shape}")
+    B = G.shape[0]
     g = G.mean(axis=0)
-    d = G - g
-    total = block_stats(g, d)
-    per_layer = {name: block_stats(g[sl], d[:, sl]) for name, sl in (layers or [])}
+    d = G - g                                         # (B, P) centred
+    d2 = d * d                                        # (B, P) one pass each; every block sums slices of them
+    dgp = d * g                                       # (B, P)
+    var_j = d2.sum(axis=0) / B                        # (P,)
+
+    def stats(sl):
+        return _stats(g[sl], d2[:, sl].sum(axis=1), dgp[:, sl].sum(axis=1), var_j[sl], B)
+    total = stats(slice(None))
+    per_layer = {name: stats(sl) for name, sl in (layers or [])}
     return NoiseReport(total=total, layers=per_layer, seconds=time.perf_counter() - t0)
 
 
