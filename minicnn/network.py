@@ -598,19 +598,26 @@ class Network:
 
         x: (N, C, H, W), y: (N,) int -> G: (N, num_params) float64 host array (``out``: a C-contiguous
         float64 array of that shape to fill instead). Memory: N * num_params floats.
-        One forward and the normal backward (its input gradients do not depend on the sum over the
-        batch), plus each parameter layer's per-sample weight-gradient op on the same output
-        gradient. Like ``loss`` + ``backward``, it leaves the batch gradient in ``flat_grads``.
+        ``loss`` then ``per_sample_backward``: it leaves the batch gradient in ``flat_grads``.
         """
-        x = self._check_input(x)
-        n = x.shape[0]
-        y = self._check_labels(y, n)
+        self.loss(x, y)
+        return self.per_sample_backward(out)
+
+    def per_sample_backward(self, out=None):
+        """``backward`` of the last ``loss`` call that also returns the per-sample gradients
+        (see per_sample_grads): flat_grads gets exactly what ``backward`` would write (the same ops
+        on the same buffers, bit for bit), so a training step can take its gradient from here on
+        the steps where it measures gradient noise. The backward's input gradients do not depend
+        on the sum over the batch; each parameter layer's per-sample op runs on the same output
+        gradient as its backward. -> (N, num_params) float64 host array."""
+        if self.probs is None:
+            raise ConfigError("per_sample_backward needs a loss first: call net.loss(x, y)")
+        n = self.probs.shape[0]
         if out is None:
             out = np.empty((n, self.num_params))
         elif out.shape != (n, self.num_params) or out.dtype != np.float64 or not out.flags.c_contiguous:
             raise ConfigError(f"per_sample_grads: out must be a C-contiguous float64 array of shape "
                               f"({n}, {self.num_params}), got {out.dtype} {out.shape}")
-        self._loss(x, y)
         dout = self.ops.softmax_cross_entropy_backward(self.probs, self.labels, **self._ws.out("loss", "dlogits"))
         first = np.cumsum([0] + [len(layer.param_shapes) for layer in self.layers])   # each layer's first param
         for i in range(len(self.layers) - 1, -1, -1):

@@ -157,6 +157,25 @@ def test_network_per_sample_grads_are_the_single_image_gradients(spec, seed, n, 
         assert np.abs(G[i] - gi).max() <= 1e-12 * max(1.0, np.abs(gi).max()), (spec, i)
 
 
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
+def test_per_sample_backward_leaves_the_same_gradient_bits_as_backward(device):
+    """A training step may take its gradient from per_sample_backward on noise-measuring steps:
+    flat_grads must be bit-identical to backward's (float32, the default network)."""
+    rng = np.random.default_rng(5)
+    x, y = rng.random((7, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 7)
+    net = Network.from_spec("small", (1, 28, 28), seed=4, dtype=np.float32, device=device)
+    la = net.loss(x, y)
+    net.backward()
+    want = net.get_flat_grads()
+    lb = net.loss(x, y)
+    G = net.per_sample_backward()
+    assert la == lb
+    np.testing.assert_array_equal(net.get_flat_grads(), want)
+    assert G.shape == (7, net.num_params)
+    with pytest.raises(ConfigError, match="needs a loss first"):
+        Network.from_spec("small", (1, 28, 28)).per_sample_backward()
+
+
 def test_network_per_sample_grads_float32_and_devices_agree():
     """The default network in float32 on cpu and numpy, against the float64 result; out= is filled."""
     rng = np.random.default_rng(0)
