@@ -58,6 +58,9 @@ def _early_threads():
 _T = _early_threads()
 for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, _T)
+# PyTorch's OpenMP threads otherwise spin for a while after each of its calls and take the cores
+# from the minicnn call timed next (bench_cpu.py saw the same); passive waiting sleeps instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
@@ -178,15 +181,22 @@ def rel(a, b):
     return float(np.max(d, initial=0.0) / max(1e-300, float(np.max(np.abs(b[fin]), initial=0.0))))
 
 
-def median_time(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def alternate(fns, reps, warmup=1):
+    """Median time of each callable in fns ({label: fn or None}), timed in turns: every repetition
+    runs each once, the order flipping from one repetition to the next, so that a busy spell of the
+    shared machine falls on both sides. -> {label: seconds or None}."""
+    live = {k: f for k, f in fns.items() if f is not None}
+    for f in live.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in live}
+    keys = list(live)
+    for r in range(reps):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            t0 = time.perf_counter()
+            live[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(times[k]) if k in live else None) for k in fns}
 
 
 # --------------------------------------------------------------------------- main
@@ -288,16 +298,14 @@ def main():
     rows = []
     opt = SGD(lr=LR)
     x32 = np.ascontiguousarray(x, np.float32)
+    w_saved = net32.get_flat_params()
 
     def step():
         net32.loss(x32, y)
         net32.backward()
         opt.step([net32.flat_params], [net32.flat_grads])
 
-    w_saved = net32.get_flat_params()
-    t_step = median_time(step, 20, warmup=3)
-    net32.set_flat_params(w_saved)
-    t_step_t = None
+    tstep = tps = thvp = tfhvp = None
     if torch is not None:
         tm32 = torch_model(torch, net32)
         topt = torch.optim.SGD(tm32.parameters(), lr=LR)
@@ -307,29 +315,34 @@ def main():
             topt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(tm32(xt), yt).backward()
             topt.step()
-        t_step_t = median_time(tstep, 20, warmup=3)
-        tm32 = torch_model(torch, net32)               # fresh weights for the per-sample timing
-    rows.append(("train step (float32)", t_step, t_step_t, None, "1 gradient"))
+
+        def tps():
+            torch_per_sample(torch, tm32, xt, yt)
+
+        def thvp():
+            th.full_hvp(v)
+
+        def tfhvp():
+            tf.full_hvp(v)
+    t = alternate({"m": step, "t": tstep}, 20, warmup=3)      # both train from the same weights on
+    rows.append(("train step (float32)", t["m"], t["t"], None, "1 gradient"))
+    t_step = t["m"]
+    net32.set_flat_params(w_saved)
 
     G = net32.per_sample_grads(x32, y)
-    t_ps = median_time(lambda: net32.per_sample_grads(x32, y), args.reps)
-    t_ps_t = (median_time(lambda: torch_per_sample(torch, tm32, xt, yt), args.reps) if torch is not None else None)
-    rows.append(("per-sample grads (float32 -> (N,P))", t_ps, t_ps_t, None, f"N x P = {N} x {net32.num_params}"))
-    rows.append(("noise stats from (N,P)", median_time(lambda: noise_stats(G, net32.param_layers()), args.reps), None, None,
-                 "per layer + total"))
-    rows.append(("gradient_noise (both)", median_time(lambda: gradient_noise(net32, x32, y), args.reps), None, None, ""))
+    t = alternate({"m": lambda: net32.per_sample_grads(x32, y), "t": tps,
+                   "noise": lambda: noise_stats(G, net32.param_layers()),
+                   "both": lambda: gradient_noise(net32, x32, y)}, args.reps * 3)
+    rows.append(("per-sample grads (float32 -> (N,P))", t["m"], t["t"], None, f"N x P = {N} x {net32.num_params}"))
+    rows.append(("noise stats from (N,P)", t["noise"], None, None, "per layer + total"))
+    rows.append(("gradient_noise (both)", t["both"], None, None, ""))
 
     v = np.random.default_rng(1).standard_normal(op.size)
-    t_hvp = median_time(lambda: op.hvp(v), args.reps * 3)
-    t_hvp_t = t_hvp_f = None
-    if torch is not None:
-        t_hvp_t = median_time(lambda: th.full_hvp(v), args.reps * 3)
-        t_hvp_f = median_time(lambda: tf.full_hvp(v), args.reps * 3)
-    t_grad = median_time(lambda: op.gradient(), args.reps * 3)
-    rows.append(("gradient (float64 twin)", t_grad, None, None, "1 gradient"))
-    rows.append(("HVP exact (float64)", t_hvp, t_hvp_t, t_hvp_f, f"1 HVP = {t_hvp / t_grad:.1f} gradients' time"))
-    rows.append(("HVP fd (float64; crosses kinks)", median_time(lambda: op_fd.hvp(v), args.reps * 3), None, None,
-                 "2 gradients"))
+    t = alternate({"m": lambda: op.hvp(v), "t": thvp, "f": tfhvp, "grad": op.gradient, "fd": lambda: op_fd.hvp(v)},
+                  args.reps * 3)
+    rows.append(("gradient (float64 twin)", t["grad"], None, None, "1 gradient"))
+    rows.append(("HVP exact (float64)", t["m"], t["t"], t["f"], f"1 HVP = {t['m'] / t['grad']:.1f} gradients' time"))
+    rows.append(("HVP fd (float64; crosses kinks)", t["fd"], None, None, "2 gradients"))
 
     sharp = Sharpness(net32, x64, y, seed=0)
     res = {}
@@ -337,15 +350,15 @@ def main():
     def run_sharp():
         sharp.v = None
         res["s"] = sharp()
-    t_sh = median_time(run_sharp, args.reps, warmup=0)
-    rows.append(("lambda_max: trace.Sharpness (power)", t_sh, None, None,
+    t = alternate({"m": run_sharp}, args.reps, warmup=0)
+    rows.append(("lambda_max: trace.Sharpness (power)", t["m"], None, None,
                  f"{res['s'][1]} gradients, lambda {res['s'][0]:.5g}"))
 
     def timed_algo(name, f, cost):
         out = {}
-        tm = median_time(lambda: out.__setitem__("m", f(op)), args.reps, warmup=0)
-        tt = median_time(lambda: out.__setitem__("t", f(th)), args.reps, warmup=0) if torch is not None else None
-        rows.append((name, tm, tt, None, cost(out["m"])))
+        t = alternate({"m": lambda: out.__setitem__("m", f(op)),
+                       "t": (lambda: out.__setitem__("t", f(th))) if torch is not None else None}, args.reps, warmup=0)
+        rows.append((name, t["m"], t["t"], None, cost(out["m"])))
 
     timed_algo(f"Lanczos top-{args.k}", lambda o: top_eigenvalues(o, k=args.k),
                lambda r: f"{r.hvps} HVPs, lambda_1 {r.values[0]:.5g}")

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigError
+from .ops.blas import single_thread
 
 METHODS = ("exact", "fd")
 # An exact product (R-operator) in gradient evaluations, by multiply-adds: a gradient is a forward
@@ -73,6 +74,9 @@ HVP_REL_EPS = 1e-4
 LANCZOS_TOL = 1e-3
 # At most this many Lanczos steps (one Hessian-vector product each) per call.
 LANCZOS_MAX_STEPS = 80
+# The Krylov space is invariant (T is exact, Lanczos stops) when the next residual norm is below
+# this fraction of the diagonal entry: rounding of the reorthogonalised products is ~1e-15 of it.
+LANCZOS_BREAKDOWN = 1e-12
 
 # Hutchinson: stop when the standard error is below HUTCHINSON_REL_SE of |trace| (after at least
 # HUTCHINSON_MIN_SAMPLES, so that the standard error itself is estimated from enough samples), or
@@ -253,7 +257,9 @@ def lanczos(op, steps, v0, stop=None):
 
     -> (alpha (m,), beta (m-1,), Q (m, size)) with T = tridiag(beta, alpha, beta) = Q H Q^T, m <= steps
     (fewer when the Krylov space is invariant). ``stop(alpha, beta, beta_next)``, if given, is
-    called after each step and ends the iteration when it returns True.
+    called after each step and ends the iteration when it returns True. The small linear algebra
+    runs with OpenBLAS at one thread (minicnn.ops.blas: its spinning threads cost 10-100x on a
+    shared machine); the products run as the operator runs them.
     """
     n = op.size
     steps = min(steps, n)
@@ -265,14 +271,15 @@ def lanczos(op, steps, v0, stop=None):
         w = op.hvp(q)
         a = float(q @ w)
         alpha.append(a)
-        # full reorthogonalisation (twice is enough: Kahan's rule), which also removes the
-        # a q_j and beta q_{j-1} terms of the three-term recurrence
-        for _ in range(2):
-            w -= Q[:j + 1].T @ (Q[:j + 1] @ w)
-        b = float(np.linalg.norm(w))
-        if stop is not None and stop(alpha, beta, b):
-            break
-        if j + 1 == steps or b <= 1e-12 * max(1.0, abs(a)):     # invariant subspace: T is exact
+        with single_thread():
+            # full reorthogonalisation (twice is enough: Kahan's rule), which also removes the
+            # a q_j and beta q_{j-1} terms of the three-term recurrence
+            for _ in range(2):
+                w -= Q[:j + 1].T @ (Q[:j + 1] @ w)
+            b = float(np.linalg.norm(w))
+            if stop is not None and stop(alpha, beta, b):
+                break
+        if j + 1 == steps or b <= LANCZOS_BREAKDOWN * max(1.0, abs(a)):     # invariant subspace: T is exact
             break
         beta.append(b)
         q = w / b
@@ -281,10 +288,13 @@ def lanczos(op, steps, v0, stop=None):
 
 
 def _tridiag_eig(alpha, beta):
+    """Eigen-decomposition of T = tridiag(beta, alpha, beta): ascending eigenvalues, eigenvectors
+    in columns."""
     T = np.diag(alpha)
     if len(beta):
         T += np.diag(beta, 1) + np.diag(beta, -1)
-    return np.linalg.eigh(T)                  # ascending eigenvalues, eigenvectors in columns
+    with single_thread():
+        return np.linalg.eigh(T)
 
 
 def top_eigenvalues(op, k=1, tol=LANCZOS_TOL, max_steps=LANCZOS_MAX_STEPS, seed=0, v0=None):
@@ -315,7 +325,8 @@ def top_eigenvalues(op, k=1, tol=LANCZOS_TOL, max_steps=LANCZOS_MAX_STEPS, seed=
     # residuals: from the stopping test if it ran on this T, else 0 for an exhausted (invariant) space
     res = state["res"] if "theta" in state and len(state["theta"]) == len(alpha) else np.zeros(min(k, len(alpha)))
     top = np.arange(len(theta) - 1, len(theta) - 1 - min(k, len(theta)), -1)
-    vectors = (S[:, top].T @ Q)
+    with single_thread():
+        vectors = S[:, top].T @ Q
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     conv = bool(np.all(res[:len(top)] <= tol * max(abs(theta[-1]), abs(theta[0]), 1e-300)))
     return EigenResult(values=theta[top], vectors=vectors, residuals=np.asarray(res[:len(top)]),

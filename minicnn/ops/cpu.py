@@ -37,6 +37,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .blas import find_blas_threads
 from .ref import conv_out_size
 # Array helpers and two trace reductions: NumPy does them well on the host.
 # So is the SGD update (element-wise; ref.sgd_update works in place, in arrays kept between steps).
@@ -130,34 +131,11 @@ _SPLIT_MIN_MACS = 1 << 23         # multiply-adds below which a product is one c
                                   # thread at ~50 GFLOP/s; a thread hand-off costs ~20-50 us)
 
 
-def _find_blas_threads():
-    """(get, set) ctypes functions for the thread count of numpy's OpenBLAS, or None."""
-    import ctypes
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", "", "_64"):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    put.argtypes = [ctypes.c_int]
-                    return get, put
-    return None
-
-
 class _Products:
     """Runs the conv matrix products: OpenBLAS at one thread, long ones split over a thread pool."""
 
     def __init__(self):
-        self.blas = _find_blas_threads()
+        self.blas = find_blas_threads()
         self.pool = None
 
     def _pool(self):
