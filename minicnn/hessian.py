@@ -36,7 +36,7 @@ Lens of the Hessian", amirgholami/PyHessian pyhessian/hessian.py: eigenvalues, t
 here with Lanczos instead of its deflated power iteration for the top eigenvalues):
 - top_eigenvalues: Lanczos with full reorthogonalisation (Golub & Van Loan, Matrix Computations,
   ch. 10); stops when the Ritz residual bound beta_m |s_mi| of each of the top k is below
-  tol * |lambda_1|. Lanczos converges on the extreme eigenvalues in far fewer products than power
+  tol times the largest |Ritz value|. Lanczos converges on the extreme eigenvalues in far fewer products than power
   iteration, and returns the largest (most positive) eigenvalues directly, negative ones or not.
 - hutchinson_trace: tr H = E[v^T H v] over Rademacher v (Hutchinson 1990), with the standard error
   of the mean; the same products give every layer's block trace tr H_ll = E[v_l^T (H v)_l].
@@ -68,7 +68,8 @@ EXACT_HVP_GRAD_EQUIV = 3
 HVP_REL_EPS = 1e-4
 
 # Lanczos for the top eigenvalues: stop when every wanted Ritz pair's residual |H y - theta y|
-# (= beta_m |s_mi|, free from T) is below LANCZOS_TOL * |lambda_1|. Eigenvalue errors go as the
+# (= beta_m |s_mi|, free from T) is below LANCZOS_TOL times the largest |Ritz value| (|lambda_1| or
+# |lambda_min|, whichever is larger). Eigenvalue errors go as the
 # residual squared over the gap: ~1e-6 relative for separated eigenvalues, up to ~1e-3 for
 # clustered ones -- well inside what an instrument compares (lr * lambda against 2).
 LANCZOS_TOL = 1e-3
@@ -94,6 +95,9 @@ SLQ_STEPS = 30
 SLQ_RUNS = 3
 SLQ_GRID = 400
 SLQ_SIGMA_REL = 0.01
+# The density's grid reaches this many sigmas past the extreme Ritz values (a Gaussian's mass
+# beyond 5 sigma is 3e-7: the density integrates to 1 on the grid).
+SLQ_GRID_MARGIN = 5
 
 
 # --------------------------------------------------------------------------- results
@@ -301,7 +305,7 @@ def top_eigenvalues(op, k=1, tol=LANCZOS_TOL, max_steps=LANCZOS_MAX_STEPS, seed=
     """The k largest (most positive) eigenvalues of op and their vectors, by Lanczos.
 
     op: a HessianOperator (or anything with .size, .hvp(v), .hvps, .grad_evals); k >= 1;
-    tol: residual tolerance relative to |lambda_1|; v0: (size,) start vector (default: Gaussian
+    tol: residual tolerance relative to the largest |Ritz value| (LANCZOS_TOL); v0: (size,) start vector (default: Gaussian
     from seed; a previous top eigenvector warm-starts a measurement a few steps later). -> EigenResult
     """
     if not 1 <= k <= min(op.size, max_steps):
@@ -402,7 +406,7 @@ def spectral_density(op, steps=SLQ_STEPS, runs=SLQ_RUNS, grid_points=SLQ_GRID, s
     lo, hi = float(ritz.min()), float(ritz.max())
     spread = hi - lo if hi > lo else max(abs(hi), 1.0)
     sigma = SLQ_SIGMA_REL * spread if sigma is None else float(sigma)
-    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_points)
+    grid = np.linspace(lo - SLQ_GRID_MARGIN * sigma, hi + SLQ_GRID_MARGIN * sigma, grid_points)
     z = (grid[None, None, :] - ritz[:, :, None]) / sigma   # (runs, m, G)
     dens = (wts[:, :, None] * np.exp(-0.5 * z * z)).sum(axis=1).mean(axis=0) / (sigma * math.sqrt(2 * math.pi))
     return DensityResult(grid=grid, density=dens, ritz_values=ritz, ritz_weights=wts, sigma=sigma,
