@@ -88,7 +88,7 @@ class NoiseReport:
     def record(self, names=None):
         """A flat dict for a trace row: {"<stat>": total, "<stat>.<layer>": per layer} for each
         statistic in ``names`` (default: every one but batch_size)."""
-        names = names or [f.name for f in fields(NoiseStats) if f.name != "batch_size"]
+        names = names or STATS
         rec = {}
         for n in names:
             rec[n] = getattr(self.total, n)
@@ -99,6 +99,15 @@ class NoiseReport:
     def as_dict(self):
         return {"total": asdict(self.total), "layers": {k: asdict(v) for k, v in self.layers.items()},
                 "seconds": self.seconds}
+
+
+STATS = tuple(f.name for f in fields(NoiseStats) if f.name != "batch_size")
+
+
+def record_columns(layer_names, names=None):
+    """The keys of ``NoiseReport.record(names)`` for parameter layers ``layer_names``, in its order
+    (a trace header before any measurement): ["<stat>", "<stat>.<layer>", ...] per statistic."""
+    return [key for n in (names or STATS) for key in (n, *(f"{n}.{layer}" for layer in layer_names))]
 
 
 def _ratio(a, b):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minicnn import ConfigError, Network
-from minicnn.noise import GSNR_EPS, NoiseStats, block_stats, gradient_noise, noise_stats
+from minicnn.noise import GSNR_EPS, NoiseStats, block_stats, gradient_noise, noise_stats, record_columns
 
 
 def cockpit_formulas(G):
@@ -92,6 +92,9 @@ def test_per_layer_blocks_add_up_to_the_total():
     rec = rep.record()
     assert rec["b_noise"] == rep.total.b_noise and rec["norm_test.a"] == rep.layers["a"].norm_test
     assert "batch_size" not in rec and len(rec) == 3 * (len(NoiseStats.__dataclass_fields__) - 1)
+    assert list(rec) == record_columns(["a", "b"])
+    assert list(rep.record(["b_noise", "snr"])) == record_columns(["a", "b"], ["b_noise", "snr"]) == [
+        "b_noise", "b_noise.a", "b_noise.b", "snr", "snr.a", "snr.b"]
 
 
 def test_unbiased_on_gaussian_per_sample_gradients_with_known_covariance():
