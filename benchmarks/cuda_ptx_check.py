@@ -7,7 +7,7 @@ lower only fails on real hardware).
 
 Step 1 (a child process under NUMBA_ENABLE_CUDASIM=1) trains a tiny network on device "cuda" for
 two steps with the full trace, momentum and lambda_max, in float32 and float64, plus max-pool with
-and without recorded geometry, and records the argument types of every kernel launch. Step 2
+and without recorded geometry and per-sample gradients, and records the argument types of every kernel launch. Step 2
 (this process, simulator off) compiles each (kernel, argument types) to PTX for --cc with
 numba.cuda.compile_ptx and prints one line per kernel. Exit 1 if any fails.
 """
@@ -52,6 +52,7 @@ def record(path):
         t.step()
         t.step()
         gpu.sum_of_squares(t.net.flat_params)
+        t.net.per_sample_grads(x[:2].astype(dtype), y[:2])         # the per-sample weight-gradient kernels
         xd = gpu.to_device(x[:2].astype(dtype))
         out, arg = gpu.maxpool2d_forward(xd, 2, 2)
         gpu.maxpool2d_backward(out, arg, xd.shape, k=2, stride=2)

@@ -48,6 +48,25 @@ class Layer:
     def fan_in_out(self):
         return 0, 0
 
+    def per_sample_grads(self, ops, ws, dout):
+        """Per-sample gradients of this layer's parameters, given the gradient at its output
+        dout: (N,) + out_shape (as ``backward`` gets it): one (N,) + param shape array per
+        parameter, in ``param_shapes`` order (none for a layer without parameters)."""
+        return ()
+
+    # The R-operator (Pearlmutter 1994, "Fast exact multiplication by the Hessian"): the forward and
+    # the backward pass differentiated along a direction of the parameters, for exact Hessian-vector
+    # products (Network.hessian_vector_product). Host arrays only. A tangent None stands for zero.
+    def r_forward(self, ops, rx, rparams):
+        """Tangent of the output from the input's tangent rx: (N,) + in_shape (or None) and the
+        parameters' (rparams, shaped as params); after forward. Keeps rx for r_backward."""
+        return rx
+
+    def r_backward(self, ops, dout, rdout, rparams, need_dx):
+        """From the output gradient dout and its tangent rdout: (tangent of the input gradient, or None
+        when need_dx is False; [tangent of each parameter's gradient])."""
+        return rdout, []
+
     def buffers(self, n, ops, dtype):
         """{name: array} this layer writes for a batch of n: its output (unless fused into the
         layer before) and its input gradient (unless fused into the layer after)."""
@@ -99,6 +118,33 @@ class Conv2d(Layer):
         dx, _, _ = ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
 
+    def per_sample_grads(self, ops, ws, dout):
+        w, _ = self.params
+        return ops.conv2d_weight_grad_per_sample(dout, self.x, w, self.S, self.P, **ws.out(self.name, "work"))
+
+    def r_forward(self, ops, rx, rparams):
+        # conv is bilinear in (x, w): R{out} = conv(x, rw) + rb + conv(rx, w)
+        (w, _), (rw, rb) = self.params, rparams
+        self.rx = rx
+        rout = ops.conv2d_forward(self.x, rw, rb, self.S, self.P)
+        if rx is not None:
+            rout += ops.conv2d_forward(rx, w, np.zeros(self.F, rx.dtype), self.S, self.P)
+        return rout
+
+    def r_backward(self, ops, dout, rdout, rparams, need_dx):
+        # dw = corr(dout, x), db = sum(dout), dx = conv_T(dout, w):
+        # R{dw} = corr(rdout, x) + corr(dout, rx), R{db} = sum(rdout), R{dx} = conv_T(rdout, w) + conv_T(dout, rw)
+        (w, _), (rw, _) = self.params, rparams
+        rdx, rdw, rdb = ops.conv2d_backward(rdout, self.x, w, self.S, self.P, need_dx=need_dx)
+        if self.rx is not None or need_dx:
+            dx2, dw2, _ = ops.conv2d_backward(dout, self.x if self.rx is None else self.rx, rw, self.S, self.P,
+                                              need_dx=need_dx)
+            if self.rx is not None:
+                rdw = rdw + dw2
+            if need_dx:
+                rdx = rdx + dx2
+        return rdx, [rdw, rdb]
+
 
 class ReLU(Layer):
     kind = "relu"
@@ -114,6 +160,12 @@ class ReLU(Layer):
         if self.backward_fused:
             return dout
         return ops.relu_backward(dout, self.out, **ws.out(self.name, "dx"))
+
+    def r_forward(self, ops, rx, rparams):
+        return None if rx is None else ops.relu_backward(rx, self.out)        # the mask of the forward
+
+    def r_backward(self, ops, dout, rdout, rparams, need_dx):
+        return (ops.relu_backward(rdout, self.out) if need_dx else None), []
 
 
 class MaxPool2d(Layer):
@@ -144,6 +196,16 @@ class MaxPool2d(Layer):
         return ops.maxpool2d_backward(dout, self.argmax, self.x_shape,
                                       relu_pooled=self.out if self.relu_fused else None, **ws.out(self.name, "dx"))
 
+    def r_forward(self, ops, rx, rparams):
+        if rx is None:                           # the tangent of each window's winner (host arrays)
+            return None
+        N, C = rx.shape[:2]
+        win = np.asarray(self.argmax).reshape(N, C, -1).astype(np.intp)
+        return np.take_along_axis(rx.reshape(N, C, -1), win, axis=2).reshape(self.out.shape)
+
+    def r_backward(self, ops, dout, rdout, rparams, need_dx):
+        return (ops.maxpool2d_backward(rdout, self.argmax, self.x_shape) if need_dx else None), []
+
 
 class Flatten(Layer):
     kind = "flatten"
@@ -160,6 +222,12 @@ class Flatten(Layer):
 
     def backward(self, ops, ws, dout, need_dx):
         return dout.reshape((dout.shape[0],) + tuple(self.in_shape))
+
+    def r_forward(self, ops, rx, rparams):
+        return None if rx is None else rx.reshape(rx.shape[0], self.out_shape[0])
+
+    def r_backward(self, ops, dout, rdout, rparams, need_dx):
+        return self.backward(ops, None, rdout, need_dx), []
 
 
 class Dense(Layer):
@@ -185,6 +253,30 @@ class Dense(Layer):
         bufs = ws.out(self.name, "dx") if need_dx else {}
         dx, _, _ = ops.dense_backward(dout, self.x, w, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
+
+    def per_sample_grads(self, ops, ws, dout):
+        return ops.dense_weight_grad_per_sample(dout, self.x)
+
+    def r_forward(self, ops, rx, rparams):
+        # R{out} = x rw^T + rb + rx w^T
+        (w, _), (rw, rb) = self.params, rparams
+        self.rx = rx
+        rout = ops.dense_forward(self.x, rw, rb)
+        if rx is not None:
+            rout += ops.dense_forward(rx, w, np.zeros(w.shape[0], rx.dtype))
+        return rout
+
+    def r_backward(self, ops, dout, rdout, rparams, need_dx):
+        # R{dw} = rdout^T x + dout^T rx, R{db} = sum(rdout), R{dx} = rdout w + dout rw
+        (w, _), (rw, _) = self.params, rparams
+        rdx, rdw, rdb = ops.dense_backward(rdout, self.x, w, need_dx=need_dx)
+        if self.rx is not None or need_dx:
+            dx2, dw2, _ = ops.dense_backward(dout, self.x if self.rx is None else self.rx, rw, need_dx=need_dx)
+            if self.rx is not None:
+                rdw = rdw + dw2
+            if need_dx:
+                rdx = rdx + dx2
+        return rdx, [rdw, rdb]
 
 
 LAYER_KINDS = {"conv": Conv2d, "relu": ReLU, "maxpool": MaxPool2d, "flatten": Flatten, "fc": Dense}
@@ -503,6 +595,87 @@ class Network:
         loss = self.loss(x, y)
         self.backward()
         return loss, [self.ops.host_copy(g) for g in self.grads]
+
+    def per_sample_grads(self, x, y, out=None):
+        """Per-sample gradients of the loss, one row per sample: G[i] = d loss_i / d w, with loss_i
+        the cross-entropy of sample i alone, in flat_params order (``param_layers()`` slices the
+        columns by layer). The batch gradient of the mean loss is their mean:
+        G.mean(axis=0) == flat_grads (up to rounding).
+
+        x: (N, C, H, W), y: (N,) int -> G: (N, num_params) float64 host array (``out``: a C-contiguous
+        float64 array of that shape to fill instead). Memory: N * num_params floats.
+        ``loss`` then ``per_sample_backward``: it leaves the batch gradient in ``flat_grads``.
+        """
+        self.loss(x, y)
+        return self.per_sample_backward(out)
+
+    def per_sample_backward(self, out=None):
+        """``backward`` of the last ``loss`` call that also returns the per-sample gradients
+        (see per_sample_grads): flat_grads gets exactly what ``backward`` would write (the same ops
+        on the same buffers, bit for bit), so a training step can take its gradient from here on
+        the steps where it measures gradient noise. The backward's input gradients do not depend
+        on the sum over the batch; each parameter layer's per-sample op runs on the same output
+        gradient as its backward. -> (N, num_params) float64 host array."""
+        if self.probs is None:
+            raise ConfigError("per_sample_backward needs a loss first: call net.loss(x, y)")
+        n = self.probs.shape[0]
+        if out is None:
+            out = np.empty((n, self.num_params))
+        elif out.shape != (n, self.num_params) or out.dtype != np.float64 or not out.flags.c_contiguous:
+            raise ConfigError(f"per_sample_grads: out must be a C-contiguous float64 array of shape "
+                              f"({n}, {self.num_params}), got {out.dtype} {out.shape}")
+        dout = self.ops.softmax_cross_entropy_backward(self.probs, self.labels, **self._ws.out("loss", "dlogits"))
+        first = np.cumsum([0] + [len(layer.param_shapes) for layer in self.layers])   # each layer's first param
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            col = int(self.offsets[first[i]])
+            for g in layer.per_sample_grads(self.ops, self._ws, dout):
+                size = g.size // n
+                out[:, col:col + size] = self.ops.host_copy(g).reshape(n, size)
+                col += size
+            dout = layer.backward(self.ops, self._ws, dout, need_dx=i > 0)
+        out *= n             # the ops see d(mean loss)/d logits = (probs - onehot) / N
+        return out
+
+    def hessian_vector_product(self, x, y, v):
+        """H v: the Hessian of the mean loss of the batch (x, y) at the current weights, times v.
+
+        x: (N, C, H, W), y: (N,) int, v: (num_params,) in flat_params order -> (num_params,) host array
+        in the network's dtype. Exact, without autograd or finite differences: Pearlmutter's
+        R-operator, i.e. the forward pass and then the backward pass differentiated along v, each
+        layer's tangent rule made of the same ops (``r_forward`` / ``r_backward``); ReLU masks and
+        max-pool winners are those of the forward, as in PyTorch's double backward. Costs one
+        forward and backward plus the tangent passes (about two more). Host devices (cpu, numpy)
+        only. Like ``loss`` + ``backward``, it leaves the batch gradient in ``flat_grads``.
+        """
+        if on_device(self.flat_params):
+            raise ConfigError("hessian_vector_product runs on device cpu or numpy; use a host copy of the "
+                              "network (minicnn.hessian.HessianOperator makes one)")
+        x = self._check_input(x)
+        n = x.shape[0]
+        self._loss(x, self._check_labels(y, n))
+        v = np.ascontiguousarray(v, dtype=self.dtype)
+        if v.shape != (self.num_params,):
+            raise ConfigError(f"hessian_vector_product: v must have shape ({self.num_params},), got {v.shape}")
+        rparams = [v[a:b].reshape(p.shape) for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
+        first = np.cumsum([0] + [len(layer.param_shapes) for layer in self.layers])   # each layer's first param
+        r = None
+        for i, layer in enumerate(self.layers):
+            r = layer.r_forward(self.ops, r, rparams[first[i]:first[i + 1]])
+        p = self.probs                        # d/dz of (p - onehot)/N along rz: p * (rz - <p, rz>) / N
+        rd = p * (r - np.sum(p * r, axis=1, keepdims=True)) / n
+        dout = self.ops.softmax_cross_entropy_backward(self.probs, self.labels, **self._ws.out("loss", "dlogits"))
+        out = np.empty(self.num_params, self.dtype)
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            rd_in, rgrads = layer.r_backward(self.ops, dout, rd, rparams[first[i]:first[i + 1]], need_dx=i > 0)
+            col = int(self.offsets[first[i]])
+            for g in rgrads:
+                out[col:col + g.size] = g.reshape(-1)
+                col += g.size
+            dout = layer.backward(self.ops, self._ws, dout, need_dx=i > 0)
+            rd = rd_in
+        return out
 
     def trace_stats(self):
         """Logit statistics of the last _loss call's batch (see ops logit_stats), and the dead

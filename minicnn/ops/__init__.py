@@ -19,6 +19,8 @@ has. Conventions:
   ``FUSES_RELU`` says whether the backend wants the Network to use them (a speed choice only:
   the results are the same).
 - ``need_dx=False`` skips the input gradient (the first layer); dx is then None.
+- ``*_weight_grad_per_sample`` are the weight gradients of ``*_backward`` with the batch axis
+  kept (one per sample, a leading N), for the gradient-noise instruments (minicnn.noise).
 - The loss is a Python float on the host backends and a (1,) device array on cuda: ``item``
   reads either.
 """
@@ -74,6 +76,10 @@ class Backend(Protocol):
     def conv2d_backward(self, dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
         """-> (dx: (N, C, H, W) or None, dw: (F, C, K, K), db: (F,))"""
 
+    def conv2d_weight_grad_per_sample(self, dout, x, w, stride, pad, dw=None, db=None, work=None):
+        """-> (dw: (N, F, C, K, K), db: (N, F)): conv2d_backward's dw, db before the sum over the
+        batch (per-sample gradients). work: the forward's workspace, as for conv2d_backward."""
+
     def maxpool2d_forward(self, x, k, stride, out=None, argmax=None):
         """x: (N, C, H, W) -> (out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32)"""
 
@@ -91,6 +97,10 @@ class Backend(Protocol):
 
     def dense_backward(self, dout, x, w, dx=None, dw=None, db=None, need_dx=True):
         """-> (dx: (N, D) or None, dw: (O, D), db: (O,))"""
+
+    def dense_weight_grad_per_sample(self, dout, x, dw=None, db=None):
+        """dout: (N, O), x: (N, D) -> (dw: (N, O, D), db: (N, O)): dense_backward's dw, db before the
+        sum over the batch (per-sample gradients)."""
 
     def softmax_cross_entropy_forward(self, logits, y, probs=None, loss_out=None):
         """logits: (N, L), y: (N,) int -> (mean loss, probs: (N, L))"""

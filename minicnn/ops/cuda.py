@@ -20,6 +20,8 @@ result is bit-identical from run to run):
                      per (f, r) tile, split over row chunks of m (blockIdx.z) into a workspace,
                      then one thread per weight sums the chunks in order (deterministic split-K).
     conv2d dx        one thread per input element, gathering from the dout windows that cover it.
+    per-sample dw    conv2d and dense: one thread per element of [dw | db] of one sample, its sum
+                     over the output positions in order (no batch sum, so no split-K).
     conv2d db, dense db, loss, sum_of_squares
                      shared-memory tree reductions with a fixed stride pattern.
     maxpool          forward: one thread per output; backward: one thread per input element,
@@ -333,6 +335,33 @@ def _sum_rows_kernel(out, a, N, F, inner):
         out[f] = total
 
 
+@cuda.jit
+def _conv2d_weight_grad_per_sample_kernel(dw, db, dout, x, N, C, H, W, F, K, S, P, OH, OW):
+    """dw: (N, F, C, K, K), db: (N, F), dout: (N, F, OH, OW), x: (N, C, H, W).
+
+    One thread per element q of [dw | db] per sample (grid-stride), q = (n, f, r) with
+    r = (c, u, v) < R = C*K*K a weight and r = R the bias:
+    dw[n, f, c, u, v] = sum over m = (i, j) ascending of dout[n, f, i, j] * xpad[n, c, i*S+u, j*S+v],
+    db[n, f] = sum over m of dout[n, f, i, j]. Each sum in one thread, in order: deterministic.
+    (Not tiled: the instruments run every K steps, not every step.)
+    """
+    R = C * K * K
+    M = OH * OW
+    for q in range(cuda.grid(1), N * F * (R + 1), cuda.gridsize(1)):
+        r = q % (R + 1)
+        f = (q // (R + 1)) % F
+        n = q // ((R + 1) * F)
+        acc = dw.dtype.type(0)
+        if r == R:
+            for m in range(M):
+                acc += dout[n, f, m // OW, m % OW]
+            db[n, f] = acc
+        else:
+            for m in range(M):
+                acc += dout[n, f, m // OW, m % OW] * _patch(x, n * M + m, r, H, W, K, S, P, OH, OW)
+            dw[n, f, r // (K * K), (r // K) % K, r % K] = acc
+
+
 # --------------------------------------------------------------------------- kernels: max-pool
 @cuda.jit
 def _maxpool2d_forward_kernel(out, argmax, x, N, C, H, W, K, S, OH, OW):
@@ -479,6 +508,20 @@ def _matmul_kernel(c, a, b, bias, M, NC, KD, trans_a, trans_b, add_bias, k_per_s
         if add_bias:
             acc += bias[col]
         c[cuda.blockIdx.z, row, col] = acc
+
+
+@cuda.jit
+def _dense_weight_grad_per_sample_kernel(dw, db, dout, x, N, D, O):
+    """dw: (N, O, D), db: (N, O), dout: (N, O), x: (N, D). One thread per element of dw (grid-stride,
+    adjacent threads along d): dw[n, o, d] = dout[n, o] * x[n, d]; the d == 0 thread also writes db."""
+    for q in range(cuda.grid(1), N * O * D, cuda.gridsize(1)):
+        d = q % D
+        o = (q // D) % O
+        n = q // (D * O)
+        g = dout[n, o]
+        dw[n, o, d] = g * x[n, d]
+        if d == 0:
+            db[n, o] = g
 
 
 # --------------------------------------------------------------------------- kernels: reductions, loss
@@ -715,6 +758,20 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     return dx, dw, db
 
 
+def conv2d_weight_grad_per_sample(dout, x, w, stride, pad, dw=None, db=None, work=None):
+    """Per-sample weight gradients of conv2d: conv2d_backward's dw, db before the batch sum.
+    dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K) (only its shape is used)
+    -> dw: (N, F, C, K, K), db: (N, F) (device arrays). work: not needed here."""
+    N, C, H, W = x.shape
+    F, _, K, _ = w.shape
+    _, _, OH, OW = dout.shape
+    dw = _output(dw, (N, F, C, K, K), x.dtype, "dw")
+    db = _output(db, (N, F), x.dtype, "db")
+    blocks, tpb = _grid_1d(N * F * (C * K * K + 1))
+    _conv2d_weight_grad_per_sample_kernel[blocks, tpb](dw, db, dout, x, N, C, H, W, F, K, stride, pad, OH, OW)
+    return dw, db
+
+
 # --------------------------------------------------------------------------- public: max-pool
 def maxpool2d_forward(x, k, stride, out=None, argmax=None):
     """x: (N, C, H, W) -> out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32 (h*W + w)."""
@@ -814,6 +871,18 @@ def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
         dx = _output(dx, (N, D), dtype, "dx")
         _matmul(dx.reshape(1, N, D), dout, w, None, False, False, N, D, O)
     return dx, dw, db
+
+
+def dense_weight_grad_per_sample(dout, x, dw=None, db=None):
+    """Per-sample weight gradients of the dense layer: dense_backward's dw, db before the batch sum.
+    dout: (N, O), x: (N, D) -> dw: (N, O, D) = outer(dout[n], x[n]) per sample, db: (N, O) = dout"""
+    N, D = x.shape
+    O = dout.shape[1]
+    dw = _output(dw, (N, O, D), x.dtype, "dw")
+    db = _output(db, (N, O), x.dtype, "db")
+    blocks, tpb = _grid_1d(N * O * D)
+    _dense_weight_grad_per_sample_kernel[blocks, tpb](dw, db, dout, x, N, D, O)
+    return dw, db
 
 
 # --------------------------------------------------------------------------- public: loss

@@ -86,6 +86,27 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     return _into(dx, dx_) if need_dx else None, _into(dw, dw_), _into(db, dout.sum(axis=(0, 2, 3)))
 
 
+def conv2d_weight_grad_per_sample(dout, x, w, stride, pad, dw=None, db=None, work=None):
+    """Per-sample weight gradients of conv2d: conv2d_backward's dw, db before the sum over the batch.
+
+    dw[n,f,c,u,v] = sum_{i,j} dout[n,f,i,j] * xpad[n,c,i*S+u,j*S+v],   db[n,f] = sum_{i,j} dout[n,f,i,j]
+
+    dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K) (only its shape is used)
+    -> dw: (N, F, C, K, K), db: (N, F);   dw.sum(axis=0) and db.sum(axis=0) are conv2d_backward's.
+    work: not needed here (a backend may reuse the forward's im2col from it).
+    """
+    N, C, H, W = x.shape
+    F, _, K, _ = w.shape
+    _, _, OH, OW = dout.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    dw_ = np.zeros((N, F, C, K, K), dtype=x.dtype)
+    for i in range(OH):
+        for j in range(OW):
+            patch = xp[:, :, i * stride:i * stride + K, j * stride:j * stride + K]   # (N, C, K, K)
+            dw_ += dout[:, :, i, j][:, :, None, None, None] * patch[:, None]      # (N, F, C, K, K)
+    return _into(dw, dw_), _into(db, dout.sum(axis=(2, 3)))
+
+
 # --------------------------------------------------------------------------- max-pool
 def maxpool2d_forward(x, k, stride, out=None, argmax=None):
     """out[n,c,i,j] = max over the KxK window at (i*S, j*S); no padding.
@@ -148,6 +169,14 @@ def dense_forward(x, w, b, out=None):
 def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
     """dout: (N, O), x: (N, D), w: (O, D) -> dx: (N, D) (None when need_dx is False), dw: (O, D), db: (O,)"""
     return (_into(dx, dout @ w) if need_dx else None), _into(dw, dout.T @ x), _into(db, dout.sum(axis=0))
+
+
+def dense_weight_grad_per_sample(dout, x, dw=None, db=None):
+    """Per-sample weight gradients of the dense layer: dense_backward's dw, db before the batch sum.
+
+    dout: (N, O), x: (N, D) -> dw: (N, O, D) with dw[n] = outer(dout[n], x[n]), db: (N, O) = dout
+    """
+    return _into(dw, dout[:, :, None] * x[:, None, :]), _into(db, np.array(dout, copy=True))
 
 
 # --------------------------------------------------------------------------- loss
