@@ -14,26 +14,10 @@ SPEC = "small"
 
 
 def torch_net(net):
-    """The same architecture in torch.nn with the minicnn weights copied in."""
-    import torch.nn as nn
-    layers = []
-    for layer in net.layers:
-        if layer.kind == "conv":
-            layers.append(nn.Conv2d(layer.in_shape[0], layer.F, layer.K, layer.S, layer.P))
-        elif layer.kind == "relu":
-            layers.append(nn.ReLU())
-        elif layer.kind == "maxpool":
-            layers.append(nn.MaxPool2d(layer.K, layer.S))
-        elif layer.kind == "flatten":
-            layers.append(nn.Flatten())
-        else:
-            layers.append(nn.Linear(layer.in_shape[0], layer.out_shape[0]))
-    model = nn.Sequential(*layers).to(torch.float64 if net.dtype == np.float64 else torch.float32)
-    params = list(model.parameters())
-    assert [tuple(p.shape) for p in params] == [p.shape for p in net.params]
-    with torch.no_grad():
-        for tp, p in zip(params, net.params):
-            tp.copy_(torch.from_numpy(p.copy()))
+    """The same architecture in torch.nn with the minicnn weights copied in (minicnn.torch.to_torch,
+    itself checked against PyTorch on drawn models in test_torch_interop.py)."""
+    model = net.to_torch()
+    assert [tuple(p.shape) for p in model.parameters()] == [p.shape for p in net.params]
     return model
 
 
