@@ -210,3 +210,36 @@ def test_event_table_merges_nearby_episodes():
     assert len(rows) <= 24
     assert sum(e.count for e in rows) == sum(e.count for e in events)
     assert any("episodes" in e.evidence for e in rows) and any(e.kind == "dead" for e in rows)
+
+
+# ---------------------------------------------------------------- the issue's runs, as users ran them (slow)
+REAL_MNIST = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+NARROW = "conv4k3p1-relu-maxpool2-conv8k3p1-relu-maxpool2-fc10"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [20, 21])
+def test_narrow_batch_2_runs_get_a_verdict_their_accuracy_agrees_with(tmp_path, seed):
+    """Whether these runs collapse depends on the last bits of the arithmetic (another BLAS, another
+    path), so the truth is read from their held-out accuracy: at chance at the end -> collapse,
+    else never a collapse, and no dead-unit claim without the probe's evidence."""
+    out = str(tmp_path / "run")
+    train(out=out, arch=NARROW, input_scale=3, batch_size=2, steps=3000, eval_every=100, trace="light", seed=seed)
+    run = load_run(out)
+    d = diagnose(run)
+    if run.evals["val_acc"][-1] <= 0.15:
+        assert d.verdict == "collapse" and d.cause.name == "tiny_batch", d.text
+    else:
+        assert d.verdict in ("unstable", "healthy"), d.text
+        assert "dead" not in d.text, d.text
+
+
+@pytest.mark.slow
+def test_mnist_raw_pixels_name_the_inputs(tmp_path):
+    if not (REAL_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST files not present in {REAL_MNIST}")
+    res = CliRunner().invoke(main, ["train", "--data", "mnist", "--data-dir", str(REAL_MNIST), "--input-scale", "255",
+                                    "--lr", "0.1", "--steps", "300", "-q", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "likely cause: un-normalised inputs (values up to 255)" in res.output, res.output
+    assert "normalise the inputs to [0, 1] (divide by 255)" in res.output
