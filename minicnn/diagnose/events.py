@@ -37,6 +37,7 @@ from .thresholds import (
     OVERSHOOT_SHARE,
     OVERSHOOT_WINDOW,
     SMOOTH,
+    SMOOTH_IMAGES,
     SPIKE_ABS,
     SPIKE_FACTOR,
     SPIKE_GAP,
@@ -145,7 +146,12 @@ class Trace:
 
     @property
     def smoothed_loss(self):
-        return self.cached("smoothed loss", lambda: smooth(self("loss"), SMOOTH))
+        return self.cached("smoothed loss", lambda: smooth(self("loss"), self.smooth_window))
+
+    @property
+    def smooth_window(self):
+        """Steps in the run-level moving average: SMOOTH, or enough for SMOOTH_IMAGES images."""
+        return max(SMOOTH, -(-SMOOTH_IMAGES // self.batch_size)) if self.batch_size else SMOOTH
 
     def relu_layers(self):
         names = [k.split("dead.", 1)[1] for k in self.steps if k.startswith(("dead.", "probe_dead."))]

@@ -86,6 +86,11 @@ PLATEAU_RISE_FRAC = 0.3
 # Overfitting: validation loss this far (relative) above its minimum while training loss kept falling.
 OVERFIT_REL = 0.1
 SMOOTH = 20          # steps in the moving average used for run-level levels
+# ... and at least this many images: the noise of a mean loss falls with the images averaged, not the
+# steps. 20 steps of 32 at the batch sizes the thresholds were measured at; at batch 2 the 20-step
+# average swung between 0.21 and 1.46 within 70 steps of a run whose held-out accuracy moved by 2
+# points (bench_diagnosis --seed 100, tinybatch-s2), which read as "learned, then worse".
+SMOOTH_IMAGES = 640
 START_STEPS = 5      # the run's starting loss is the mean over its first this many steps (one batch is noisy)
 # Decisive step = onset. The step that threw a run off is found as the largest update (relative to
 # the weights, max over layers) in the window where it happened; the ONSET is the first of the run

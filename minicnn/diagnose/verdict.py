@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .causes import NO_CAUSE, Cause, find_cause
+from .causes import NO_CAUSE, Cause, Signs, find_cause, lr_spike
 from .events import Trace, find_events, overshoot_flags
 from .onset import onset, step_sizes
 from .story import after_story, step_story
@@ -20,7 +20,6 @@ from .thresholds import (
     PLATEAU_END_SLACK,
     PLATEAU_RISE,
     PLATEAU_RISE_FRAC,
-    SMOOTH,
     START_STEPS,
     UNSTABLE_OVERSHOOT_SHARE,
     WD_SHRINK,
@@ -108,10 +107,28 @@ class Levels:
             return True, g0, g1
         return bool(g1 < GRAD_FALLEN * g0 or g0 == 0), float(g0), float(g1)
 
-    def rose(self):
-        """The loss ended well above its best."""
-        return bool(np.isfinite(self.final) and self.final > self.best + max(
+    def plateau_above_best(self, plateau):
+        """The loss on the plateau (its median, from where the plateau began) is well above the best:
+        a collapse whose plateau is too recent for the moving average to have caught up."""
+        i = self.index(min(e.step for e in plateau))
+        level = self.t("loss")[i:]
+        level = float(np.nanmedian(level)) if np.isfinite(level).any() else math.nan
+        return bool(np.isfinite(level) and level > self.best + max(
             PLATEAU_RISE, PLATEAU_RISE_FRAC * (self.base - self.best)))
+
+    def rose(self):
+        """The loss ended well above its best: the smoothed training loss, or the held-out loss of the
+        evaluations (while the training loss did not keep falling: that is overfitting). The held-out
+        loss is the better witness at tiny batches, where even a long average of batch losses is noise."""
+        def above(final, best, base):
+            return bool(np.isfinite(final) and final > best + max(PLATEAU_RISE, PLATEAU_RISE_FRAC * (base - best)))
+        if above(self.final, self.best, self.base):
+            return True
+        vl = np.asarray((self.t_evals or {}).get("val_loss", []), dtype=np.float64)
+        if len(vl) < 2 or not np.isfinite(vl).any() or "overfit" in self.by_kind:
+            return False
+        best = float(np.nanmin(vl))
+        return above(float(vl[-1]), best, self.t.label_entropy) and self.final > self.best
 
     def unstable_evidence(self):
         return ((np.isfinite(self.over_share) and self.over_share >= UNSTABLE_OVERSHOOT_SHARE)
@@ -171,7 +188,7 @@ def _stuck(lv):
                       f"best {lv.best:.3f})", 0, events=lv.events)
         d.lines.append(f"{', '.join(dead0)} dead from step 0: no gradient flows below them, so the weights "
                        "under a dead layer never change, whatever the learning rate")
-    elif not _thrown(lv, plateau):
+    elif not _thrown(lv, plateau) and lv.grad_fallen(lv.index(min(e.step for e in plateau)))[0]:
         T = min(e.step for e in plateau)
         d = Diagnosis("stuck", f"stuck on a plateau from step {T}, never learning (loss {lv.start:.3f} -> "
                       f"{lv.final:.3f})", T, events=lv.events)
@@ -202,9 +219,9 @@ def _collapse(lv):
     """Thrown onto a plateau (dead layers / a constant prediction on the probe, the gradient reaching
     the first layer fallen): after learning (the loss rose and stayed up), or before it could learn."""
     plateau = lv.plateau()
-    if not plateau or not (lv.rose() or not lv.learned):
+    if not plateau or not (lv.rose() or lv.plateau_above_best(plateau) or not lv.learned):
         return None
-    lo = max(0, lv.best_i - SMOOTH) if lv.learned else 0
+    lo = max(0, lv.best_i - lv.t.smooth_window) if lv.learned else 0
     T1 = max(e.step for e in plateau)
     hi = int(np.flatnonzero(lv.t.step >= T1)[0]) + 1
     i = onset(lv.t, lo, hi)
@@ -302,6 +319,23 @@ def _slow(lv):
                      lv.events)
 
 
+def _recovered_lines(lv):
+    """The largest loss spike a healthy run recovered from, and an lr spike that caused it."""
+    spikes = lv.by_kind.get("spike", [])
+    if not spikes:
+        return []
+    loss = lv.t("loss")
+    e = max(spikes, key=lambda e: loss[lv.index(e.step)])
+    line = (f"the run recovered from {sum(x.count for x in spikes)} loss spike(s); the largest at step {e.step}: "
+            f"{e.evidence}")
+    i = lv.index(e.step)
+    if i > 0:
+        cause = lr_spike(Signs(lv, {}), onset(lv.t, max(0, i - 2), i + 1))
+        if cause is not None:
+            line += f", after {cause.title}"
+    return [line]
+
+
 def _healthy(lv):
     t = lv.t
     lines = ["no same-batch test (trace light/off)"]
@@ -313,8 +347,10 @@ def _healthy(lv):
                  + (f", isolated (largest: step {int(t.step[j])}, {loss[j]:.3g} -> {after[j]:.3g}): SGD noise at "
                     f"this lr, from which the next steps recover" if rise[j] > 0 and "overshoot" not in lv.by_kind
                     else "")]
+    lines += _recovered_lines(lv)
     # a plateau the run fell onto and later left (e.g. a few ReLUs survived a catapult and pulled it out)
-    left = [e for e in lv.events if e.kind in ("dead", "collapse") and e.end < t.step[-1] - PLATEAU_END_SLACK
+    plateau = lv.plateau()
+    left = [e for e in lv.events if e.kind in ("dead", "collapse") and e not in plateau
             and e.end - e.step + 1 >= COLLAPSE_MIN_STEPS]
     if left:
         e = max(left, key=lambda e: e.end - e.step)
