@@ -111,6 +111,8 @@ def _diverged(lv):
     if "diverged" not in lv.by_kind:
         return None
     ev = lv.by_kind["diverged"][0]
+    if ev.step == int(lv.t.step[0]) and not np.isfinite(lv.t("loss")[0]):
+        return _nonfinite_from_start(lv, ev)
     first_spike = next((e for e in lv.events if e.kind in ("spike", "overshoot") and e.step <= ev.step), None)
     d = Diagnosis("diverged", f"diverged at step {ev.step}: {ev.evidence}", ev.step, events=lv.events)
     if first_spike:
@@ -119,6 +121,16 @@ def _diverged(lv):
     d.lines.append(f"at step {ev.step}: {step_story(lv.t, lv.index(ev.step))}")
     d.lines.append("mechanism: each step overshot by more than the last (lr x curvature > 2), so the "
                    "weights and the loss grew geometrically until they overflowed")
+    return d
+
+
+def _nonfinite_from_start(lv, ev):
+    """The first loss is already NaN/inf: no update was taken, so nothing overshot."""
+    d = Diagnosis("diverged", f"non-finite from step {ev.step}: the loss was {lv.t('loss')[0]} before any update; "
+                  "nothing was learned", ev.step, events=lv.events)
+    d.lines.append("mechanism: the forward pass already overflows: the inputs or the initial weights are too large "
+                   "for the dtype (see --input-scale, --init-scale and the data's range); the learning rate plays "
+                   "no part")
     return d
 
 
