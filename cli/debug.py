@@ -361,7 +361,10 @@ def _echo_start(s):
 
 def _echo_replay(r):
     src = (f"checkpoint at step {r['checkpoint_step']}" if r["checkpoint_step"] is not None
+           else "the initial weights (no readable checkpoint at or before it)" if r.get("skipped")
            else "the initial weights (no checkpoints in the run)")
+    for line in r.get("skipped", []):
+        click.echo(f"skipped: {line}")
     click.echo(f"replayed {r['replayed_steps']} step(s) from {src} in {r['seconds']:.2f} s")
     cols = "loss" + (" and loss_after" if "loss_after" in r else "")
     if r["match"]:

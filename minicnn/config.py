@@ -47,6 +47,10 @@ TRAIN_PARAM_COPIES = 7
 INPUT_DTYPE = np.float32
 BUILTIN_IMAGE_BYTES = 28 * 28 * 4   # one image of the built-in data: 1x28x28 float32
 
+# what a resumed run may change: its length (more steps or epochs) and the thread count (results do
+# not depend on it); anything else would make the continued run a different one
+RESUME_CHANGES = ("steps", "epochs", "threads")
+
 
 def option(name):
     """The command-line option of a TrainConfig field: batch_size -> --batch-size."""
@@ -171,7 +175,7 @@ def setup(config=None, data=None, adjusted=None, **overrides):
     cfg.validate()
     adjusted = {} if adjusted is None else adjusted
     if cfg.threads and cfg.threads > available_threads():
-        _adjust(cfg, adjusted, "threads", available_threads(), "the most this machine runs (NUMBA_NUM_THREADS)")
+        _adjust(cfg, adjusted, "threads", available_threads(), "the most threads this machine runs (NUMBA_NUM_THREADS)")
     set_threads(cfg.threads)
     if data is None:
         check_data_memory(cfg)
@@ -180,7 +184,8 @@ def setup(config=None, data=None, adjusted=None, **overrides):
     check_input_scale(cfg.input_scale, data)
     data = data.scaled(cfg.input_scale)
     if cfg.batch_size > len(data.y_train):
-        _adjust(cfg, adjusted, "batch_size", len(data.y_train), "every step uses the whole training set")
+        _adjust(cfg, adjusted, "batch_size", len(data.y_train),
+                f"the size of the training set: every step uses all {len(data.y_train)} samples")
     net = Network.from_spec(cfg.arch, input_shape=data.input_shape, seed=cfg.seed, dtype=cfg.dtype,
                             init=cfg.init, init_scale=cfg.init_scale, device=cfg.device)
     if net.num_classes < data.num_classes:
@@ -199,8 +204,8 @@ def _adjust(cfg, adjusted, name, used, why):
 
 
 def adjustment_text(name, a):
-    """One line for an adjusted value: '--batch-size 512 is more than ...; used 200 (why)'."""
-    return f"{option(name)} {a['asked']} cannot be used as asked; used {a['used']} ({a['why']})"
+    """One line for an adjusted value: '--batch-size 512: used 200 instead, every step uses ...'."""
+    return f"{option(name)} {a['asked']}: used {a['used']} instead, {a['why']}"
 
 
 def check_input_scale(scale, data):

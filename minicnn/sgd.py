@@ -112,6 +112,8 @@ class Schedule:
 
     def __init__(self, fn, spec):
         self.fn, self.spec = fn, spec
+        # cosine and linear run over the run's length: another total_steps changes every step's lr
+        self.depends_on_total = bool(re.search(r"(^|\+)(cosine|linear)(:|$)", spec))
 
     def __call__(self, step):
         return float(self.fn(step))

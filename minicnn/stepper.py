@@ -25,7 +25,7 @@ import numpy as np
 from . import diagnose as dg
 from . import trace as tr
 from .config import TrainConfig, sharpness_batch
-from .errors import ConfigError, MinicnnError
+from .errors import ConfigError, DataError, MinicnnError
 from .ops.ref import dead_fraction
 from .rundir import environment, label_entropy, list_checkpoints, load_run
 from .trainer import Trainer
@@ -367,13 +367,12 @@ class Stepper:
         step = int(step)
         if step not in recorded:
             raise ConfigError(f"step {step} is not in this run (steps 0..{int(steps[-1])})")
+        if not isinstance(run.config.get("config"), dict):
+            raise DataError(f"{run_dir}/config.json has no 'config' object; the file is damaged")
         cfg = TrainConfig.from_dict(run.config["config"])
         s = cls(cfg, data=data, history=history)
         t0 = time.perf_counter()
-        ckpts = [(k, p) for k, p in list_checkpoints(run_dir) if k <= step]
-        start = 0
-        if ckpts:
-            start = s.trainer.resume(ckpts[-1][1])
+        start, used, skipped = s.trainer.resume_latest([(k, p) for k, p in list_checkpoints(run_dir) if k <= step])
         cols = {c: run.steps[c] for c in ("loss", "loss_after") if c in run.steps}
         first_bad = None
         rep = None
@@ -388,7 +387,7 @@ class Stepper:
                         first_bad = (t, c, r[c], float(v[recorded[t]]))
                 rep = r
         i = recorded[step]
-        info = {"run": run_dir, "step": step, "checkpoint_step": start if ckpts else None,
+        info = {"run": run_dir, "step": step, "checkpoint_step": start if used else None, "skipped": skipped,
                 "replayed_steps": step + 1 - start, "seconds": time.perf_counter() - t0,
                 "loss": rep["loss"], "recorded_loss": float(run.steps["loss"][i]),
                 "match": first_bad is None, "first_mismatch": first_bad, "reason": ""}
