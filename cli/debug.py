@@ -10,6 +10,7 @@ import cmd
 import math
 import os
 import sys
+import time
 
 import click
 import numpy as np
@@ -22,6 +23,22 @@ from minicnn.stepper import HISTORY
 from .options import config_from_options, training_options
 
 PROMPT = "(minicnn) "
+# 'step N' prints at most this many step lines (every k-th step when N is larger)
+STEP_LINES = 20
+# a long 'until' prints where it is every this many seconds
+PROGRESS_EVERY_S = 2.0
+
+
+class Every:
+    """An on_step callback that prints a progress line at most every ``seconds``."""
+
+    def __init__(self, seconds):
+        self.seconds, self.last = seconds, time.monotonic()
+
+    def __call__(self, rec):
+        if time.monotonic() - self.last >= self.seconds:
+            self.last = time.monotonic()
+            click.echo(f"  ... {step_line(rec)}")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -128,10 +145,17 @@ class DebugShell(cmd.Cmd):
 
     # ---------------------------------------------------------------- commands
     def do_step(self, arg):
-        """step [N]: take N SGD steps (default 1), one line each: lr, the loss on the step's batch
-        before -> after the step, the gradient norm, events."""
-        for rec in self.s.step(_int_arg(arg, 1, "step")):
-            click.echo(step_line(rec))
+        """step [N]: take N SGD steps (default 1, at most the run's length), one line each (every
+        k-th for N > STEP_LINES, k = N / STEP_LINES, and the last): lr, the loss on the step's
+        batch before -> after the step, the gradient norm, events. Ctrl-C stops after a step."""
+        n = _int_arg(arg, 1, "step")
+        if n > self.s.trainer.total:
+            self.s.step(n)                     # the library's one-line error: N beyond the run's length
+        every = math.ceil(n / STEP_LINES)
+        for i in range(n):
+            rec = self.s.step(1)[0]
+            if (i + 1) % every == 0 or i == n - 1:
+                click.echo(step_line(rec))
 
     def do_until(self, arg):
         # the help text (the docstring) is set below the class from the diagnosis's thresholds
@@ -141,7 +165,7 @@ class DebugShell(cmd.Cmd):
         limit = None
         if len(words) > 1 and words[-1].isdigit() and not (words[0] == "step" and len(words) == 2):
             limit = int(words.pop())
-        res = self.s.until(" ".join(words), max_steps=limit)
+        res = self.s.until(" ".join(words), max_steps=limit, on_step=Every(PROGRESS_EVERY_S))
         if res.records:
             click.echo(step_line(res.records[-1]))
         if res.hit:

@@ -27,9 +27,12 @@ def inspect_command(run_dir, at_step, context, plot, max_events):
     run = load_run(run_dir)
     d = diagnose(run)
     cfg = run.config.get("config", {})
+    n = len(run.steps.get("step", []))
     click.echo(f"run: {run.path}  ({run.config.get('spec', '?')}, lr {cfg.get('lr')}, "
-               f"{len(run.steps.get('step', []))} steps, "
-               f"{run.summary.get('status', 'no summary: still running or killed')})")
+               + (f"{n} steps, {run.summary.get('status', 'no summary: still running or killed')})" if n
+                  else "no steps recorded)"))
+    for line in run.warnings:
+        click.echo(f"warning: {line}", err=True)
     click.echo("diagnosis: " + d.text)
     if d.events:
         click.echo(f"events ({len(d.events)}):")

@@ -8,6 +8,7 @@ import time
 
 import click
 
+EXIT_FAILED = 1                # bad input, or (sweep) some runs ended in an error
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130         # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
 EXIT_TERMINATED = 143          # 128 + SIGTERM

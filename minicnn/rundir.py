@@ -316,6 +316,14 @@ def load_run(path):
     return Run(path, config, steps, evals, summary, warnings)
 
 
+def asked_config(config_json):
+    """The TrainConfig fields a run was asked for: config.json's "config", with every value setup
+    adjusted (minicnn.config.setup: a batch larger than the data, ...) back to the one asked."""
+    cfg = dict(config_json.get("config") or {})
+    cfg.update({k: a["asked"] for k, a in (config_json.get("adjusted") or {}).items() if k in cfg})
+    return cfg
+
+
 # --------------------------------------------------------------------------- the directory itself
 def os_reason(e):
     """Why an OSError happened, in words: 'permission denied', 'a file is in the way', ..."""

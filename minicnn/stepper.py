@@ -158,8 +158,9 @@ class Stepper:
     def step(self, n=1):
         """Take n SGD steps (fewer if the loss becomes NaN/inf); returns their records. Each
         record carries ``events``: {kind: evidence} by minicnn.diagnose.step_events."""
-        if n < 0:
-            raise ConfigError(f"step count must be >= 0, got {n}")
+        if n < 0 or n > self.trainer.total:
+            raise ConfigError(f"step count must be in 0..{self.trainer.total} (the run's length), got {n}; "
+                              f"'until EVENT' steps to an event or the end of the run")
         recs = []
         with np.errstate(**_ERRSTATE):
             for _ in range(int(n)):
@@ -178,14 +179,21 @@ class Stepper:
                 recs.append(rec)
         return recs
 
-    def until(self, event, max_steps=None, eos_every=None):
+    def until(self, event, max_steps=None, eos_every=None, on_step=None):
         """Step until ``event`` (see parse_event) happens, max_steps are taken (default: to the end
-        of the run's steps), or the loss becomes NaN/inf."""
+        of the run's steps; at most the run's length), or the loss becomes NaN/inf. ``on_step(record)``
+        sees every step as it is taken (progress)."""
         pred = parse_event(event)
         target = getattr(pred, "target_step", None)
+        total = self.trainer.total
         if target is not None and target < self.step_count:
             raise ConfigError(f"step {target} is already taken (the next step is {self.step_count}); 'back' first")
-        left = self.trainer.total - self.step_count
+        if target is not None and target > max(total - 1, self.step_count):
+            raise ConfigError(f"step {target} is past the end of the run (steps 0..{total - 1}); accepted: a step "
+                              f"from {self.step_count} to {max(total - 1, self.step_count)}")
+        if max_steps is not None and not 1 <= max_steps <= total:
+            raise ConfigError(f"a step limit must be in 1..{total} (the run's length), got {max_steps}")
+        left = total - self.step_count
         if max_steps is None:
             if left <= 0:
                 raise MinicnnError(f"the run's {self.trainer.total} steps are done; give a step limit")
@@ -199,6 +207,8 @@ class Stepper:
             rec = self.step(1)[0]
             res.steps += 1
             res.records.append(rec)
+            if on_step:
+                on_step(rec)
             if sh is not None:
                 rec.update(lambda_max=sh["lambda_max"], two_over_lr=sh["two_over_lr"])
                 rec["events"] = dg.step_events(rec, list(self._recent)[:-1], self.label_entropy)

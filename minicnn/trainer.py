@@ -29,6 +29,7 @@ from .rundir import (
     FINAL_CHECKPOINT,
     STEPS,
     RunWriter,
+    asked_config,
     checkpoint_extra,
     checkpoint_step,
     clear_run_dir,
@@ -439,11 +440,9 @@ def _summary(result):
 def resume_config(run, config, overrides):
     """The TrainConfig of a recorded run, with the RESUME_CHANGES asked for; anything else asked
     that differs from the record is a ConfigError (values the run adjusted compare as asked)."""
-    rec = run.config.get("config")
-    if not isinstance(rec, dict):
+    if not isinstance(run.config.get("config"), dict):
         raise DataError(f"{run.path}/config.json has no 'config' object; the file is damaged")
-    base = TrainConfig.from_dict(rec).to_dict()
-    base.update({k: a["asked"] for k, a in (run.config.get("adjusted") or {}).items() if k in base})
+    base = TrainConfig.from_dict(asked_config(run.config)).to_dict()
     asked = {**(config.to_dict() if config is not None else {}), **overrides}
     TrainConfig.from_dict(asked)                          # unknown fields named
     differ = [k for k, v in asked.items() if k not in RESUME_CHANGES and v != base[k]]
