@@ -145,9 +145,7 @@ class DebugShell(cmd.Cmd):
 
     # ---------------------------------------------------------------- commands
     def do_step(self, arg):
-        """step [N]: take N SGD steps (default 1, at most the run's length), one line each (every
-        k-th for N > STEP_LINES, k = N / STEP_LINES, and the last): lr, the loss on the step's
-        batch before -> after the step, the gradient norm, events. Ctrl-C stops after a step."""
+        # the help text (the docstring) is set below the class from STEP_LINES
         n = _int_arg(arg, 1, "step")
         if n > self.s.trainer.total:
             self.s.step(n)                     # the library's one-line error: N beyond the run's length
@@ -304,6 +302,10 @@ DebugShell.do_until.__doc__ = (
     f"        EVENT: overshoot (the loss on the step's own batch rose), spike, dead (a ReLU layer >= "
     f"{100 * DEAD_LAYER:.0f}%\n        dead), collapse (constant prediction for {COLLAPSE_MIN_STEPS} steps), nan, "
     f"eos (lr * lambda_max >= {EOS_RATIO:g}),\n        loss>X, loss<X, step N.")
+DebugShell.do_step.__doc__ = (
+    f"step [N]: take N SGD steps (default 1, at most the run's length), one line each as they go (for N > "
+    f"{STEP_LINES}:\n        every k-th step, k = N / {STEP_LINES}, and the last): lr, the loss on the step's "
+    f"batch before ->\n        after the step, the gradient norm, events. Ctrl-C stops after the current step.")
 DebugShell.do_sharpness.__doc__ = (f"sharpness: lambda_max of the loss Hessian now (fixed batch of "
                                    f"{SHARPNESS_SAMPLES}), against 2/lr.")
 
