@@ -18,6 +18,7 @@ import numpy as np
 from minicnn.config import SHARPNESS_SAMPLES
 from minicnn.diagnose import COLLAPSE_MIN_STEPS, DEAD_LAYER, EOS_RATIO, STEP_EVENTS
 from minicnn.plots import text_hist, text_plot
+from minicnn.rundir import os_reason
 from minicnn.stepper import HISTORY
 
 from .options import config_from_options, training_options
@@ -116,6 +117,9 @@ class DebugShell(cmd.Cmd):
         except (MinicnnError, click.ClickException) as e:
             self.errors += 1
             click.echo(f"error: {e.format_message() if isinstance(e, click.ClickException) else e}")
+        except OSError as e:              # a file that cannot be written (save, slice PNG): named, one line
+            self.errors += 1
+            click.echo(f"error: cannot write {e.filename}: {os_reason(e)}")
         except Exception as e:            # a debugger session survives anything a command does
             self.errors += 1
             click.echo(f"error: {type(e).__name__}: {e}")
@@ -389,6 +393,8 @@ def _echo_replay(r):
     src = (f"checkpoint at step {r['checkpoint_step']}" if r["checkpoint_step"] is not None
            else "the initial weights (no readable checkpoint at or before it)" if r.get("skipped")
            else "the initial weights (no checkpoints in the run)")
+    for line in r.get("warnings", []):
+        click.echo(f"warning: {line}")
     for line in r.get("skipped", []):
         click.echo(f"skipped: {line}")
     click.echo(f"replayed {r['replayed_steps']} step(s) from {src} in {r['seconds']:.2f} s")

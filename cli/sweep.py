@@ -73,7 +73,7 @@ def _int_list(ctx, param, value):
     if value is None:
         return None
     try:
-        return [int(s) for s in value.split(",") if s.strip() != ""] or None
+        return [int(s) for s in value.split(",")]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 

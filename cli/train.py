@@ -36,6 +36,8 @@ class Progress:
     def start(self, info):
         for line in info.get("warnings", []):
             click.echo(f"warning: {line}", err=True)
+        for line in info.get("skipped", []):
+            click.echo(f"skipped: {line}", err=True)
         if info.get("resumed_from") is not None:
             click.echo(f"resuming from step {info['resumed_from']} of {info['steps_total']:,}")
         if self.quiet:

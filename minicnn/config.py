@@ -7,11 +7,14 @@ Every rule that turns options into a run lives here: the default number of steps
 ``auto`` picks, and the fixed samples lambda_max is measured on.
 """
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from .errors import ArgumentTypeError, ConfigError
+from .sgd import parse_schedule
+from .spec import parse_spec
 from .trace import TRACE_LEVELS
 
 DTYPES = ("float32", "float64")
@@ -122,6 +125,9 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
         need(self.trace in TRACE_LEVELS + ("auto",),
              f"--trace must be one of auto, {', '.join(TRACE_LEVELS)}, got {self.trace}")
+        parse_spec(self.arch)              # a spec that does not parse: named now, not when a run starts
+        # the schedule's form now; its lr at every step once the length is known (with --steps: now)
+        parse_schedule(self.lr_schedule, self.lr, self.steps or 1)
 
     # ------------------------------------------------------------------ derived
     def total_steps(self, steps_per_epoch):
@@ -169,11 +175,18 @@ def setup(config=None, data=None, adjusted=None, **overrides):
     Values that cannot be used as asked (a batch larger than the training set, more threads than
     there are) are replaced in the returned config by the value used; ``adjusted`` (a dict, if given)
     receives {field: {"asked", "used", "why"}} for each."""
-    from .data import load_data
+    from .data import NAMED, load_data
     from .network import Network
-    cfg = TrainConfig(**{**(config.to_dict() if config else {}), **overrides})
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ArgumentTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     cfg.validate()
     adjusted = {} if adjusted is None else adjusted
+    for name, used_by in (("data_dir", NAMED), ("split", NAMED), ("image_size", "an image folder")):
+        if getattr(cfg, name) is not None and data is None and not (
+                cfg.data in used_by if used_by is NAMED else os.path.isdir(cfg.data)):
+            _adjust(cfg, adjusted, name, None, f"--data {cfg.data} does not use it (only "
+                                              f"{', '.join(used_by) if used_by is NAMED else used_by} does)")
     if cfg.threads and cfg.threads > available_threads():
         _adjust(cfg, adjusted, "threads", available_threads(), "the most threads this machine runs (NUMBA_NUM_THREADS)")
     set_threads(cfg.threads)
@@ -211,11 +224,16 @@ def adjustment_text(name, a):
 def check_input_scale(scale, data):
     """--input-scale must keep every (float32) input finite."""
     top = max((float(np.abs(x).max()) for x in (data.x_train, data.x_val) if x.size), default=0.0)
-    limit = float(np.finfo(INPUT_DTYPE).max)
+    info = np.finfo(INPUT_DTYPE)
+    limit, tiny = float(info.max), float(info.tiny)
     if scale > limit or top * scale > limit:
         raise ConfigError(f"--input-scale {scale:g} takes the largest input ({top:g}) to {top * scale:.3g}, beyond "
                           f"the float32 range the inputs are stored in ({limit:.3g}); accepted: a scale up to "
                           f"{limit / max(top, 1.0):.3g}")
+    if top > 0 and top * scale < tiny:
+        raise ConfigError(f"--input-scale {scale:g} takes the largest input ({top:g}) to {top * scale:.3g}, below "
+                          f"the smallest normal float32 ({tiny:.3g}): the inputs would be (nearly) all zero; accepted: "
+                          f"a scale from {tiny / top:.3g}")
 
 
 def check_data_memory(cfg):

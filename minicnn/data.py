@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ArgumentTypeError, DataError
 
 BUILTIN = "shapes"
 NAMED = ("mnist", "fashion-mnist", "cifar10")
@@ -144,6 +144,10 @@ def load_shapes(seed=0, n_train=DEFAULT_TRAIN, n_val=DEFAULT_VAL):
 def load_data(spec=BUILTIN, seed=0, data_dir=None, n_train=None, n_val=None, split=None,
               image_size=None, progress=None):
     """Load a dataset by name or path (see DATA_HELP)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ArgumentTypeError(f"data must be a name or a path, got {type(spec).__name__} {spec!r}; "
+                                f"accepted: {DATA_HELP}")
+    spec = os.fspath(spec)
     if spec == BUILTIN:
         return load_shapes(seed, n_train or DEFAULT_TRAIN, n_val or DEFAULT_VAL)
     if spec in NAMED:

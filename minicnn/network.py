@@ -274,6 +274,10 @@ class Network:
     def __init__(self, spec, input_shape, seed=0, dtype=np.float32, init="torch", init_scale=1.0,
                  device="cpu"):
         self.input_shape = check_input_shape(input_shape)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ArgumentTypeError(f"seed must be a whole number >= 0, got {type(seed).__name__} {seed!r}")
+        if seed < 0:
+            raise ConfigError(f"seed must be a whole number >= 0, got {seed}")
         try:
             dtype = np.dtype(dtype)
         except TypeError:
@@ -433,6 +437,9 @@ class Network:
         return {n: self.ops.host_copy(p) for n, p in zip(self.param_names, self.params)}
 
     def load_state_dict(self, state):
+        if not hasattr(state, "keys"):
+            raise ArgumentTypeError(f"load_state_dict needs a dict of arrays by name ({', '.join(self.param_names)}), "
+                                    f"got {type(state).__name__}")
         missing = [n for n in self.param_names if n not in state]
         if missing:
             raise ConfigError(f"load_state_dict: missing {', '.join(missing)}")
@@ -480,6 +487,8 @@ class Network:
         if not (isinstance(x, np.ndarray) or on_device(x)):
             raise ArgumentTypeError(f"x must be a NumPy array of shape (N, {', '.join(map(str, self.input_shape))}), "
                                     f"got {type(x).__name__}; convert it with numpy.asarray")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ArgumentTypeError(f"x must hold real numbers (a float or integer array), got dtype {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ConfigError(f"input must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
         if x.shape[0] == 0:

@@ -238,15 +238,15 @@ def table_lines(path):
     with open(path, "rb") as f:
         raw = f.read()
     lines = raw.split(b"\n")
-    cut = lines.pop() != b""              # the text after the last line end: b"" in a whole file
+    tail = lines.pop()                    # the text after the last line end: b"" in a whole file
     head, rows = None, []
-    for i, line in enumerate(lines, 1):
+    for i, line in enumerate(lines + [tail], 1):
         try:
             text = line.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError:
             raise DataError(f"{path}, line {i}: binary data, not text; a {os.path.basename(path)} written by "
                             f"minicnn train holds numbers separated by commas") from None
-        if not text.strip():
+        if i > len(lines) or not text.strip():
             continue
         cells = next(csv.reader([text]))
         if head is None:
@@ -261,7 +261,7 @@ def table_lines(path):
                 raise DataError(f"{path}, line {i}: column {name} holds {v[:40]!r}, not a number; the file is "
                                 f"damaged") from None
         rows.append((i, line, cells))
-    return head or [], rows, cut and bool(raw)
+    return head or [], rows, tail != b""
 
 
 def read_table(path, warnings=None):
@@ -299,7 +299,8 @@ def load_run(path):
         raise DataError(f"not a run directory: {path} (no config.json); give a folder written by 'minicnn train --out'")
     config = read_json(cfg_path)
     summary = read_json(os.path.join(path, SUMMARY)) if os.path.isfile(os.path.join(path, SUMMARY)) else {}
-    warnings = []
+    warnings = [] if isinstance(config.get("config"), dict) else [
+        f"{cfg_path}: holds no run configuration (no 'config' object); the file is damaged"]
     steps = read_table(os.path.join(path, STEPS), warnings) if os.path.isfile(os.path.join(path, STEPS)) else {}
     evals = read_table(os.path.join(path, EVALS), warnings) if os.path.isfile(os.path.join(path, EVALS)) else {}
     step = steps.get("step", np.zeros(0))

@@ -134,6 +134,9 @@ def parse_schedule(spec, base_lr, total_steps):
 
     The lr of every step must be a finite number >= 0: a schedule that goes negative or NaN
     anywhere in the run (cosine:-1, exp:nan, ...) is a ConfigError here, before training."""
+    if spec is not None and not isinstance(spec, str):
+        raise ArgumentTypeError(f"--lr-schedule must be a string, got {type(spec).__name__} {spec!r}; "
+                                f"accepted: {SCHEDULE_HELP}")
     spec = (spec or "constant").strip()
     bad = ConfigError(f"bad --lr-schedule '{spec}'; accepted: {SCHEDULE_HELP}")
     total = max(int(total_steps), 1)

@@ -27,7 +27,7 @@ from . import trace as tr
 from .config import TrainConfig, sharpness_batch
 from .errors import ConfigError, DataError, MinicnnError
 from .ops.ref import dead_fraction
-from .rundir import environment, label_entropy, list_checkpoints, load_run
+from .rundir import environment, label_entropy, list_checkpoints, load_run, make_writable_dir, os_reason
 from .trainer import Trainer
 
 # Steps `back` can rewind: each costs ~3 copies of the parameters (weights, momentum, previous
@@ -357,8 +357,11 @@ class Stepper:
     def save(self, path):
         """A checkpoint of the current state: weights and momentum (load_checkpoint reads them)
         plus the position in the data order."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.trainer.save(path)
+        make_writable_dir(os.path.dirname(os.path.abspath(path)), "the folder")
+        try:
+            self.trainer.save(path)
+        except OSError as e:
+            raise ConfigError(f"cannot write the checkpoint {path}: {os_reason(e)}") from None
         return path
 
     # ------------------------------------------------------------------ replay
@@ -398,6 +401,7 @@ class Stepper:
                 rep = r
         i = recorded[step]
         info = {"run": run_dir, "step": step, "checkpoint_step": start if used else None, "skipped": skipped,
+                "warnings": run.warnings,
                 "replayed_steps": step + 1 - start, "seconds": time.perf_counter() - t0,
                 "loss": rep["loss"], "recorded_loss": float(run.steps["loss"][i]),
                 "match": first_bad is None, "first_mismatch": first_bad, "reason": ""}

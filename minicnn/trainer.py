@@ -311,7 +311,8 @@ def train(config=None, out=None, data=None, on_step=None, on_eval=None, on_start
         if on_start:
             on_start({"net": trainer.net, "data": trainer.data, "steps_total": trainer.total,
                       "steps_per_epoch": trainer.steps_per_epoch, "trace_level": trainer.level,
-                      "warnings": result.warnings, "resumed_from": result.resumed_from})
+                      "warnings": result.warnings, "resumed_from": result.resumed_from,
+                      "skipped": resumed["skipped"] if resumed else []})
         consistent = True
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are recorded, not warned
@@ -507,8 +508,8 @@ def _resume_points(out, rows):
     try:
         ex = checkpoint_extra(final) if os.path.isfile(final) else {}
         k = checkpoint_step(final) if "pos" in ex else None
-    except DataError:
-        k = None
+    except DataError:                    # resume_latest names it, and goes on to the periodic ones
+        ex, k = {}, rows
     if k is not None and k <= rows and k not in {s for s, _ in points}:
         points.append((k, final))
     return sorted(points)
