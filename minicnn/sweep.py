@@ -428,7 +428,7 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
             if on_start:
                 on_start(len(todo), len(tasks) - len(todo))
             if client is not None:
-                _run_dask(todo, out, client, book.finish)
+                _run_dask(todo, out, client, book.finish, stop)
             elif todo:
                 # runs on the GPU share one device: one local process unless told otherwise
                 _run_local(todo, out, workers or (1 if on_gpu else None), book.finish, stop, not rerun)
@@ -590,7 +590,9 @@ def _dask_client(scheduler):
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _run_dask(todo, out, client, finish):
+def _run_dask(todo, out, client, finish, stop):
+    """The runs on a Dask cluster, rows handed to ``finish`` as they come back. A stop cancels every
+    run not yet back (a run on a Dask worker cannot be stopped after a step: it starts over next time)."""
     from distributed import as_completed
     procs = {}
     for addr in client.scheduler_info().get("workers", {}):
@@ -600,8 +602,15 @@ def _run_dask(todo, out, client, finish):
         fut = client.submit(run_one, t.name, t.config, os.path.join(out, t.name), ship=True, procs_per_host=procs,
                             key=f"minicnn-{t.name}-{os.getpid()}-{time.time_ns()}", pure=False)
         futures[fut] = t
-    for fut in as_completed(list(futures), loop=client.loop):
-        finish(_result_or_error(fut, futures[fut], out))
+    done = as_completed(list(futures), loop=client.loop)
+    while not done.is_empty() and not stop():
+        if not done.has_ready():
+            time.sleep(WATCH_EVERY_S)
+            continue
+        for fut in done.next_batch(block=False):
+            finish(_result_or_error(fut, futures[fut], out))
+    if stop():
+        client.cancel([f for f in futures if not f.done()])
 
 
 # ---------------------------------------------------------------- the figure's cells
