@@ -334,13 +334,16 @@ def _new_trainer(out, overwrite, config, data, t_start, overrides):
     if is_run_dir(out) and not overwrite:
         raise ConfigError(f"{out} already holds a run; accepted: --overwrite to replace it, --resume {out} to "
                           f"continue it (train(overwrite=True) / train(resume=True)), or another --out")
-    made = not os.path.exists(out)
+    made, p = [], os.path.abspath(out)
+    while not os.path.exists(p):          # the folders made here, the run's own first
+        made, p = made + [p], os.path.dirname(p)
     make_writable_dir(out)
     try:
         trainer = Trainer(config, data=data, t_start=t_start, **overrides)
     except BaseException:
-        if made and not os.listdir(out):
-            os.rmdir(out)
+        for d in made:
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
         raise
     if overwrite:
         clear_run_dir(out)

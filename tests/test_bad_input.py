@@ -302,7 +302,8 @@ def test_clamped_values_are_warned_once_and_recorded(tmp_path):
     assert cfg["config"]["threads"] == cfg["adjusted"]["threads"]["used"] < 1000
 
 
-def test_data_smaller_than_asked_or_of_one_class(tmp_path):
+def test_data_smaller_than_asked_or_of_one_class(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                     # the default run directory, runs/..., is made (and removed) here
     p = tmp_path / "d.npz"
     np.savez(p, x=np.zeros((30, 8, 8), np.float32), y=np.arange(30) % 3)
     one_line_error(cli(["train", "--data", str(p), "--n-train", "100", "--steps", "2", "--arch", "fc3"]),
@@ -319,6 +320,7 @@ def test_data_smaller_than_asked_or_of_one_class(tmp_path):
     t = tmp_path / "t.npz"
     t.write_text("x,y\n1,2\n")
     one_line_error(cli(["train", "--data", str(t), "--steps", "2"]), "is not a .npz archive (it is a text file)")
+    assert not os.path.exists(tmp_path / "runs")            # the folders made for a refused run are gone again
 
 
 # ---------------------------------------------------------------- the API: ValueError / TypeError naming the argument
