@@ -205,8 +205,6 @@ def _run_one(name, config, run_dir, ship, procs_per_host, resume):
         cfg.validate()
         data = _cached_data(cfg.data, cfg.seed, cfg.data_dir, cfg.n_train, cfg.n_val, cfg.split, cfg.image_size)
         result = _train(cfg, run_dir, data, resume and not ship and can_resume(run_dir, config))
-        if result.status == "interrupted":
-            _WORKER["stopping"] = True
         row.update(run_row(run_dir))
         row.update(first_step_s=result.first_step_s, resumed_from=result.resumed_from)
     except Exception as e:  # a failed run is a row, never a crashed sweep
