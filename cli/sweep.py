@@ -214,8 +214,10 @@ def exit_status(result):
     """Exit 130 (143 by SIGTERM) when the sweep was stopped, 1 when some runs failed, else 0."""
     if result.status == "interrupted":
         left = sum(r.get("status") == "interrupted" for r in result.rows)
-        click.echo(f"interrupted by {result.stopped_by}: {left} of {len(result.rows)} runs did not finish (every "
-                   f"run's files and summary.csv are written); run the same command again to resume", err=True)
+        written = ("the runs under way were killed at once (a second signal): each keeps its steps up to its "
+                   "last checkpoint" if result.forced else "every run's files and summary.csv are written")
+        click.echo(f"interrupted by {result.stopped_by}: {left} of {len(result.rows)} runs did not finish "
+                   f"({written}); run the same command again to resume", err=True)
         sys.exit(EXIT_TERMINATED if result.stopped_by == "SIGTERM" else EXIT_INTERRUPTED)
     if result.errors:
         click.echo(f"{result.errors} of {len(result.rows)} runs failed", err=True)

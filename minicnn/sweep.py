@@ -90,6 +90,7 @@ class SweepResult:
     options: list = field(default_factory=list)  # the swept option names, in grid order
     status: str = "finished"                     # finished | interrupted (a signal stopped the sweep)
     stopped_by: str = None                       # SIGINT, SIGTERM or KeyboardInterrupt
+    forced: bool = False                         # a second signal: the workers were made to exit at once
 
     @property
     def errors(self):
@@ -420,6 +421,7 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
     book.rows, todo = _done_rows(tasks, out, rerun)
     book.todo = len(todo)
     book.write()
+    forced = False
     with stop_on_signals(signals) as stop:
         client = _dask_client(scheduler) if scheduler and todo else None
         try:
@@ -431,14 +433,14 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
                 # runs on the GPU share one device: one local process unless told otherwise
                 _run_local(todo, out, workers or (1 if on_gpu else None), book.finish, stop, not rerun)
         except KeyboardInterrupt:            # a second signal: the workers were told to exit at once
-            stop.signal = stop.signal or "KeyboardInterrupt"
+            stop.signal, forced = stop.signal or "KeyboardInterrupt", True
         finally:
             if client is not None:
                 client.close()
             book.complete()
     return SweepResult(out, book.ordered(), ran=len(todo), skipped=len(tasks) - len(todo),
                        wall_s=time.perf_counter() - t0, summary_path=book.path, options=book.options,
-                       status="interrupted" if stop.signal else "finished", stopped_by=stop.signal)
+                       status="interrupted" if stop.signal else "finished", stopped_by=stop.signal, forced=forced)
 
 
 class _Book:
