@@ -10,6 +10,7 @@ import cmd
 import math
 import os
 import sys
+import time
 
 import click
 import numpy as np
@@ -17,11 +18,28 @@ import numpy as np
 from minicnn.config import SHARPNESS_SAMPLES
 from minicnn.diagnose import COLLAPSE_MIN_STEPS, DEAD_LAYER, EOS_RATIO, STEP_EVENTS
 from minicnn.plots import text_hist, text_plot
+from minicnn.rundir import os_reason
 from minicnn.stepper import HISTORY
 
 from .options import config_from_options, training_options
 
 PROMPT = "(minicnn) "
+# 'step N' prints at most this many step lines (every k-th step when N is larger)
+STEP_LINES = 20
+# a long 'until' prints where it is every this many seconds
+PROGRESS_EVERY_S = 2.0
+
+
+class Every:
+    """An on_step callback that prints a progress line at most every ``seconds``."""
+
+    def __init__(self, seconds):
+        self.seconds, self.last = seconds, time.monotonic()
+
+    def __call__(self, rec):
+        if time.monotonic() - self.last >= self.seconds:
+            self.last = time.monotonic()
+            click.echo(f"  ... {step_line(rec)}")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -99,6 +117,9 @@ class DebugShell(cmd.Cmd):
         except (MinicnnError, click.ClickException) as e:
             self.errors += 1
             click.echo(f"error: {e.format_message() if isinstance(e, click.ClickException) else e}")
+        except OSError as e:              # a file that cannot be written (save, slice PNG): named, one line
+            self.errors += 1
+            click.echo(f"error: cannot write {e.filename}: {os_reason(e)}")
         except Exception as e:            # a debugger session survives anything a command does
             self.errors += 1
             click.echo(f"error: {type(e).__name__}: {e}")
@@ -128,10 +149,15 @@ class DebugShell(cmd.Cmd):
 
     # ---------------------------------------------------------------- commands
     def do_step(self, arg):
-        """step [N]: take N SGD steps (default 1), one line each: lr, the loss on the step's batch
-        before -> after the step, the gradient norm, events."""
-        for rec in self.s.step(_int_arg(arg, 1, "step")):
-            click.echo(step_line(rec))
+        # the help text (the docstring) is set below the class from STEP_LINES
+        n = _int_arg(arg, 1, "step")
+        if n > self.s.trainer.total:
+            self.s.step(n)                     # the library's one-line error: N beyond the run's length
+        every = math.ceil(n / STEP_LINES)
+        for i in range(n):
+            rec = self.s.step(1)[0]
+            if (i + 1) % every == 0 or i == n - 1:
+                click.echo(step_line(rec))
 
     def do_until(self, arg):
         # the help text (the docstring) is set below the class from the diagnosis's thresholds
@@ -141,7 +167,7 @@ class DebugShell(cmd.Cmd):
         limit = None
         if len(words) > 1 and words[-1].isdigit() and not (words[0] == "step" and len(words) == 2):
             limit = int(words.pop())
-        res = self.s.until(" ".join(words), max_steps=limit)
+        res = self.s.until(" ".join(words), max_steps=limit, on_step=Every(PROGRESS_EVERY_S))
         if res.records:
             click.echo(step_line(res.records[-1]))
         if res.hit:
@@ -280,6 +306,10 @@ DebugShell.do_until.__doc__ = (
     f"        EVENT: overshoot (the loss on the step's own batch rose), spike, dead (a ReLU layer >= "
     f"{100 * DEAD_LAYER:.0f}%\n        dead), collapse (constant prediction for {COLLAPSE_MIN_STEPS} steps), nan, "
     f"eos (lr * lambda_max >= {EOS_RATIO:g}),\n        loss>X, loss<X, step N.")
+DebugShell.do_step.__doc__ = (
+    f"step [N]: take N SGD steps (default 1, at most the run's length), one line each as they go (for N > "
+    f"{STEP_LINES}:\n        every k-th step, k = N / {STEP_LINES}, and the last): lr, the loss on the step's "
+    f"batch before ->\n        after the step, the gradient norm, events. Ctrl-C stops after the current step.")
 DebugShell.do_sharpness.__doc__ = (f"sharpness: lambda_max of the loss Hessian now (fixed batch of "
                                    f"{SHARPNESS_SAMPLES}), against 2/lr.")
 
@@ -361,7 +391,12 @@ def _echo_start(s):
 
 def _echo_replay(r):
     src = (f"checkpoint at step {r['checkpoint_step']}" if r["checkpoint_step"] is not None
+           else "the initial weights (no readable checkpoint at or before it)" if r.get("skipped")
            else "the initial weights (no checkpoints in the run)")
+    for line in r.get("warnings", []):
+        click.echo(f"warning: {line}")
+    for line in r.get("skipped", []):
+        click.echo(f"skipped: {line}")
     click.echo(f"replayed {r['replayed_steps']} step(s) from {src} in {r['seconds']:.2f} s")
     cols = "loss" + (" and loss_after" if "loss_after" in r else "")
     if r["match"]:

@@ -5,6 +5,8 @@ import click
 
 from minicnn.ops import DEVICES
 
+from .options import EXIT_INTERRUPTED, EXIT_TERMINATED
+
 
 @click.command("explain")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/explain", show_default=True,
@@ -51,5 +53,7 @@ def explain_command(out, quick, workers, rerun, device):
         if state["bar"] is not None:
             state["bar"].__exit__(None, None, None)
     click.echo(result.text)
+    if result.interrupted:
+        sys.exit(EXIT_TERMINATED if result.interrupted == "SIGTERM" else EXIT_INTERRUPTED)
     if not result.all_match:
         click.echo("note: not every run reproduced its expected picture (marked above)", err=True)

@@ -37,9 +37,12 @@ def inspect_command(run_dir, at_step, context, plot, max_events, verify, verify_
     run = load_run(run_dir)
     d = diagnose(run)
     cfg = run.config.get("config", {})
+    n = len(run.steps.get("step", []))
     click.echo(f"run: {run.path}  ({run.config.get('spec', '?')}, lr {cfg.get('lr')}, "
-               f"{len(run.steps.get('step', []))} steps, "
-               f"{run.summary.get('status', 'no summary: still running or killed')})")
+               + (f"{n} steps, {run.summary.get('status', 'no summary: still running or killed')})" if n
+                  else "no steps recorded)"))
+    for line in run.warnings:
+        click.echo(f"warning: {line}", err=True)
     click.echo("diagnosis: " + d.text)
     echo_events(d.events, max_events)
     if at_step is not None:

@@ -43,7 +43,8 @@ def lr_find_command(lr_min, lr_max, sharpness_samples, out, **kw):
     cfg.validate()
     steps = cfg.steps or LRFIND_STEPS
     out = out or os.path.join("runs", f"lr-find-{arch_label(cfg.arch)}-s{cfg.seed}-{timestamp()}")
-    os.makedirs(out, exist_ok=True)
+    from minicnn.rundir import make_writable_dir
+    make_writable_dir(out, "--out")
     t0 = time.perf_counter()
     with click.progressbar(length=steps, label="lr range test", file=sys.stderr, show_pos=True) as bar:
         res = lr_find(cfg, lr_min=lr_min, lr_max=lr_max, steps=steps, sharpness_samples=sharpness_samples,

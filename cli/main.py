@@ -24,6 +24,9 @@ class MinicnnGroup(click.Group):
             return super().invoke(ctx)
         except MinicnnError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:         # a file that cannot be read or written: named, in one line
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or type(e).__name__}") from None
 
 
 @click.group(cls=MinicnnGroup, context_settings={"help_option_names": ["-h", "--help"],

@@ -1,14 +1,17 @@
 """Options and helpers the commands share. Every command module imports this one; it imports no
 command (so the group in main.py can import the commands without a cycle).
 
-Exit codes: 0 ok, 1 bad input/data, 2 usage error, 3 the run diverged (NaN/inf), 130 interrupted.
+Exit codes: 0 ok, 1 bad input/data (or some runs of a sweep failed), 2 usage error, 3 the run
+diverged (NaN/inf), 130 interrupted (Ctrl-C, SIGINT), 143 stopped by SIGTERM.
 """
 import time
 
 import click
 
+EXIT_FAILED = 1                # bad input, or (sweep) some runs ended in an error
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130         # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
+EXIT_TERMINATED = 143          # 128 + SIGTERM
 # a spec longer than this is called "custom" in default run-directory names
 MAX_ARCH_IN_NAME = 24
 

@@ -10,7 +10,14 @@ import sys
 
 import click
 
-from .options import config_from_options, lr_text, training_options
+from .options import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    config_from_options,
+    lr_text,
+    training_options,
+)
 
 # options whose single values may contain commas: their sweep lists are separated by ';'
 LIST_SEP = {"lr_schedule": ";"}
@@ -66,7 +73,7 @@ def _int_list(ctx, param, value):
     if value is None:
         return None
     try:
-        return [int(s) for s in value.split(",") if s.strip() != ""] or None
+        return [int(s) for s in value.split(",")]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 
@@ -191,7 +198,7 @@ def sweep_command(ctx, seeds, workers, scheduler, out, rerun, plot, quiet, **kw)
     finally:
         progress.close()
     click.echo(format_table(result.rows, result.options))
-    errors = sum(r.get("status") == "error" for r in result.rows)
+    errors = result.errors
     click.echo(f"{result.ran} runs in {result.wall_s:.1f} s, {result.skipped} resumed"
                + (f", {errors} failed (see error.txt in their run directories)" if errors else ""))
     click.echo(f"summary: {result.summary_path}")
@@ -200,3 +207,18 @@ def sweep_command(ctx, seeds, workers, scheduler, out, rerun, plot, quiet, **kw)
         path = plot_grid(sweep_cells(result), os.path.join(out, "grid.png"),
                          title=f"sweep {os.path.basename(os.path.normpath(out))}: loss against steps")
         click.echo(f"figure: {path}")
+    exit_status(result)
+
+
+def exit_status(result):
+    """Exit 130 (143 by SIGTERM) when the sweep was stopped, 1 when some runs failed, else 0."""
+    if result.status == "interrupted":
+        left = sum(r.get("status") == "interrupted" for r in result.rows)
+        written = ("the runs under way were killed at once (a second signal): each keeps its steps up to its "
+                   "last checkpoint" if result.forced else "every run's files and summary.csv are written")
+        click.echo(f"interrupted by {result.stopped_by}: {left} of {len(result.rows)} runs did not finish "
+                   f"({written}); run the same command again to resume", err=True)
+        sys.exit(EXIT_TERMINATED if result.stopped_by == "SIGTERM" else EXIT_INTERRUPTED)
+    if result.errors:
+        click.echo(f"{result.errors} of {len(result.rows)} runs failed", err=True)
+        sys.exit(EXIT_FAILED)

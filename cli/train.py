@@ -4,10 +4,14 @@ import os
 import sys
 
 import click
+from click.core import ParameterSource
+
+from minicnn.config import RESUME_CHANGES
 
 from .options import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     arch_label,
     config_from_options,
     lr_text,
@@ -30,6 +34,12 @@ class Progress:
         self.tty = sys.stderr.isatty()
 
     def start(self, info):
+        for line in info.get("warnings", []):
+            click.echo(f"warning: {line}", err=True)
+        for line in info.get("skipped", []):
+            click.echo(f"skipped: {line}", err=True)
+        if info.get("resumed_from") is not None:
+            click.echo(f"resuming from step {info['resumed_from']} of {info['steps_total']:,}")
         if self.quiet:
             return
         net, data = info["net"], info["data"]
@@ -65,25 +75,48 @@ class Progress:
 @click.command("train")
 @training_options
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run directory to write (default: runs/<arch>-lr<lr>-s<seed>-<time>).")
+              help="Run directory to write (default: runs/<arch>-lr<lr>-s<seed>-<time>); one that already holds "
+                   "a run is refused unless --overwrite or --resume.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out (its files are removed first).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Continue the run in RUN_DIR (interrupted, killed, or finished: then with more --steps or "
+                   "--epochs) from its last checkpoint, bit for bit as if never stopped; it keeps its recorded "
+                   f"options (only {', '.join('--' + k for k in RESUME_CHANGES)} may change).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
-def train_command(out, quiet, **kw):
+@click.pass_context
+def train_command(ctx, out, overwrite, resume_dir, quiet, **kw):
     """Train a network with mini-batch SGD and write a run directory.
+
+    Ctrl-C or SIGTERM stops after the current step and writes everything, with a checkpoint to
+    continue from: minicnn train --resume RUN_DIR.
 
     \b
     Example:
       minicnn train --lr 0.1 --epochs 3
       minicnn train --arch conv8k5-relu-maxpool2-fc10 --lr 0.03 --momentum 0.9 --out runs/a
+      minicnn train --resume runs/a --steps 5000
     """
     from minicnn.trainer import train
-    cfg = config_from_options(**kw)
-    cfg.validate()
-    out = out or default_out(cfg)
+    if resume_dir:
+        if overwrite or (out and os.path.abspath(out) != os.path.abspath(resume_dir)):
+            raise click.UsageError("--resume RUN_DIR continues that run in place; give neither --out nor --overwrite")
+        given = {k: v for k, v in kw.items()
+                 if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+        out, run = resume_dir, dict(resume=True, **given)
+    else:
+        cfg = config_from_options(**kw)
+        cfg.validate()
+        out, run = out or default_out(cfg), dict(config=cfg, overwrite=overwrite)
     progress = Progress(quiet)
     try:
-        result = train(cfg, out=out, on_step=progress.step, on_eval=progress.eval, on_start=progress.start)
+        result = train(out=out, on_step=progress.step, on_eval=progress.eval, on_start=progress.start, **run)
     finally:
         progress.close()
+    report(result, out)
+
+
+def report(result, out):
+    """The run's outcome, its diagnosis, and the exit code: 3 diverged, 130 interrupted (143 by SIGTERM)."""
     last = result.evals[-1] if result.evals else None
     click.echo(f"{result.status}: {result.steps} steps in {result.wall_s:.1f} s "
                f"({result.steps / max(result.wall_s, 1e-9):.0f} steps/s, first step after {result.first_step_s:.2f} s)")
@@ -97,5 +130,5 @@ def train_command(out, quiet, **kw):
         click.echo(f"diverged: {result.message}", err=True)
         sys.exit(EXIT_DIVERGED)
     if result.status == "interrupted":
-        click.echo(f"interrupted: {result.message}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        click.echo(f"interrupted: {result.message}; continue it with: minicnn train --resume {out}", err=True)
+        sys.exit(EXIT_TERMINATED if result.stopped_by == "SIGTERM" else EXIT_INTERRUPTED)

@@ -7,11 +7,14 @@ Every rule that turns options into a run lives here: the default number of steps
 ``auto`` picks, and the fixed samples lambda_max is measured on.
 """
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ArgumentTypeError, ConfigError
+from .sgd import parse_schedule
+from .spec import parse_spec
 from .trace import TRACE_LEVELS
 
 DTYPES = ("float32", "float64")
@@ -37,6 +40,36 @@ SHARPNESS_STREAM = 1 << 20
 PROBE_EVERY = 10
 PROBE_SIZE = 256
 PROBE_STREAM = 1 << 21
+
+
+# Longest run: steps.csv's step column is read back as float64, which counts exactly only up to 2^53
+# (and a run that long would take centuries); larger values are typos.
+MAX_STEPS = 2 ** 53
+MAX_SEED = 2 ** 63 - 1          # seeds go into numpy's SeedSequence next to 64-bit stream numbers
+# (name, smallest, largest, None allowed) of the whole-number options
+INT_FIELDS = (("batch_size", 1, MAX_STEPS, False), ("steps", 1, MAX_STEPS, True),
+              ("eval_every", 1, MAX_STEPS, True), ("sharpness_every", 0, MAX_STEPS, False),
+              ("checkpoint_every", 0, MAX_STEPS, False), ("threads", 1, MAX_STEPS, True),
+              ("seed", 0, MAX_SEED, False), ("n_train", 1, MAX_STEPS, True), ("n_val", 1, MAX_STEPS, True),
+              ("probe_every", 0, MAX_STEPS, False), ("probe_size", 1, MAX_STEPS, False))
+# (name, bound, bound excluded) of the real-number options, each finite
+FLOAT_FIELDS = (("lr", 0, False), ("momentum", 0, False), ("weight_decay", 0, False), ("epochs", 0, True),
+                ("init_scale", 0, False), ("input_scale", 0, True))
+# Training holds this many parameter-sized arrays: parameters, gradients, momentum, the SGD work
+# array and the trace's three work vectors (weights before the step, the update, the previous gradient)
+TRAIN_PARAM_COPIES = 7
+# Inputs are stored as float32 whatever the run's dtype; --input-scale must keep them finite there
+INPUT_DTYPE = np.float32
+BUILTIN_IMAGE_BYTES = 28 * 28 * 4   # one image of the built-in data: 1x28x28 float32
+
+# what a resumed run may change: its length (more steps or epochs) and the thread count (results do
+# not depend on it); anything else would make the continued run a different one
+RESUME_CHANGES = ("steps", "epochs", "threads")
+
+
+def option(name):
+    """The command-line option of a TrainConfig field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -86,29 +119,41 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
-        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0,
-             f"--lr must be a finite number >= 0, got {self.lr}")
-        need(isinstance(self.input_scale, (int, float)) and math.isfinite(self.input_scale) and self.input_scale > 0,
-             f"--input-scale must be a finite number > 0, got {self.input_scale}")
-        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
-        need(self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
-        need(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
+        for name, lo, hi, optional in INT_FIELDS:
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ArgumentTypeError(f"{option(name)} must be a whole number >= {lo}, got {type(v).__name__} {v!r}")
+            need(lo <= v <= hi, f"{option(name)} must be a whole number in {lo}..{hi:,}, got {v:,}")
+        for name, lo, lo_open in FLOAT_FIELDS:
+            v = getattr(self, name)
+            if v is None and name == "epochs":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ArgumentTypeError(f"{option(name)} must be a finite number, got {type(v).__name__} {v!r}")
+            need(math.isfinite(v) and (v > lo if lo_open else v >= lo),
+                 f"{option(name)} must be a finite number {'>' if lo_open else '>='} {lo:g}, got {v}")
+        need(self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum} (at 1 the momentum buffer "
+                                f"never decays: every past gradient would count forever)")
         need(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
         need(self.trace in TRACE_LEVELS + ("auto",),
              f"--trace must be one of auto, {', '.join(TRACE_LEVELS)}, got {self.trace}")
-        need(self.sharpness_every >= 0, f"--sharpness-every must be >= 0, got {self.sharpness_every}")
-        need(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
-        need(self.probe_every >= 0, f"--probe-every must be >= 0, got {self.probe_every}")
-        need(self.probe_size >= 1, f"--probe-size must be >= 1, got {self.probe_size}")
+        parse_spec(self.arch)              # a spec that does not parse: named now, not when a run starts
+        # the schedule's form now; its lr at every step once the length is known (with --steps: now)
+        parse_schedule(self.lr_schedule, self.lr, self.steps or 1)
 
     # ------------------------------------------------------------------ derived
     def total_steps(self, steps_per_epoch):
         """Steps the run takes: ``steps``, else ``epochs`` (default DEFAULT_EPOCHS) epochs."""
         if self.steps is not None:
             return self.steps
-        return int(math.ceil((self.epochs or DEFAULT_EPOCHS) * steps_per_epoch))
+        epochs = self.epochs or DEFAULT_EPOCHS
+        total = math.ceil(epochs * steps_per_epoch)
+        if total > MAX_STEPS:
+            raise ConfigError(f"--epochs {epochs:g} of {steps_per_epoch:,} steps each is {total:.3g} steps, more than "
+                              f"{MAX_STEPS:,}; accepted: fewer epochs")
+        return int(total)
 
     def trace_level(self, total_steps):
         """The trace level: ``trace``, with auto = full up to AUTO_FULL_TRACE_MAX_STEPS steps, else light."""
@@ -127,33 +172,103 @@ def probe_batch(n_val, seed, samples=PROBE_SIZE):
     return np.random.default_rng([seed, PROBE_STREAM]).permutation(n_val)[:min(n_val, samples)]
 
 
+def available_threads():
+    """The most Numba threads a run can use (NUMBA_NUM_THREADS: by default the machine's cores)."""
+    import numba
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def set_threads(threads):
     """Numba's thread count (None: leave it, all cores)."""
     if threads:
         import numba
 
         from .ops import cpu  # noqa: F401  (first: it picks Numba's threading layer, which set_num_threads launches)
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(threads, available_threads()))
 
 
-def setup(config=None, data=None, **overrides):
+def setup(config=None, data=None, adjusted=None, **overrides):
     """(config, data, network) for a run: the config validated (overrides applied), threads set, the
-    data loaded (unless given) and scaled by input_scale, the network built and checked against it."""
-    from .data import load_data
+    data loaded (unless given) and scaled by input_scale, the network built and checked against it.
+
+    Values that cannot be used as asked (a batch larger than the training set, more threads than
+    there are) are replaced in the returned config by the value used; ``adjusted`` (a dict, if given)
+    receives {field: {"asked", "used", "why"}} for each."""
+    from .data import NAMED, load_data
     from .network import Network
-    cfg = TrainConfig(**{**(config.to_dict() if config else {}), **overrides})
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ArgumentTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     cfg.validate()
+    adjusted = {} if adjusted is None else adjusted
+    for name, used_by in (("data_dir", NAMED), ("split", NAMED), ("image_size", "an image folder")):
+        if getattr(cfg, name) is not None and data is None and not (
+                cfg.data in used_by if used_by is NAMED else os.path.isdir(cfg.data)):
+            _adjust(cfg, adjusted, name, None, f"--data {cfg.data} does not use it (only "
+                                              f"{', '.join(used_by) if used_by is NAMED else used_by} does)")
+    if cfg.threads and cfg.threads > available_threads():
+        _adjust(cfg, adjusted, "threads", available_threads(), "the most threads this machine runs (NUMBA_NUM_THREADS)")
     set_threads(cfg.threads)
     if data is None:
+        check_data_memory(cfg)
         data = load_data(cfg.data, seed=cfg.seed, data_dir=cfg.data_dir, n_train=cfg.n_train,
                          n_val=cfg.n_val, split=cfg.split, image_size=cfg.image_size)
+    check_input_scale(cfg.input_scale, data)
     data = data.scaled(cfg.input_scale)
+    if cfg.batch_size > len(data.y_train):
+        _adjust(cfg, adjusted, "batch_size", len(data.y_train),
+                f"the size of the training set: every step uses all {len(data.y_train)} samples")
     net = Network.from_spec(cfg.arch, input_shape=data.input_shape, seed=cfg.seed, dtype=cfg.dtype,
                             init=cfg.init, init_scale=cfg.init_scale, device=cfg.device)
     if net.num_classes < data.num_classes:
         raise ConfigError(f"the network has {net.num_classes} outputs but the data has {data.num_classes} "
                           f"classes; end the spec with fc{data.num_classes}")
+    check_train_memory(net, cfg.batch_size)
     if cfg.init_from:
         from .torch import load_state_dict_file  # imports PyTorch only on this path
         load_state_dict_file(net, cfg.init_from)
     return cfg, data, net
+
+
+def _adjust(cfg, adjusted, name, used, why):
+    adjusted[name] = {"asked": getattr(cfg, name), "used": used, "why": why}
+    setattr(cfg, name, used)
+
+
+def adjustment_text(name, a):
+    """One line for an adjusted value: '--batch-size 512: used 200 instead, every step uses ...'."""
+    return f"{option(name)} {a['asked']}: used {a['used']} instead, {a['why']}"
+
+
+def check_input_scale(scale, data):
+    """--input-scale must keep every (float32) input finite."""
+    top = max((float(np.abs(x).max()) for x in (data.x_train, data.x_val) if x.size), default=0.0)
+    info = np.finfo(INPUT_DTYPE)
+    limit, tiny = float(info.max), float(info.tiny)
+    if scale > limit or top * scale > limit:
+        raise ConfigError(f"--input-scale {scale:g} takes the largest input ({top:g}) to {top * scale:.3g}, beyond "
+                          f"the float32 range the inputs are stored in ({limit:.3g}); accepted: a scale up to "
+                          f"{limit / max(top, 1.0):.3g}")
+    if top > 0 and top * scale < tiny:
+        raise ConfigError(f"--input-scale {scale:g} takes the largest input ({top:g}) to {top * scale:.3g}, below "
+                          f"the smallest normal float32 ({tiny:.3g}): the inputs would be (nearly) all zero; accepted: "
+                          f"a scale from {tiny / top:.3g}")
+
+
+def check_data_memory(cfg):
+    """The built-in data is generated: --n-train / --n-val images must fit in memory."""
+    from .data import BUILTIN, DEFAULT_TRAIN, DEFAULT_VAL
+    from .network import check_memory
+    if cfg.data == BUILTIN:
+        n = (cfg.n_train or DEFAULT_TRAIN) + (cfg.n_val or DEFAULT_VAL)
+        check_memory(n * BUILTIN_IMAGE_BYTES, f"--n-train/--n-val: {n:,} images of the built-in data")
+
+
+def check_train_memory(net, batch_size):
+    """The network's training arrays and the activations of a training and an evaluation batch
+    must fit in memory (checked before allocating them)."""
+    from .network import EVAL_BATCH, check_memory
+    params = net.num_params * net.dtype.itemsize * TRAIN_PARAM_COPIES
+    acts = net.activation_bytes(batch_size) + net.activation_bytes(EVAL_BATCH)
+    check_memory(params + acts, f"network {net.spec}: training it ({net.num_params:,} parameters, "
+                                f"{TRAIN_PARAM_COPIES} copies, and the activations of a batch of {batch_size:,})")

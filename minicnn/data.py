@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ArgumentTypeError, DataError
 
 BUILTIN = "shapes"
 NAMED = ("mnist", "fashion-mnist", "cifar10")
@@ -20,6 +20,7 @@ DATA_HELP = (f"'{BUILTIN}' (built-in, no download), {', '.join(NAMED)}, a .npz f
              "(N,C,H,W or N,H,W) and y (N,) int labels, or a folder of class subfolders of images")
 DEFAULT_TRAIN, DEFAULT_VAL = 12000, 2000
 VAL_FRACTION = 0.1       # of a user's .npz when it has no x_val / y_val
+ZIP_MAGIC = b"PK\x03\x04"  # every .npz is a zip archive and starts with these bytes
 
 
 @dataclass
@@ -75,18 +76,28 @@ def validate(x, y, what, num_classes=None):
         raise DataError(f"{what}: x contains {bad} NaN/inf values; only finite numbers are accepted")
     y = y.astype(np.int64)
     if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
-        hi = "" if num_classes is None else f"..{num_classes - 1}"
-        raise DataError(f"{what}: labels must be in 0{hi}, got {y.min()}..{y.max()}")
+        accepted = "class indices >= 0" if num_classes is None else f"class indices in 0..{num_classes - 1}"
+        raise DataError(f"{what}: labels must be {accepted}, got labels from {y.min()} to {y.max()}")
     return x, y
 
 
 def load_npz(path, seed=0):
     """A user's .npz: x and y, optionally x_val and y_val; else a seeded 10% validation split."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        with open(path, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if head != ZIP_MAGIC:
+        kind = "an empty file" if not head else ("a .npy array" if head.startswith(b"\x93NUMPY") else
+                                                 "a text file" if _is_text(path) else f"a file starting {head!r}")
+        raise DataError(f"{path} is not a .npz archive (it is {kind}); accepted: a file written by "
+                        "numpy.savez(path, x=..., y=...)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
     except Exception as e:  # zipfile/pickle/OSError: all mean "not a readable .npz"
         raise DataError(f"cannot read {path} as a .npz file ({type(e).__name__}: {e}); "
                         "write it with numpy.savez(path, x=..., y=...)") from None
@@ -111,6 +122,17 @@ def load_npz(path, seed=0):
     return Dataset(os.path.basename(path), x, y, xv, yv, num_classes, [str(i) for i in range(num_classes)])
 
 
+def _is_text(path, probe=4096):
+    """True when the first ``probe`` bytes of a file decode as UTF-8 text without NUL bytes."""
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in head
+
+
 def load_shapes(seed=0, n_train=DEFAULT_TRAIN, n_val=DEFAULT_VAL):
     """The built-in synthetic dataset; train and validation drawn from independent seeds."""
     from .synthetic import CLASS_NAMES, make_shapes
@@ -122,6 +144,10 @@ def load_shapes(seed=0, n_train=DEFAULT_TRAIN, n_val=DEFAULT_VAL):
 def load_data(spec=BUILTIN, seed=0, data_dir=None, n_train=None, n_val=None, split=None,
               image_size=None, progress=None):
     """Load a dataset by name or path (see DATA_HELP)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ArgumentTypeError(f"data must be a name or a path, got {type(spec).__name__} {spec!r}; "
+                                f"accepted: {DATA_HELP}")
+    spec = os.fspath(spec)
     if spec == BUILTIN:
         return load_shapes(seed, n_train or DEFAULT_TRAIN, n_val or DEFAULT_VAL)
     if spec in NAMED:
@@ -143,6 +169,13 @@ def load_data(spec=BUILTIN, seed=0, data_dir=None, n_train=None, n_val=None, spl
         ds = load_npz(spec, seed)
     else:
         raise DataError(f"unknown dataset '{spec}'; accepted: {DATA_HELP}")
+    if ds.num_classes < 2:
+        raise DataError(f"{spec}: the data has a single class ({', '.join(ds.class_names) or 0}); a classifier "
+                        f"needs at least 2 (for an image folder: one subfolder per class)")
+    for name, n, have in (("--n-train", n_train, len(ds.y_train)), ("--n-val", n_val, len(ds.y_val))):
+        if n and n > have:
+            raise DataError(f"{name} {n:,} is more than the {have:,} {name[4:]} samples of {ds.name}; "
+                            f"accepted: 1..{have:,}")
     if n_train:
         ds.x_train, ds.y_train = ds.x_train[:n_train], ds.y_train[:n_train]
     if n_val:

@@ -23,3 +23,8 @@ class ConfigError(MinicnnError):
 
 class DeviceError(MinicnnError):
     """A device that is not available (e.g. --device cuda without a GPU)."""
+
+
+class ArgumentTypeError(ConfigError, TypeError):
+    """An argument of the wrong type (a list where an array is needed, a number where a spec
+    string is): a ConfigError for the CLI and a TypeError for Python code that catches those."""

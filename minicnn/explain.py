@@ -105,10 +105,11 @@ class ExplainResult:
     text: str = ""
     matches: list = field(default_factory=list)   # the case's picture reproduced (verdict == case.expect)
     seed_lines: list = field(default_factory=list)   # per case: how its seeds went (multi-seed cases), or None
+    interrupted: str = None           # the signal that stopped the runs (then no diagnosis or figure)
 
     @property
     def all_match(self):
-        return all(self.matches)
+        return all(self.matches) and not self.interrupted
 
 
 def case_configs(quick=False, device="cpu"):
@@ -147,6 +148,11 @@ def explain(out, quick=False, workers=None, rerun=False, on_start=None, on_resul
     runs = _case_runs(quick, device)
     tasks = [Task(_run_key(c, cfg), cfg, {"case": c.key}) for c, cfgs in runs for cfg in cfgs]
     res = run_sweep(tasks, out, workers=workers, rerun=rerun, on_start=on_start, on_result=on_result)
+    if res.status == "interrupted":
+        done = sum(r.get("status") != "interrupted" for r in res.rows)
+        return ExplainResult(out, list(CASES), res.rows, [], interrupted=res.stopped_by,
+                             text=f"interrupted by {res.stopped_by}: {done} of {len(res.rows)} runs done in {out}; "
+                                  f"run the same command again to resume")
     by_key = {t.name: row for t, row in zip(tasks, res.rows)}
     rows, diagnoses, matches, cells, seed_lines = [], [], [], [], []
     for c, cfgs in runs:

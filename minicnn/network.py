@@ -13,10 +13,11 @@ The ops come from a backend module with the same names in every backend:
 Work buffers for activations and gradients are allocated once per batch size and reused.
 """
 import math
+import os
 
 import numpy as np
 
-from .errors import ConfigError, SpecError
+from .errors import ArgumentTypeError, ConfigError, SpecError
 from .ops import DEVICES, get_backend, on_device  # noqa: F401  (DEVICES: the accepted device names)
 from .spec import canonical_spec, parse_spec
 
@@ -24,6 +25,53 @@ INITS = ("torch", "he", "xavier", "dead")
 # init "dead": He weights, every bias before a ReLU set to this, so every ReLU starts dead
 # (inputs here are O(1), so pre-activations stay far below 0): a network initialised on the plateau.
 DEAD_BIAS = -10.0
+
+
+# A network is refused, before anything is allocated, when what it needs is more than the machine's
+# physical memory: numpy would fail ("unable to allocate 2.46 TiB") or the machine would swap to a
+# halt. A Network holds PARAM_COPIES parameter-sized arrays (parameters and gradients); training
+# holds more (minicnn.config.TRAIN_PARAM_COPIES) and every batch size's activations.
+PARAM_COPIES = 2
+# the batch size Network.evaluate works in (its buffers are kept beside the training batch's)
+EVAL_BATCH = 500
+
+
+def physical_memory():
+    """Bytes of physical memory on this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(n):
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def check_memory(nbytes, what):
+    """A one-line ConfigError when ``nbytes`` (for ``what``) exceed the machine's physical memory."""
+    limit = physical_memory()
+    if limit and nbytes > limit:
+        raise ConfigError(f"{what} would take {format_bytes(nbytes)}, more than this machine's "
+                          f"{format_bytes(limit)} of memory; accepted: what fits in memory (fewer filters, units "
+                          f"or samples, a smaller batch)")
+
+
+def check_input_shape(shape):
+    """(C, H, W) as a tuple of ints: three positive integers, else a one-line error."""
+    accepted = "input_shape must be (C, H, W), three positive integers"
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ArgumentTypeError(f"{accepted}, got {type(shape).__name__} {shape!r}") from None
+    if not (len(dims) == 3 and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1
+                                   for d in dims)):
+        raise SpecError(f"{accepted}, got {dims}")
+    return tuple(int(d) for d in dims)
 
 
 # --------------------------------------------------------------------------- layers
@@ -317,17 +365,24 @@ class Network:
 
     def __init__(self, spec, input_shape, seed=0, dtype=np.float32, init="torch", init_scale=1.0,
                  device="cpu"):
-        if len(input_shape) != 3 or min(input_shape) < 1:
-            raise SpecError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
-        dtype = np.dtype(dtype)
+        self.input_shape = check_input_shape(input_shape)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ArgumentTypeError(f"seed must be a whole number >= 0, got {type(seed).__name__} {seed!r}")
+        if seed < 0:
+            raise ConfigError(f"seed must be a whole number >= 0, got {seed}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            dtype = None
         if dtype not in (np.float32, np.float64):
             raise ConfigError(f"dtype must be float32 or float64, got {dtype}")
         if init not in INITS:
             raise ConfigError(f"unknown init '{init}'; accepted: {', '.join(INITS)}")
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float, np.integer, np.floating)):
+            raise ArgumentTypeError(f"init_scale must be a finite number >= 0, got {type(init_scale).__name__}")
         if not (np.isfinite(init_scale) and init_scale >= 0):
             raise ConfigError(f"init_scale must be a finite number >= 0, got {init_scale}")
         self.spec = canonical_spec(spec)
-        self.input_shape = tuple(int(s) for s in input_shape)
         self.dtype = dtype
         self.device = device
         self.seed, self.init, self.init_scale = seed, init, init_scale
@@ -339,6 +394,9 @@ class Network:
 
         # one flat buffer for all parameters, one for all gradients; per-layer views into them
         shapes = [s for layer in self.layers for s in layer.param_shapes]
+        count = sum(math.prod(s) for s in shapes)
+        check_memory(count * dtype.itemsize * PARAM_COPIES,
+                     f"network {self.spec}: its {count:,} parameters and their gradients ({dtype.name})")
         self.param_names = [f"{layer.name}.{pn}" for layer in self.layers
                             for pn in ("weight", "bias")[:len(layer.param_shapes)]]
         sizes = [int(np.prod(s)) for s in shapes]
@@ -424,12 +482,21 @@ class Network:
                 a = math.sqrt(6.0 / (fan_in + fan_out))
                 w[...] = rng.uniform(-a, a, size=w.shape)
                 b[...] = 0
+        top, limit = float(np.abs(host).max()) if host.size else 0.0, float(np.finfo(self.dtype).max)
+        if top * float(init_scale) > limit:
+            raise ConfigError(f"init_scale {init_scale:g} makes the largest initial weight {top * init_scale:.3g}, "
+                              f"beyond {self.dtype.name}'s range ({limit:.3g}); accepted: init_scale up to "
+                              f"{limit / top:.3g} for this network")
         host *= self.dtype.type(init_scale)
         self.set_flat_params(host)
 
     def set_params(self, arrays):
         """Copy a list of arrays (same order and shapes as ``params``) into the network."""
-        arrays = list(arrays)
+        try:
+            arrays = list(arrays)
+        except TypeError:
+            raise ArgumentTypeError(f"set_params needs a list of {len(self.params)} arrays "
+                                    f"({', '.join(self.param_names)}), got {type(arrays).__name__}") from None
         if len(arrays) != len(self.params):
             raise ConfigError(f"set_params got {len(arrays)} arrays; this network has {len(self.params)} "
                               f"({', '.join(self.param_names)})")
@@ -462,6 +529,9 @@ class Network:
         return {n: self.ops.host_copy(p) for n, p in zip(self.param_names, self.params)}
 
     def load_state_dict(self, state):
+        if not hasattr(state, "keys"):
+            raise ArgumentTypeError(f"load_state_dict needs a dict of arrays by name ({', '.join(self.param_names)}), "
+                                    f"got {type(state).__name__}")
         missing = [n for n in self.param_names if n not in state]
         if missing:
             raise ConfigError(f"load_state_dict: missing {', '.join(missing)}")
@@ -487,6 +557,16 @@ class Network:
             i += n
         return out
 
+    def activation_bytes(self, n):
+        """About the bytes the buffers of a batch of n take (each layer's output and input gradient, a
+        conv's im2col columns), computed from the shapes without allocating anything."""
+        total = 0
+        for layer in self.layers:
+            total += math.prod(layer.out_shape) + math.prod(layer.in_shape)
+            if layer.kind == "conv":
+                total += layer.in_shape[0] * layer.K * layer.K * layer.out_shape[1] * layer.out_shape[2]
+        return int(n) * total * self.dtype.itemsize
+
     def summary(self):
         """Rows of (layer name, kind, output shape, number of parameters)."""
         rows = []
@@ -496,8 +576,15 @@ class Network:
 
     # ----------------------------------------------------------------------- forward/backward
     def _check_input(self, x):
+        if not (isinstance(x, np.ndarray) or on_device(x)):
+            raise ArgumentTypeError(f"x must be a NumPy array of shape (N, {', '.join(map(str, self.input_shape))}), "
+                                    f"got {type(x).__name__}; convert it with numpy.asarray")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ArgumentTypeError(f"x must hold real numbers (a float or integer array), got dtype {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ConfigError(f"input must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if x.shape[0] == 0:
+            raise ConfigError(f"x holds no samples (shape {tuple(x.shape)}); accepted: a batch of N >= 1")
         if on_device(x):                        # already a device array
             if x.dtype != self.dtype:
                 raise ConfigError(f"a device input must be {self.dtype.name}, got {x.dtype}")
@@ -513,6 +600,8 @@ class Network:
             return
         cache = self._ws_cache
         if n not in cache:
+            check_memory(self.activation_bytes(n) + self.num_params * self.dtype.itemsize * PARAM_COPIES,
+                         f"network {self.spec}: the activations of a batch of {n:,} and the parameters")
             bufs, dt, empty = {}, self.dtype, self.ops.empty
             if on_device(self.flat_params):      # the batch and its labels are copied into these
                 bufs[("input", "x")] = empty((n,) + self.input_shape, dt)
@@ -686,7 +775,7 @@ class Network:
                 rec[f"dead.{layer.name}"] = self.ops.dead_fraction(layer.out)
         return rec
 
-    def evaluate(self, x, y, batch_size=500):
+    def evaluate(self, x, y, batch_size=EVAL_BATCH):
         """(mean loss, accuracy) over a whole dataset, in batches."""
         n = len(x)
         total, correct = 0.0, 0

@@ -19,16 +19,22 @@ import json
 import os
 import platform
 import re
-from dataclasses import dataclass
+import shutil
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 CONFIG, STEPS, EVALS, SUMMARY = "config.json", "steps.csv", "evals.csv", "summary.json"
 FINAL_CHECKPOINT = "checkpoint.npz"
 CHECKPOINT_DIR = "checkpoints"
 EVAL_COLUMNS = ("step", "epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+# what a run directory holds besides checkpoints/ (--overwrite removes these, and nothing else)
+RUN_FILES = (CONFIG, STEPS, EVALS, SUMMARY, FINAL_CHECKPOINT, "loss.png", "inspect.png", "error.txt")
 
 
 # --------------------------------------------------------------------------- small writers
@@ -102,31 +108,57 @@ def save_checkpoint(path, net, opt, step, **extra):
     os.replace(tmp, path)
 
 
+def read_checkpoint(path):
+    """{name: array} of every array in a checkpoint, read in full; a DataError naming the file when
+    it is missing, truncated or not a checkpoint (so a caller can fall back to an earlier one)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(f"checkpoint {path} does not exist") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    if "step" not in arrays or not any(k.startswith("param/") for k in arrays):
+        raise DataError(f"checkpoint {path} is corrupt or truncated (no step or weights in it)")
+    return arrays
+
+
 def load_checkpoint(path, net, opt=None):
     """Load weights (and momentum buffers into opt) from a checkpoint; returns its step."""
-    with np.load(path) as z:
-        net.load_state_dict({k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")})
-        bufs = sorted((int(k.split("/")[1]), z[k]) for k in z.files if k.startswith("momentum/"))
-        if opt is not None:
-            opt.load_state_dict({"buffers": [b for _, b in bufs] if bufs else None})
-        return int(z["step"])
+    z = read_checkpoint(path)
+    net.load_state_dict({k[len("param/"):]: v for k, v in z.items() if k.startswith("param/")})
+    bufs = sorted((int(k.split("/")[1]), v) for k, v in z.items() if k.startswith("momentum/"))
+    if opt is not None:
+        opt.load_state_dict({"buffers": [b for _, b in bufs] if bufs else None})
+    return int(z["step"])
+
+
+def checkpoint_step(path):
+    """The step a checkpoint was written at (steps taken before it)."""
+    return int(read_checkpoint(path)["step"])
 
 
 def checkpoint_extra(path):
     """{name: array} of the extra arrays a checkpoint holds (see save_checkpoint)."""
-    with np.load(path) as z:
-        return {k[len("extra/"):]: z[k] for k in z.files if k.startswith("extra/")}
+    return {k[len("extra/"):]: v for k, v in read_checkpoint(path).items() if k.startswith("extra/")}
 
 
 # --------------------------------------------------------------------------- writing a run
 class CsvLog:
     """Append-only CSV with a header, flushed after every row; rows are dicts (missing cells empty)."""
 
-    def __init__(self, path, cols):
+    def __init__(self, path, cols, append=False):
         self.cols = list(cols)
-        self.f = open(path, "w", newline="")
+        if append:
+            have = table_lines(path)[0]
+            if have != self.cols:
+                raise DataError(f"{path}: cannot append: its columns ({', '.join(have)}) are not the ones this run "
+                                f"writes ({', '.join(self.cols)})")
+        self.f = open(path, "a" if append else "w", newline="")
         self.w = csv.DictWriter(self.f, fieldnames=self.cols, restval="", extrasaction="ignore")
-        self.w.writeheader()
+        if not append:
+            self.w.writeheader()
         self.f.flush()
 
     def write(self, record):
@@ -142,14 +174,18 @@ class RunWriter:
     """Writes one run directory as the run goes: ``config`` first, then ``step`` / ``eval`` rows
     as they happen, ``checkpoint`` when due, and ``finish`` (final checkpoint and summary)."""
 
-    def __init__(self, out, config, step_columns, checkpoints=True):
+    def __init__(self, out, config, step_columns, checkpoints=True, append=False):
+        """append: continue the steps.csv and evals.csv already there (a resumed run)."""
         self.out = out
-        os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, CONFIG), config)
-        self.steps = CsvLog(os.path.join(out, STEPS), step_columns)
-        self.evals = CsvLog(os.path.join(out, EVALS), EVAL_COLUMNS)
-        if checkpoints:
-            os.makedirs(os.path.join(out, CHECKPOINT_DIR), exist_ok=True)
+        make_writable_dir(out)
+        try:
+            write_json(os.path.join(out, CONFIG), config)
+            self.steps = CsvLog(os.path.join(out, STEPS), step_columns, append)
+            self.evals = CsvLog(os.path.join(out, EVALS), EVAL_COLUMNS, append)
+            if checkpoints:
+                os.makedirs(os.path.join(out, CHECKPOINT_DIR), exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot write the run directory {out}: {os_reason(e)}") from None
 
     def step(self, record):
         self.steps.write(record)
@@ -158,6 +194,7 @@ class RunWriter:
         self.evals.write(record)
 
     def checkpoint_path(self, step):
+        os.makedirs(os.path.join(self.out, CHECKPOINT_DIR), exist_ok=True)
         return checkpoint_path(self.out, step)
 
     def close(self):
@@ -165,9 +202,10 @@ class RunWriter:
         self.evals.close()
 
     def finish(self, summary, save_final):
-        """``save_final(path)`` writes the final checkpoint; then summary.json."""
+        """``save_final(path)`` writes the final checkpoint (None: there is none to write); then summary.json."""
         self.close()
-        save_final(os.path.join(self.out, FINAL_CHECKPOINT))
+        if save_final is not None:
+            save_final(os.path.join(self.out, FINAL_CHECKPOINT))
         write_json(os.path.join(self.out, SUMMARY), summary)
 
 
@@ -179,6 +217,7 @@ class Run:
     steps: dict           # steps.csv as column -> numpy array
     evals: dict           # evals.csv as column -> numpy array
     summary: dict         # summary.json ({} while a run is still going or was killed hard)
+    warnings: list = field(default_factory=list)   # what did not add up (a cut last row, ...), one line each
 
     @property
     def name(self):
@@ -191,18 +230,65 @@ class Run:
         return float(self.config.get("label_entropy") or math.log(max(2, self.config.get("num_classes", 10))))
 
 
-def read_table(path):
-    """A CSV written by CsvLog as a dict of column name -> float64 array (empty cells NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return {}
-    head, body = rows[0], rows[1:]
-    out = {}
-    for j, name in enumerate(head):
-        vals = [r[j] if j < len(r) else "" for r in body]
-        out[name] = np.array([float(v) if v != "" else np.nan for v in vals])
-    return out
+def table_lines(path):
+    """(header cells, [(line number, raw line, cells)], cut) of a CSV written by CsvLog. ``cut``: the
+    file does not end with a line end, so its last row was cut mid-way (a killed run) and is left
+    out. Binary data, a row with the wrong number of cells, or a cell that is not a number is a
+    DataError naming the file and the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    tail = lines.pop()                    # the text after the last line end: b"" in a whole file
+    head, rows = None, []
+    for i, line in enumerate(lines + [tail], 1):
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}, line {i}: binary data, not text; a {os.path.basename(path)} written by "
+                            f"minicnn train holds numbers separated by commas") from None
+        if i > len(lines) or not text.strip():
+            continue
+        cells = next(csv.reader([text]))
+        if head is None:
+            head = cells
+            continue
+        if len(cells) != len(head):
+            raise DataError(f"{path}, line {i}: {len(cells)} cells, the header has {len(head)}; the file is damaged")
+        for name, v in zip(head, cells):
+            try:
+                float(v) if v != "" else None
+            except ValueError:
+                raise DataError(f"{path}, line {i}: column {name} holds {v[:40]!r}, not a number; the file is "
+                                f"damaged") from None
+        rows.append((i, line, cells))
+    return head or [], rows, tail != b""
+
+
+def read_table(path, warnings=None):
+    """A CSV written by CsvLog as a dict of column name -> float64 array (empty cells NaN). A last
+    row cut mid-way is left out, and said so in ``warnings`` (a list) if given."""
+    head, rows, cut = table_lines(path)
+    if cut and warnings is not None:
+        warnings.append(f"{path}: its last line was cut mid-row (the run was killed while writing it); "
+                        f"loaded the {len(rows)} whole rows")
+    return {name: np.array([float(r[2][j]) if r[2][j] != "" else np.nan for r in rows])
+            for j, name in enumerate(head)}
+
+
+def read_json(path):
+    """A JSON object from a run directory's file; a DataError naming the file and line otherwise."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: binary data, not JSON text; the file is damaged") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                        f"the file is damaged") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: holds a JSON {type(obj).__name__}, not the object minicnn writes; "
+                        f"the file is damaged")
+    return obj
 
 
 def mismatch_reason(run, data_description):
@@ -222,16 +308,105 @@ def mismatch_reason(run, data_description):
 
 
 def load_run(path):
-    """Load config, per-step trace, evaluations and summary of a run directory."""
+    """Load config, per-step trace, evaluations and summary of a run directory. What does not add
+    up (a cut last row, a summary that counts more steps than the trace holds) is in ``warnings``."""
     cfg_path = os.path.join(path, CONFIG)
     if not os.path.isfile(cfg_path):
         raise DataError(f"not a run directory: {path} (no config.json); give a folder written by 'minicnn train --out'")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    summary = {}
-    if os.path.isfile(os.path.join(path, SUMMARY)):
-        with open(os.path.join(path, SUMMARY)) as f:
-            summary = json.load(f)
-    steps = read_table(os.path.join(path, STEPS)) if os.path.isfile(os.path.join(path, STEPS)) else {}
-    evals = read_table(os.path.join(path, EVALS)) if os.path.isfile(os.path.join(path, EVALS)) else {}
-    return Run(path, config, steps, evals, summary)
+    config = read_json(cfg_path)
+    summary = read_json(os.path.join(path, SUMMARY)) if os.path.isfile(os.path.join(path, SUMMARY)) else {}
+    warnings = [] if isinstance(config.get("config"), dict) else [
+        f"{cfg_path}: holds no run configuration (no 'config' object); the file is damaged"]
+    steps = read_table(os.path.join(path, STEPS), warnings) if os.path.isfile(os.path.join(path, STEPS)) else {}
+    evals = read_table(os.path.join(path, EVALS), warnings) if os.path.isfile(os.path.join(path, EVALS)) else {}
+    step = steps.get("step", np.zeros(0))
+    bad = np.flatnonzero(np.diff(step) <= 0) if len(step) > 1 else []
+    if len(bad):
+        raise DataError(f"{os.path.join(path, STEPS)}: step {step[bad[0] + 1]:g} follows step {step[bad[0]]:g}; "
+                        f"rows must be in step order; the file is damaged")
+    n = len(step)
+    if not n:
+        warnings.append(f"{path}: no steps recorded" + ("" if os.path.isfile(os.path.join(path, STEPS))
+                                                         else " (no steps.csv)"))
+    elif isinstance(summary.get("steps"), int) and summary["steps"] != n:
+        warnings.append(f"{path}: summary.json says {summary['steps']} steps but steps.csv holds {n}")
+    return Run(path, config, steps, evals, summary, warnings)
+
+
+def asked_config(config_json):
+    """The TrainConfig fields a run was asked for: config.json's "config", with every value setup
+    adjusted (minicnn.config.setup: a batch larger than the data, ...) back to the one asked."""
+    cfg = dict(config_json.get("config") or {})
+    cfg.update({k: a["asked"] for k, a in (config_json.get("adjusted") or {}).items() if k in cfg})
+    return cfg
+
+
+# --------------------------------------------------------------------------- the directory itself
+def os_reason(e):
+    """Why an OSError happened, in words: 'permission denied', 'a file is in the way', ..."""
+    if isinstance(e, NotADirectoryError):
+        return "part of the path is a file, not a folder"
+    if isinstance(e, FileExistsError):
+        return "something that is not a folder is already there"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return (e.strerror or type(e).__name__).lower()
+
+
+def make_writable_dir(path, what="the run directory"):
+    """Create ``path`` (and its parents) and check a file can be written in it; a one-line
+    ConfigError naming the folder and why otherwise (a read-only folder, /proc, below a file)."""
+    try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise FileExistsError(path)
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".minicnn-write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write {what} {path}: {os_reason(e)}; accepted: a folder you can create "
+                          f"and write") from None
+    return path
+
+
+def is_run_dir(path):
+    """True when ``path`` holds (part of) a run: a config.json, steps.csv, summary.json or checkpoints."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                       for f in (CONFIG, STEPS, SUMMARY, CHECKPOINT_DIR))
+
+
+def clear_run_dir(path):
+    """Remove a run's files (RUN_FILES and checkpoints/step_*.npz), nothing else."""
+    for f in RUN_FILES:
+        p = os.path.join(path, f)
+        if os.path.isfile(p):
+            os.remove(p)
+    for _, p in list_checkpoints(path):
+        os.remove(p)
+    d = os.path.join(path, CHECKPOINT_DIR)
+    if os.path.isdir(d) and not os.listdir(d):
+        shutil.rmtree(d)
+
+
+def truncate_run(path, step):
+    """Cut a run back to its state at ``step`` (steps taken) for a resume: steps.csv keeps the rows
+    of steps < step, evals.csv those at steps <= step (byte for byte, header included), later
+    checkpoints, the final checkpoint and the summary go."""
+    for name, keep in ((STEPS, lambda t: t < step), (EVALS, lambda t: t <= step)):
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            continue
+        head, rows, _ = table_lines(p)
+        with open(p, "rb") as f:
+            first = f.readline()
+        kept = [line + b"\n" for _, line, cells in rows if keep(float(cells[head.index("step")]))]
+        tmp = p + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(first + b"".join(kept))
+        os.replace(tmp, p)
+    for k, p in list_checkpoints(path):
+        if k > step:
+            os.remove(p)
+    for f in (SUMMARY, FINAL_CHECKPOINT):
+        if os.path.isfile(os.path.join(path, f)):
+            os.remove(os.path.join(path, f))

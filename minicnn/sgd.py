@@ -13,8 +13,28 @@ import re
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ArgumentTypeError, ConfigError
 from .ops import backend_of, on_device
+
+# accepted ranges, (low, high, high included): momentum below 1 -- at 1 the buffer never decays
+# (buf = buf + g), so every past gradient counts forever and the step grows without bound (PyTorch
+# accepts it; it is never what a run wants); dampening in [0, 1], the share of the new gradient dropped
+RANGES = {"lr": (0.0, math.inf, False), "momentum": (0.0, 1.0, False), "dampening": (0.0, 1.0, True),
+          "weight_decay": (0.0, math.inf, False)}
+
+
+def check_hyper(name, v):
+    """``v`` as a float if it is a number in RANGES[name], else a one-line error naming ``name``."""
+    lo, hi, closed = RANGES[name]
+    accepted = f"a finite number in [{lo:g}, {hi:g}{']' if closed else ')'}" if math.isfinite(hi) else \
+        f"a finite number >= {lo:g}"
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ArgumentTypeError(f"SGD {name} must be {accepted}, got {type(v).__name__} {v!r}")
+    if not (math.isfinite(v) and lo <= v and (v <= hi if closed else v < hi)):
+        why = " (at 1 the momentum buffer never decays: every past gradient would count forever)" \
+            if name == "momentum" and v == 1 else ""
+        raise ConfigError(f"SGD {name} must be {accepted}, got {v!r}{why}")
+    return float(v)
 
 
 class SGD:
@@ -28,21 +48,21 @@ class SGD:
     """
 
     def __init__(self, lr=0.1, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
-        for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
-                        ("dampening", dampening)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"SGD {name} must be a finite number >= 0, got {v!r}")
+        lr, momentum, weight_decay, dampening = (check_hyper(n, v) for n, v in (
+            ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("dampening", dampening)))
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ConfigError("Nesterov momentum requires momentum > 0 and dampening = 0")
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
-        self.dampening, self.nesterov = float(dampening), bool(nesterov)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.dampening, self.nesterov = dampening, bool(nesterov)
         self.buffers = None          # momentum buffers, one per parameter, created on the first step
         self._work = {}              # the update's intermediate arrays, kept between steps
 
     def step(self, params, grads, lr=None):
         """Update params in place: w -= lr * d (the rule in the module docstring), with the
-        optimizer's lr unless ``lr`` is given."""
-        lr = self.lr if lr is None else lr
+        optimizer's lr unless ``lr`` is given. params and grads: lists of arrays of the same
+        shapes, in the same order."""
+        lr = self.lr if lr is None else check_hyper("lr", lr)
+        check_pairs(params, grads)
         ops = backend_of(params[0] if params else None)
         first = self.buffers is None
         if self.momentum:
@@ -66,6 +86,21 @@ class SGD:
         self.buffers = None if bufs is None else [np.array(b, copy=True) for b in bufs]
 
 
+def check_pairs(params, grads):
+    """params and grads: lists (or tuples) of arrays, as many of each, each gradient the shape of its
+    parameter -- else a one-line error (a missing gradient would silently leave its parameter as it is)."""
+    for name, v in (("params", params), ("grads", grads)):
+        if not isinstance(v, (list, tuple)):
+            raise ArgumentTypeError(f"SGD.step: {name} must be a list of arrays, got {type(v).__name__}")
+    if len(params) != len(grads):
+        raise ConfigError(f"SGD.step: {len(params)} params but {len(grads)} grads; give one gradient per parameter")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if not hasattr(g, "shape") or tuple(g.shape) != tuple(p.shape):
+            got = tuple(g.shape) if hasattr(g, "shape") else type(g).__name__
+            raise ConfigError(f"SGD.step: grads[{i}] has shape {got}, its parameter {tuple(p.shape)}; "
+                              f"accepted: one array of its parameter's shape per parameter")
+
+
 # --------------------------------------------------------------------------- schedules
 SCHEDULE_HELP = ("constant | step:EVERY[:GAMMA] | cosine[:MIN_LR] | linear[:END_LR] | exp:GAMMA, "
                  "each optionally prefixed by warmup:STEPS+ (e.g. warmup:200+cosine), or an explicit "
@@ -77,6 +112,8 @@ class Schedule:
 
     def __init__(self, fn, spec):
         self.fn, self.spec = fn, spec
+        # cosine and linear run over the run's length: another total_steps changes every step's lr
+        self.depends_on_total = bool(re.search(r"(^|\+)(cosine|linear)(:|$)", spec))
 
     def __call__(self, step):
         return float(self.fn(step))
@@ -97,6 +134,9 @@ def parse_schedule(spec, base_lr, total_steps):
 
     The lr of every step must be a finite number >= 0: a schedule that goes negative or NaN
     anywhere in the run (cosine:-1, exp:nan, ...) is a ConfigError here, before training."""
+    if spec is not None and not isinstance(spec, str):
+        raise ArgumentTypeError(f"--lr-schedule must be a string, got {type(spec).__name__} {spec!r}; "
+                                f"accepted: {SCHEDULE_HELP}")
     spec = (spec or "constant").strip()
     bad = ConfigError(f"bad --lr-schedule '{spec}'; accepted: {SCHEDULE_HELP}")
     total = max(int(total_steps), 1)

@@ -12,7 +12,7 @@ Named presets stand in for a spec (``small`` is the default).
 import re
 from dataclasses import dataclass
 
-from .errors import SpecError
+from .errors import ArgumentTypeError, SpecError
 
 GRAMMAR = ("layers joined by '-': conv<F>[k<K>][s<S>][p<P>], relu, maxpool<K>[s<S>], flatten, fc<O> "
            "(e.g. conv16k3p1-relu-maxpool2-fc10), or a preset: {presets}")
@@ -65,7 +65,10 @@ def _error(token, why):
 
 def parse_spec(spec):
     """Parse a spec string (or preset name) into a list of LayerSpec, flatten made explicit."""
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, str):
+        raise ArgumentTypeError(f"spec must be a string, got {type(spec).__name__} {spec!r}; accepted: "
+                                + GRAMMAR.format(presets=", ".join(PRESETS)))
+    if not spec.strip():
         raise SpecError("empty network spec; accepted: " + GRAMMAR.format(presets=", ".join(PRESETS)))
     spec = PRESETS.get(spec.strip(), spec.strip())
     layers = []

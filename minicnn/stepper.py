@@ -25,9 +25,9 @@ import numpy as np
 from . import diagnose as dg
 from . import trace as tr
 from .config import TrainConfig, sharpness_batch
-from .errors import ConfigError, MinicnnError
+from .errors import ConfigError, DataError, MinicnnError
 from .ops.ref import dead_fraction
-from .rundir import label_entropy, list_checkpoints, load_run, mismatch_reason
+from .rundir import label_entropy, list_checkpoints, load_run, make_writable_dir, mismatch_reason, os_reason
 from .trainer import Trainer
 
 # Steps `back` can rewind: each costs ~3 copies of the parameters (weights, momentum, previous
@@ -158,8 +158,9 @@ class Stepper:
     def step(self, n=1):
         """Take n SGD steps (fewer if the loss becomes NaN/inf); returns their records. Each
         record carries ``events``: {kind: evidence} by minicnn.diagnose.step_events."""
-        if n < 0:
-            raise ConfigError(f"step count must be >= 0, got {n}")
+        if n < 0 or n > self.trainer.total:
+            raise ConfigError(f"step count must be in 0..{self.trainer.total} (the run's length), got {n}; "
+                              f"'until EVENT' steps to an event or the end of the run")
         recs = []
         with np.errstate(**_ERRSTATE):
             for _ in range(int(n)):
@@ -178,14 +179,21 @@ class Stepper:
                 recs.append(rec)
         return recs
 
-    def until(self, event, max_steps=None, eos_every=None):
+    def until(self, event, max_steps=None, eos_every=None, on_step=None):
         """Step until ``event`` (see parse_event) happens, max_steps are taken (default: to the end
-        of the run's steps), or the loss becomes NaN/inf."""
+        of the run's steps; at most the run's length), or the loss becomes NaN/inf. ``on_step(record)``
+        sees every step as it is taken (progress)."""
         pred = parse_event(event)
         target = getattr(pred, "target_step", None)
+        total = self.trainer.total
         if target is not None and target < self.step_count:
             raise ConfigError(f"step {target} is already taken (the next step is {self.step_count}); 'back' first")
-        left = self.trainer.total - self.step_count
+        if target is not None and target > max(total - 1, self.step_count):
+            raise ConfigError(f"step {target} is past the end of the run (steps 0..{total - 1}); accepted: a step "
+                              f"from {self.step_count} to {max(total - 1, self.step_count)}")
+        if max_steps is not None and not 1 <= max_steps <= total:
+            raise ConfigError(f"a step limit must be in 1..{total} (the run's length), got {max_steps}")
+        left = total - self.step_count
         if max_steps is None:
             if left <= 0:
                 raise MinicnnError(f"the run's {self.trainer.total} steps are done; give a step limit")
@@ -199,6 +207,8 @@ class Stepper:
             rec = self.step(1)[0]
             res.steps += 1
             res.records.append(rec)
+            if on_step:
+                on_step(rec)
             if sh is not None:
                 rec.update(lambda_max=sh["lambda_max"], two_over_lr=sh["two_over_lr"])
                 rec["events"] = dg.step_events(rec, list(self._recent)[:-1], self.label_entropy, self.cfg.batch_size)
@@ -347,8 +357,11 @@ class Stepper:
     def save(self, path):
         """A checkpoint of the current state: weights and momentum (load_checkpoint reads them)
         plus the position in the data order."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.trainer.save(path)
+        make_writable_dir(os.path.dirname(os.path.abspath(path)), "the folder")
+        try:
+            self.trainer.save(path)
+        except OSError as e:
+            raise ConfigError(f"cannot write the checkpoint {path}: {os_reason(e)}") from None
         return path
 
     # ------------------------------------------------------------------ replay
@@ -367,13 +380,12 @@ class Stepper:
         step = int(step)
         if step not in recorded:
             raise ConfigError(f"step {step} is not in this run (steps 0..{int(steps[-1])})")
+        if not isinstance(run.config.get("config"), dict):
+            raise DataError(f"{run_dir}/config.json has no 'config' object; the file is damaged")
         cfg = TrainConfig.from_dict(run.config["config"])
         s = cls(cfg, data=data, history=history)
         t0 = time.perf_counter()
-        ckpts = [(k, p) for k, p in list_checkpoints(run_dir) if k <= step]
-        start = 0
-        if ckpts:
-            start = s.trainer.resume(ckpts[-1][1])
+        start, used, skipped = s.trainer.resume_latest([(k, p) for k, p in list_checkpoints(run_dir) if k <= step])
         cols = {c: run.steps[c] for c in ("loss", "loss_after") if c in run.steps}
         first_bad = None
         rep = None
@@ -388,7 +400,8 @@ class Stepper:
                         first_bad = (t, c, r[c], float(v[recorded[t]]))
                 rep = r
         i = recorded[step]
-        info = {"run": run_dir, "step": step, "checkpoint_step": start if ckpts else None,
+        info = {"run": run_dir, "step": step, "checkpoint_step": start if used else None, "skipped": skipped,
+                "warnings": run.warnings,
                 "replayed_steps": step + 1 - start, "seconds": time.perf_counter() - t0,
                 "loss": rep["loss"], "recorded_loss": float(run.steps["loss"][i]),
                 "match": first_bad is None, "first_mismatch": first_bad, "reason": ""}

@@ -11,9 +11,17 @@ row per finished run; rewritten as runs finish, so ``pandas.read_csv`` reads it 
 ``grid.png`` (``minicnn.plots.plot_grid``).
 
 Resuming: a run whose directory already holds a ``summary.json`` with status finished or diverged
-and the same config is not run again (its row is rebuilt from the directory). A run that raises is a
-row with status ``error`` and the message (the traceback is in ``error.txt`` in its directory);
-it never stops the sweep, and it is retried on the next invocation.
+and the same config is not run again (its row is rebuilt from the directory); an interrupted (or
+killed) one continues from its last checkpoint (``train(resume=True)``, bit for bit). A run that
+raises is a row with status ``error`` and the message (the traceback is in ``error.txt`` in its
+directory); it never stops the sweep, and it is retried on the next invocation.
+
+Stopping: SIGINT or SIGTERM to the sweep process (or Ctrl-C to its process group) stops it: every
+running run stops after its current step and writes its files and a checkpoint, runs not started
+are not started, and summary.csv gets one row per run (``interrupted`` where a run did not finish);
+``SweepResult.status`` is then "interrupted". A second signal makes the workers exit at once.
+Workers ignore SIGINT themselves (the sweep process decides) and stop the same way when the sweep
+process is killed.
 
 Parallelism: ``workers`` processes (default: one per core) started with the "spawn" method (Numba's
 threading layer and fork do not mix), each running its runs with ``cores // workers`` Numba threads
@@ -31,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -55,6 +64,12 @@ SUMMARY_COLUMNS = ["name", "status", "steps", "final_train_loss", "final_train_a
                    "decisive_step", "diagnosis", "wall_s", "first_step_s", "error", "run_dir"]
 # seconds to wait for a Dask scheduler before giving up with a clear message
 SCHEDULER_TIMEOUT_S = 10
+# a worker checks every this many seconds whether the sweep asked it to stop (or is gone), and the
+# sweep process whether a run has finished or a signal came: how long a stop takes to start
+WATCH_EVERY_S = 0.25
+# a worker whose sweep process is gone (killed) finishes its current step and writes its run, then
+# exits; after this many seconds it exits anyway (a step of the largest networks here takes ~1 s)
+STOP_GRACE_S = 10
 
 
 @dataclass
@@ -73,6 +88,14 @@ class SweepResult:
     wall_s: float = 0.0
     summary_path: str = None
     options: list = field(default_factory=list)  # the swept option names, in grid order
+    status: str = "finished"                     # finished | interrupted (a signal stopped the sweep)
+    stopped_by: str = None                       # SIGINT, SIGTERM or KeyboardInterrupt
+    forced: bool = False                         # a second signal: the workers were made to exit at once
+
+    @property
+    def errors(self):
+        """How many runs ended in an error."""
+        return sum(r.get("status") == "error" for r in self.rows)
 
 
 # ---------------------------------------------------------------- the grid
@@ -145,25 +168,29 @@ def _cached_data(data, seed, data_dir, n_train, n_val, split, image_size):
                      image_size=image_size)
 
 
-_WORKER = {"runs": 0}       # per-process: how many runs this worker has started
+# per-process: how many runs this worker has started; whether it was asked to stop (SIGTERM)
+_WORKER = {"runs": 0, "stopping": False}
 # One run at a time per process: minicnn.ops.cpu selects Numba's workqueue threading layer, which
 # must not be entered by two threads at once (a Dask worker with several threads would do that).
 _RUN_LOCK = threading.Lock()
 
 
-def run_one(name, config, run_dir, ship=False, procs_per_host=None):
+def run_one(name, config, run_dir, ship=False, procs_per_host=None, resume=True):
     """Train one run of a sweep into ``run_dir`` and return its summary row (never raises).
 
     ship: train into a temporary directory and return its files in the row (``row["files"]``,
     relative path -> bytes) for the caller to write -- for Dask workers that may not share a
     filesystem. procs_per_host: {host: worker processes on it}, to share a host's cores among them.
+    resume: continue an interrupted run of the same config in ``run_dir`` (else it starts over).
+    A worker asked to stop (SIGTERM) stops the run after its current step and starts no other.
     """
     with _RUN_LOCK:
-        return _run_one(name, config, run_dir, ship, procs_per_host)
+        if _WORKER["stopping"]:
+            return {"name": name, **stopped_row(run_dir, config), "worker_pid": os.getpid()}
+        return _run_one(name, config, run_dir, ship, procs_per_host, resume)
 
 
-def _run_one(name, config, run_dir, ship, procs_per_host):
-    from .trainer import train
+def _run_one(name, config, run_dir, ship, procs_per_host, resume):
     t0 = time.perf_counter()
     _WORKER["runs"] += 1
     row = {"name": name, "worker_pid": os.getpid(), "worker_run": _WORKER["runs"]}
@@ -178,9 +205,9 @@ def _run_one(name, config, run_dir, ship, procs_per_host):
             cfg.threads = _dask_worker_threads(procs_per_host or {})
         cfg.validate()
         data = _cached_data(cfg.data, cfg.seed, cfg.data_dir, cfg.n_train, cfg.n_val, cfg.split, cfg.image_size)
-        result = train(cfg, out=run_dir, data=data)
+        result = _train(cfg, run_dir, data, resume and not ship and can_resume(run_dir, config))
         row.update(run_row(run_dir))
-        row["first_step_s"] = result.first_step_s
+        row.update(first_step_s=result.first_step_s, resumed_from=result.resumed_from)
     except Exception as e:  # a failed run is a row, never a crashed sweep
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "error.txt"), "w") as f:
@@ -192,6 +219,31 @@ def _run_one(name, config, run_dir, ship, procs_per_host):
         row["files"] = _read_files(run_dir)
         shutil.rmtree(tmp, ignore_errors=True)
     return row
+
+
+def _train(cfg, run_dir, data, resume):
+    """One run of the sweep: resumed where it stopped, else from the start (replacing whatever is
+    in run_dir); stopped after a step once this worker is asked to stop."""
+    from .errors import MinicnnError
+    from .trainer import train
+    kw = dict(out=run_dir, data=data, signals=False, should_stop=lambda: _WORKER["stopping"])
+    if resume:
+        try:
+            return train(cfg, resume=True, **kw)
+        except MinicnnError:                   # nothing to resume from after all: start over
+            pass
+    return train(cfg, overwrite=True, **kw)
+
+
+def stopped_row(run_dir, config):
+    """The row of a run the sweep stopped: what its directory holds of a run of ``config`` (status
+    interrupted), or 'stopped before it started'."""
+    if can_resume(run_dir, config):
+        try:
+            return {**run_row(run_dir), "status": "interrupted", "run_dir": run_dir}
+        except Exception:         # a damaged run directory: as if not started
+            pass
+    return {"status": "interrupted", "steps": 0, "error": "stopped before it started", "run_dir": run_dir}
 
 
 def _dask_worker_threads(procs_per_host):
@@ -273,17 +325,33 @@ def cores():
         return os.cpu_count() or 1
 
 
+def recorded(run_dir, config):
+    """(status in summary.json or None, whether run_dir's run was asked for exactly ``config``
+    (threads aside)); (None, False) where there is no readable run."""
+    from .rundir import asked_config
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = asked_config(json.load(f))
+        status = None
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                status = json.load(f).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None, False
+    strip = lambda c: {k: v for k, v in c.items() if k not in NOT_COMPARED}  # noqa: E731
+    return status, strip(saved) == strip(config)
+
+
 def is_done(run_dir, config):
     """True when run_dir holds a finished (or diverged) run of exactly this config."""
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            status = json.load(f).get("status")
-        with open(os.path.join(run_dir, "config.json")) as f:
-            saved = json.load(f).get("config", {})
-    except (OSError, ValueError):
-        return False
-    strip = lambda c: {k: v for k, v in c.items() if k not in NOT_COMPARED}  # noqa: E731
-    return status in DONE_STATUSES and strip(saved) == strip(config)
+    status, same = recorded(run_dir, config)
+    return same and status in DONE_STATUSES
+
+
+def can_resume(run_dir, config):
+    """True when run_dir holds an interrupted (or killed: no summary) run of exactly this config."""
+    status, same = recorded(run_dir, config)
+    return same and status in (None, "interrupted")
 
 
 @contextmanager
@@ -327,7 +395,7 @@ def _csv_value(v):
 
 
 def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=None, on_result=None,
-              grid=None, base=None):
+              grid=None, base=None, signals=True):
     """Run every task not already done in ``out``; return a SweepResult (rows in task order).
 
     workers: local processes (default: one per core, at most one per task to run; one when the runs
@@ -335,55 +403,81 @@ def run_sweep(tasks, out, workers=None, scheduler=None, rerun=False, on_start=No
     address of a Dask distributed scheduler ("tcp://host:8786") to send the runs to instead.
     rerun: run every task again even when its directory holds a finished run.
     on_start(to_run, skipped) and on_result(row, done, to_run) report progress.
+    signals: SIGINT and SIGTERM stop the sweep as the module docstring says (main thread only).
     """
+    from .rundir import make_writable_dir
+    from .trainer import stop_on_signals
     t0 = time.perf_counter()
     on_gpu = any(t.config.get("device") == "cuda" for t in tasks)
     if on_gpu and scheduler is None:
         from .ops import get_backend
         get_backend("cuda")          # no GPU here: the one-line error now, not from every worker
-    os.makedirs(out, exist_ok=True)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError("two runs of the sweep would share a directory name; give each option's values once")
-    options = list(tasks[0].options) if tasks else []
+    make_writable_dir(out, "the sweep directory")
     _write_sweep_json(out, tasks, grid, base)
-    rows, todo = _done_rows(tasks, out, rerun)
-    skipped = len(tasks) - len(todo)
-    summary_path = os.path.join(out, "summary.csv")
-    by_name = {t.name: t for t in tasks}
+    book = _Book(tasks, out, on_result)
+    book.rows, todo = _done_rows(tasks, out, rerun)
+    book.todo = len(todo)
+    book.write()
+    forced = False
+    with stop_on_signals(signals) as stop:
+        client = _dask_client(scheduler) if scheduler and todo else None
+        try:
+            if on_start:
+                on_start(len(todo), len(tasks) - len(todo))
+            if client is not None:
+                _run_dask(todo, out, client, book.finish, stop)
+            elif todo:
+                # runs on the GPU share one device: one local process unless told otherwise
+                _run_local(todo, out, workers or (1 if on_gpu else None), book.finish, stop, not rerun)
+        except KeyboardInterrupt:            # a second signal: the workers were told to exit at once
+            stop.signal, forced = stop.signal or "KeyboardInterrupt", True
+        finally:
+            if client is not None:
+                client.close()
+            book.complete()
+    return SweepResult(out, book.ordered(), ran=len(todo), skipped=len(tasks) - len(todo),
+                       wall_s=time.perf_counter() - t0, summary_path=book.path, options=book.options,
+                       status="interrupted" if stop.signal else "finished", stopped_by=stop.signal, forced=forced)
 
-    def ordered():
-        return [rows[t.name] for t in tasks if t.name in rows]
 
-    def finish(row):
-        t = by_name[row["name"]]
+class _Book:
+    """The sweep's rows as they come in, and summary.csv rewritten after each."""
+
+    def __init__(self, tasks, out, on_result):
+        self.tasks, self.out, self.on_result = tasks, out, on_result
+        self.by_name = {t.name: t for t in tasks}
+        self.options = list(tasks[0].options) if tasks else []
+        self.path = os.path.join(out, "summary.csv")
+        self.rows, self.todo = {}, 0
+
+    def ordered(self):
+        return [self.rows[t.name] for t in self.tasks if t.name in self.rows]
+
+    def write(self):
+        write_summary(self.path, self.ordered(), self.options)
+
+    def finish(self, row):
+        t = self.by_name[row["name"]]
         files = row.pop("files", None)
         if files is not None:
-            d = os.path.join(out, t.name)
+            d = os.path.join(self.out, t.name)
             shutil.rmtree(d, ignore_errors=True)
             _write_files(d, files)
-        rows[t.name] = {"name": t.name, **t.options, **row, "resumed": False}
-        write_summary(summary_path, ordered(), options)
-        if on_result:
-            on_result(rows[t.name], sum(1 for r in rows.values() if not r.get("resumed")), len(todo))
+        self.rows[t.name] = {"name": t.name, **t.options, **row, "resumed": False}
+        self.write()
+        if self.on_result:
+            self.on_result(self.rows[t.name], sum(1 for r in self.rows.values() if not r.get("resumed")), self.todo)
 
-    write_summary(summary_path, ordered(), options)
-    client = _dask_client(scheduler) if scheduler and todo else None
-    try:
-        if on_start:
-            on_start(len(todo), skipped)
-        if client is not None:
-            _run_dask(todo, out, client, finish)
-        elif todo:
-            # runs on the GPU share one device: one local process unless told otherwise
-            _run_local(todo, out, workers or (1 if on_gpu else None), finish)
-    finally:
-        if client is not None:
-            client.close()
-    rows_out = ordered()
-    write_summary(summary_path, rows_out, options)
-    return SweepResult(out, rows_out, ran=len(todo), skipped=skipped, wall_s=time.perf_counter() - t0,
-                       summary_path=summary_path, options=options)
+    def complete(self):
+        """A row for every task (a stopped sweep: what each run's directory holds), then summary.csv."""
+        for t in self.tasks:
+            if t.name not in self.rows:
+                d = os.path.join(self.out, t.name)
+                self.rows[t.name] = {"name": t.name, **t.options, **stopped_row(d, t.config), "resumed": False}
+        self.write()
 
 
 def _done_rows(tasks, out, rerun):
@@ -408,38 +502,71 @@ def _write_sweep_json(out, tasks, grid, base):
         "grid": grid, "runs": [{"name": t.name, "options": t.options} for t in tasks]})
 
 
-def _run_local(todo, out, workers, finish):
+def _run_local(todo, out, workers, finish, stop, resume):
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
     n_cores = cores()
     workers = max(1, min(workers or n_cores, len(todo)))
     threads = max(1, n_cores // workers)
     ctx = mp.get_context("spawn")
-    with _child_env(threads), ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
-                                                  initargs=(os.getpid(),)) as pool:
+    stop_event, exit_event = ctx.Event(), ctx.Event()
+    with _child_env(threads), ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                                  initargs=(os.getpid(), stop_event, exit_event)) as pool:
         futures = {}
         for t in todo:
             cfg = dict(t.config)
             if cfg.get("threads") is None:
                 cfg["threads"] = threads
-            futures[pool.submit(run_one, t.name, cfg, os.path.join(out, t.name))] = t
+            futures[pool.submit(run_one, t.name, cfg, os.path.join(out, t.name), resume=resume)] = t
         try:
-            for fut in as_completed(futures):
-                finish(_result_or_error(fut, futures[fut], out))
+            _collect(futures, out, finish, stop, stop_event)
         except KeyboardInterrupt:
+            exit_event.set()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
-def _exit_with_parent(parent_pid, every_s=1.0):
-    """Worker initializer: exit when the sweep process is gone. A sweep killed hard (SIGTERM or
-    SIGKILL to it alone; Ctrl-C reaches the whole process group) left its workers running, orphaned:
-    seen here training on for over an hour."""
+def _collect(futures, out, finish, stop, stop_event):
+    """Hand each run's row to ``finish`` as it comes; on a stop request, tell the workers to stop
+    (each finishes its step and writes its run) and cancel the runs not started."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=WATCH_EVERY_S, return_when=FIRST_COMPLETED)
+        for fut in done:
+            t = futures[fut]
+            finish({"name": t.name, **stopped_row(os.path.join(out, t.name), t.config)} if fut.cancelled()
+                   else _result_or_error(fut, t, out))
+        if stop() and not stop_event.is_set():
+            stop_event.set()
+            for fut in pending:
+                fut.cancel()
+
+
+def _worker_init(parent_pid, stop_event, exit_event):
+    """Worker initializer. Ctrl-C is the sweep process's to handle (SIGINT ignored here). SIGTERM --
+    sent by the user, or by this worker's watcher when the sweep sets ``stop_event`` or its process
+    is gone -- stops the current run after its step (its files written) and starts no other.
+    ``exit_event``, or a sweep gone for STOP_GRACE_S, exits at once. (A sweep killed hard once left
+    its workers training on as orphans for over an hour.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
+
     def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(every_s)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True, name="minicnn-watch-parent").start()
+        asked = None
+        while True:
+            gone = os.getppid() != parent_pid
+            if asked is None and (gone or stop_event.is_set()):
+                asked = time.monotonic()
+                os.kill(os.getpid(), signal.SIGTERM)
+            if exit_event.is_set() or (gone and time.monotonic() - asked > STOP_GRACE_S):
+                os._exit(1)
+            time.sleep(WATCH_EVERY_S)
+    threading.Thread(target=watch, daemon=True, name="minicnn-watch-sweep").start()
+
+
+def _stop_worker(signum, frame):
+    _WORKER["stopping"] = True
 
 
 def _result_or_error(fut, task, out):
@@ -463,7 +590,9 @@ def _dask_client(scheduler):
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _run_dask(todo, out, client, finish):
+def _run_dask(todo, out, client, finish, stop):
+    """The runs on a Dask cluster, rows handed to ``finish`` as they come back. A stop cancels every
+    run not yet back (a run on a Dask worker cannot be stopped after a step: it starts over next time)."""
     from distributed import as_completed
     procs = {}
     for addr in client.scheduler_info().get("workers", {}):
@@ -473,8 +602,15 @@ def _run_dask(todo, out, client, finish):
         fut = client.submit(run_one, t.name, t.config, os.path.join(out, t.name), ship=True, procs_per_host=procs,
                             key=f"minicnn-{t.name}-{os.getpid()}-{time.time_ns()}", pure=False)
         futures[fut] = t
-    for fut in as_completed(list(futures), loop=client.loop):
-        finish(_result_or_error(fut, futures[fut], out))
+    done = as_completed(list(futures), loop=client.loop)
+    while not done.is_empty() and not stop():
+        if not done.has_ready():
+            time.sleep(WATCH_EVERY_S)
+            continue
+        for fut in done.next_batch(block=False):
+            finish(_result_or_error(fut, futures[fut], out))
+    if stop():
+        client.cancel([f for f in futures if not f.done()])
 
 
 # ---------------------------------------------------------------- the figure's cells

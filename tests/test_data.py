@@ -31,7 +31,7 @@ def test_npz_roundtrip_and_split(tmp_path):
     (dict(x=np.zeros((5, 2)), y=np.zeros(5, int)), "x must have shape"),
     (dict(x=np.zeros((5, 4, 4)), y=np.zeros(4, int)), "y must have shape"),
     (dict(x=np.full((5, 4, 4), np.nan), y=np.zeros(5, int)), "NaN"),
-    (dict(x=np.zeros((5, 4, 4)), y=np.array([0, 1, -1, 0, 1])), "labels must be in"),
+    (dict(x=np.zeros((5, 4, 4)), y=np.array([0, 1, -1, 0, 1])), "labels must be class indices >= 0"),
     (dict(x=np.zeros((5, 4, 4)), y=np.array([0, 0.5, 1, 0, 1])), "integer class labels"),
 ])
 def test_bad_npz(tmp_path, arrays, msg):
@@ -47,7 +47,7 @@ def test_missing_and_unreadable(tmp_path):
         load_data(str(tmp_path / "nope.npz"))
     p = tmp_path / "junk.npz"
     p.write_text("not a zip")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match=r"is not a .npz archive \(it is a text file\)"):
         load_data(str(p))
     with pytest.raises(DataError, match="unknown dataset"):
         load_data("imagenet")

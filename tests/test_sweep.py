@@ -103,8 +103,8 @@ def tiny_sweep(tmp_path_factory):
 
 def test_sweep_summary_and_figure(tiny_sweep):
     out, _, res = tiny_sweep
-    assert res.exit_code == 0, res.output
-    assert "4 runs in" in res.output and "2 failed" in res.output
+    assert res.exit_code == 1, res.output                  # some runs failed: non-zero, and how many
+    assert "4 runs in" in res.output and "2 failed" in res.output and "2 of 4 runs failed" in res.output
     rows = read_csv(os.path.join(out, "summary.csv"))
     assert [r["name"] for r in rows] == ["arch=tiny_lr=0.05", "arch=tiny_lr=0.5", f"arch={BAD_ARCH}_lr=0.05",
                                          f"arch={BAD_ARCH}_lr=0.5"]
@@ -128,11 +128,11 @@ def test_sweep_summary_and_figure(tiny_sweep):
 
 def test_sweep_resume_skips_finished(tiny_sweep):
     out, args, first = tiny_sweep
-    assert first.exit_code == 0
+    assert first.exit_code == 1
     done = os.path.join(out, "arch=tiny_lr=0.05", "summary.json")
     before = os.stat(done).st_mtime_ns
     res = CliRunner().invoke(main, args + ["--no-plot"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output
     assert "resuming: 2 runs already finished, 2 to run" in res.output
     assert "2 runs in" in res.output                      # only the two failed runs again
     assert os.stat(done).st_mtime_ns == before

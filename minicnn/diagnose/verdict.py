@@ -160,12 +160,8 @@ def _diverged(lv):
         return None
     ev = lv.by_kind["diverged"][0]
     i = lv.index(ev.step)
-    if i == 0:
-        d = Diagnosis("diverged", f"non-finite from the start: {ev.evidence} at step 0, before any step",
-                      0, events=lv.events)
-        d.lines.append("mechanism: the inputs or the initial weights are so large that the first forward pass "
-                       "overflows; no step was taken")
-        return d
+    if ev.step == int(lv.t.step[0]) and not np.isfinite(lv.t("loss")[0]):
+        return _nonfinite_from_start(lv, ev)
     T = lv.t.step[onset(lv.t, 0, i + 1)]
     d = Diagnosis("diverged", f"diverged at step {ev.step}: {ev.evidence}", int(T), events=lv.events)
     d.lines.append(f"it started at step {T}: {step_story(lv.t, lv.index(T))}")
@@ -173,6 +169,16 @@ def _diverged(lv):
         d.lines.append(f"at step {ev.step}: {step_story(lv.t, i)}")
     d.lines.append("mechanism: each step overshot by more than the last (lr x curvature > 2), so the "
                    "weights and the loss grew geometrically until they overflowed")
+    return d
+
+
+def _nonfinite_from_start(lv, ev):
+    """The first loss is already NaN/inf: no update was taken, so nothing overshot."""
+    d = Diagnosis("diverged", f"non-finite from step {ev.step}: the loss was {lv.t('loss')[0]} before any update; "
+                  "nothing was learned", ev.step, events=lv.events)
+    d.lines.append("mechanism: the forward pass already overflows: the inputs or the initial weights are too large "
+                   "for the dtype (see --input-scale, --init-scale and the data's range); the learning rate plays "
+                   "no part")
     return d
 
 
