@@ -37,6 +37,8 @@ class Layer:
     param_shapes = ()
     forward_fused = False        # a ReLU whose forward the conv before it already applied
     backward_fused = False       # a ReLU whose backward the max-pool after it already applied
+    skips_dx = False             # its backward(need_dx=False) computes no input gradient (conv, fc)
+    first = False                # set by Network on the first layer: nothing needs its input gradient
 
     def __init__(self, name, in_shape):
         self.name = name
@@ -54,13 +56,14 @@ class Layer:
         bufs = {}
         if not self.forward_fused:
             bufs["out"] = ops.empty((n,) + tuple(self.out_shape), dtype)
-        if not self.backward_fused:
+        if not self.backward_fused and not (self.first and self.skips_dx):
             bufs["dx"] = ops.empty((n,) + tuple(self.in_shape), dtype)
         return bufs
 
 
 class Conv2d(Layer):
     kind = "conv"
+    skips_dx = True
     relu_fused = False           # set by Network when the next layer is a ReLU the backend fuses in
 
     def __init__(self, name, in_shape, ls):
@@ -81,7 +84,7 @@ class Conv2d(Layer):
 
     def buffers(self, n, ops, dtype):
         bufs = super().buffers(n, ops, dtype)
-        # im2col and product buffers (backends that keep any): the forward fills them, the backward reuses them
+        # scratch for the unfolded input and the products (backends that need any; layers share it)
         work = ops.conv2d_workspace((n,) + tuple(self.in_shape), self.param_shapes[0], self.S, self.P, dtype)
         if work is not None:
             bufs["work"] = work
@@ -164,6 +167,7 @@ class Flatten(Layer):
 
 class Dense(Layer):
     kind = "fc"
+    skips_dx = True
 
     def __init__(self, name, in_shape, ls):
         super().__init__(name, in_shape)
@@ -194,8 +198,7 @@ def _share_transient(bufs, names):
     """Let every conv workspace use one allocation for each buffer in ``names``.
 
     Those buffers live only inside one conv2d_forward/backward call (layers run one at a time),
-    so the layers can share them; only ``cols`` carries data from a layer's forward to its
-    backward and stays per layer. Each shared buffer is sized for the largest layer.
+    so the layers can share them. Each shared buffer is sized for the largest layer.
     """
     works = [b for (_, kind), b in bufs.items() if kind == "work"]
     for name in names:
@@ -243,6 +246,7 @@ class Network:
         self.layers = self._build(parse_spec(spec), self.input_shape)
         if self.ops.FUSES_RELU:
             self._fuse_relus()
+        self.layers[0].first = True
         self.num_classes = self.layers[-1].out_shape[0]
 
         # one flat buffer for all parameters, one for all gradients; per-layer views into them
@@ -421,7 +425,7 @@ class Network:
                 bufs[("loss", "y")] = empty((n,), np.int64)
             for layer in self.layers:
                 bufs.update({(layer.name, k): v for k, v in layer.buffers(n, self.ops, dt).items()})
-            _share_transient(bufs, ("prod", "gt", "xp"))
+            _share_transient(bufs, ("cols", "prod", "gt", "xp", "dwp"))
             bufs[("loss", "probs")] = empty((n, self.num_classes), dt)
             bufs[("loss", "dlogits")] = empty((n, self.num_classes), dt)
             bufs[("loss", "loss_out")] = empty((1,), dt)

@@ -113,18 +113,20 @@ def test_conv2d_workspace_is_filled_by_forward_and_reused_by_backward(dtype, cas
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(48, 16, 14, 14, 32, 3, 1, 1),    # above the BLAS split and parallel sizes
-                                   (40, 3, 12, 12, 8, 3, 2, 1)])     # strided, parallel im2col/col2im
-def test_conv2d_large_batches_use_split_products_and_parallel_kernels(dtype, shape):
-    """Shapes past _SPLIT_MIN_MACS / _PARALLEL_MIN: against the reference, and bit-identical with
-    1 and 2 threads (the column blocks do not depend on the thread count)."""
+@pytest.mark.parametrize("shape", [(48, 16, 14, 14, 32, 3, 1, 1),    # many blocks and dW chunks, parallel
+                                   (41, 3, 12, 12, 8, 3, 2, 1),      # strided; 41: the last block is short
+                                   (35, 1, 28, 28, 16, 3, 1, 1)])    # a first layer (C = 1), odd batch
+def test_conv2d_large_batches_use_blocks_and_parallel_kernels(dtype, shape):
+    """Shapes with several image blocks and dW chunks, past _CONV_PARALLEL_MIN_MACS: against the
+    reference, and bit-identical with 1 and 2 threads (the blocks and chunks are fixed by the
+    shapes, not the thread count)."""
     N, C, H, W, F, K, S, P = shape
     rng = np.random.default_rng(5)
     (x, w, b), (x64, w64, b64) = cast(dtype, rng.standard_normal((N, C, H, W)),
                                       rng.standard_normal((F, C, K, K)) * 0.2, rng.standard_normal(F))
     out64 = ref.conv2d_forward(x64, w64, b64, S, P)
-    cols = N * out64.shape[2] * (W + 2 * P if S == 1 else out64.shape[3])
-    assert len(cpu._blocks(cols, F * C * K * K)) == cpu._SPLIT or S > 1
+    _, NB, _, nblocks, chunks = cpu._conv_plan(N, C, H, W, F, K, S, P, np.dtype(dtype).itemsize)
+    assert nblocks >= 4 and chunks >= 4
     dout = rng.standard_normal(out64.shape).astype(dtype)
     expected = [out64, *ref.conv2d_backward(dout.astype(np.float64), x64, w64, S, P)]
     results = []
@@ -415,8 +417,8 @@ def test_threads_option_keeps_the_workqueue_threading_layer():
     code = ("import minicnn.train as _, sys; sys.modules['minicnn.train'].set_threads(2)\n"
             "import numba, numpy as np\n"
             "from minicnn.ops import cpu\n"
-            "x = np.zeros((1, 1, 1, 1), np.float32)\n"
-            "cpu._rows_to_nchw_kernel(x, np.zeros((1, 3), np.float32), 1, 1, 1, 1, 3, False)\n"
+            "x = np.zeros(4, np.float32)\n"
+            "cpu._relu_forward_kernel(x, x, 4)\n"
             "print(numba.threading_layer())\n")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -30,12 +30,14 @@ Kernel rules:
   Numba wraps negative indices, so an index like ``xs[q + s0]`` costs a select per element and
   stops LLVM from vectorising: measured 10x slower.
 """
-import itertools
 import os
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .ref import conv_out_size
 # Array helpers and two trace reductions: NumPy does them well on the host.
@@ -117,27 +119,26 @@ def _valid_range(u, S, P, size, osize):
 
 
 
-# --------------------------------------------------------------------------- BLAS products
-# The conv products go to numpy's BLAS (OpenBLAS) from Python. OpenBLAS's own threads synchronise
-# with busy waits; on a 2-core machine shared with other processes one product then waits for the
-# other thread's time slice (measured: a 32x145x28672 product took 3-24 ms with 2 OpenBLAS threads
-# against 5 ms split in two halves over 2 Python threads with OpenBLAS at 1 thread). So each
-# product runs with OpenBLAS at one thread, and a long one is split into _SPLIT fixed column
-# blocks, run on Numba's thread count of Python threads (numpy releases the GIL in matmul).
-# The split does not depend on the thread count, so neither do the results.
-_SPLIT = 2
-_SPLIT_MIN_MACS = 1 << 23         # multiply-adds below which a product is one call (~0.2 ms on one
-                                  # thread at ~50 GFLOP/s; a thread hand-off costs ~20-50 us)
+# --------------------------------------------------------------------------- BLAS
+# Matrix products run on one-thread BLAS: OpenBLAS's own threads synchronise with busy waits, and
+# on a 2-core machine shared with other processes one product then waits for the other thread's
+# time slice (measured: a 32x145x28672 product took 3-24 ms with 2 OpenBLAS threads against 5 ms
+# split over 2 threads with OpenBLAS at 1 thread). The parallelism is minicnn's own: the
+# convolutions call sgemm/dgemm from inside Numba's parallel loops (SciPy's BLAS, through its
+# Cython function pointers: _gemm below), one call per image block; the dense layer calls numpy's
+# matmul from Python. Either way BLAS runs at one thread while minicnn's kernels run.
 
 
 def _find_blas_threads():
-    """(get, set) ctypes functions for the thread count of numpy's OpenBLAS, or None."""
+    """[(get, set)] ctypes functions for the thread count of every OpenBLAS loaded in this process
+    (numpy's and SciPy's are two separate libraries)."""
     import ctypes
     try:
         with open("/proc/self/maps") as f:
             paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
     except OSError:
-        return None
+        return []
+    found = []
     for path in paths:
         try:
             lib = ctypes.CDLL(path)
@@ -147,141 +148,170 @@ def _find_blas_threads():
             for suffix in ("64_", "", "_64"):
                 get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
                 put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
+                if get is not None and put is not None and not any(get is g for g, _ in found):
                     put.argtypes = [ctypes.c_int]
-                    return get, put
-    return None
+                    found.append((get, put))
+                    break
+            else:
+                continue
+            break
+    return found
 
 
-class _Products:
-    """Runs the conv matrix products: OpenBLAS at one thread, long ones split over a thread pool."""
+class _OneThreadBlas:
+    """``with _one_thread_blas:`` runs the block with every OpenBLAS at one thread, then restores
+    the caller's setting (only the calls that changed something cost a ctypes call, ~0.2 us)."""
 
     def __init__(self):
-        self.blas = _find_blas_threads()
-        self.pool = None
+        self.libs = None
+        self.saved = []
 
-    def _pool(self):
-        if self.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self.pool = ThreadPoolExecutor(max_workers=_SPLIT - 1, thread_name_prefix="minicnn-blas")
-        return self.pool
-
-    def run(self, calls):
-        """calls: a list of (a, b, out) products out = a @ b, independent of each other."""
-        old = None
-        if self.blas is not None:
-            old = self.blas[0]()
+    def __enter__(self):
+        if self.libs is None:
+            self.libs = _find_blas_threads()
+        saved = self.saved = []
+        for get, put in self.libs:
+            old = get()
             if old != 1:
-                self.blas[1](1)
-        try:
-            if len(calls) > 1 and numba.get_num_threads() > 1:
-                err = np.geterr()          # NumPy's error state is per thread: carry the caller's over
-                futures = [self._pool().submit(_matmul_with_errstate, err, a, b, o) for a, b, o in calls[1:]]
-                np.matmul(*calls[0][:2], out=calls[0][2])
-                for fut in futures:
-                    fut.result()
-            else:
-                for a, b, o in calls:
-                    np.matmul(a, b, out=o)
-        finally:
-            if old is not None and old != 1:
-                self.blas[1](old)
+                put(1)
+                saved.append((put, old))
+        return self
+
+    def __exit__(self, *exc):
+        for put, old in self.saved:
+            put(old)
+        self.saved = []
+        return False
 
 
-def _matmul_with_errstate(err, a, b, out):
-    with np.errstate(**err):
-        np.matmul(a, b, out=out)
+_one_thread_blas = _OneThreadBlas()
 
 
-_products = _Products()
+# SciPy exports its BLAS as Cython function pointers (scipy.linalg.cython_blas, the Fortran
+# interface: every argument by pointer). Their addresses are registered with LLVM under fixed
+# names, and _xgemm declares and calls them by name: the compiled kernels hold the name, not an
+# address, so Numba's on-disk cache stays valid in the next process (which registers again).
+_GEMM_SYMBOLS = {"float32": "minicnn_sgemm", "float64": "minicnn_dgemm"}
 
 
-def _blocks(M, macs_per_col):
-    """Column blocks [(lo, hi)] of a product's long dimension M: _SPLIT of them when the product
-    (M * macs_per_col multiply-adds) is large. Fixed by the shapes, never by the thread count."""
-    if M * macs_per_col < _SPLIT_MIN_MACS:
-        return [(0, M)]
-    edges = [M * k // _SPLIT for k in range(_SPLIT + 1)]
-    return list(itertools.pairwise(edges))
+def _register_blas():
+    import llvmlite.binding as llvm
+    from numba.extending import get_cython_function_address
+    for dt, sym in _GEMM_SYMBOLS.items():
+        name = {"float32": "sgemm", "float64": "dgemm"}[dt]
+        llvm.add_symbol(sym, get_cython_function_address("scipy.linalg.cython_blas", name))
+
+
+_register_blas()
+
+
+@intrinsic
+def _xgemm(typingctx, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Fortran (column-major) ?gemm: c = alpha * op(a) @ op(b) + beta * c, a, b, c arrays of one
+    float dtype (pointers to their first element), transa/transb the characters' codes."""
+    if not all(isinstance(t, types.Array) for t in (a, b, c)):
+        return None
+    dt = c.dtype
+    if a.dtype != dt or b.dtype != dt or str(dt) not in _GEMM_SYMBOLS:
+        return None
+    sig = types.void(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, sig, args):
+        fl = context.get_value_type(dt)
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        fp, ip, cp = fl.as_pointer(), i32.as_pointer(), i8.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [cp, cp, ip, ip, ip, fp, fp, ip, fp, ip, fp, fp, ip])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _GEMM_SYMBOLS[str(dt)])
+        tys = sig.args
+
+        def ref(i, to):          # a scalar argument stored on the stack, by pointer
+            return cgutils.alloca_once_value(builder, context.cast(builder, args[i], tys[i], to))
+
+        def data(i):
+            return context.make_array(tys[i])(context, builder, args[i]).data
+
+        builder.call(fn, [ref(0, types.int8), ref(1, types.int8), ref(2, types.int32), ref(3, types.int32),
+                          ref(4, types.int32), ref(5, dt), data(6), ref(7, types.int32), data(8),
+                          ref(9, types.int32), ref(10, dt), data(11), ref(12, types.int32)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(cache=True)
+def _gemm(c, a, b, M, N, K, ldc, lda, ldb, TA, TB, beta):
+    # Row-major c (M, N) = op(a) @ op(b) + beta * c; a: (M, K), or (K, M) when TA; b: (K, N), or
+    # (N, K) when TB; ld*: row strides. As column-major that is c.T = op(b).T @ op(a).T.
+    _xgemm(84 if TB else 78, 84 if TA else 78, N, M, K, 1.0, b, ldb, a, lda, beta, c, ldc)
 
 
 # --------------------------------------------------------------------------- conv2d
-# Convolution as matrix products (im2col + BLAS), batch folded into the long dimension:
+# Convolution as matrix products, one block of images at a time (cache-blocked im2col):
 #
-#   cols: (CKK + 1, N*OH*OW)   row r = (c*K + u)*K + v holds xpad[n, c, i*S+u, j*S+v] at column
-#                              n*OH*OW + i*OW + j; the last row is all ones (it carries the bias)
-#   wb:   (F, CKK + 1)         w reshaped to (F, C*K*K), with b as the last column
+#   cols: (CKK + 1, nb*OH*WR)  the block's unfolded input: row r = (c*K + u)*K + v holds
+#                              xpad[n, c, i*S+u, j*S+v] at column nl*OH*WR + i*WR + j (nl: image in
+#                              the block); the last row is all ones (the backward's db)
+#   w2:   (F, CKK)             w reshaped
 #
-#   forward   out (F, N*OH*OW)   = wb @ cols                     then swapped to (N, F, OH, OW)
-#   dW, db    dwb (F, CKK + 1)   = dout (F, N*OH*OW) @ cols.T    (dout swapped from (N, F, ...))
-#   dX        dcols (CKK, N*OH*OW) = w.T @ dout                  then col2im (a gather, below)
+#   forward   prod (F, nb*OH*WR)  = w2 @ cols[:CKK]       then out = relu(prod + b) into (N, F, OH, OW)
+#   dW, db    dwp (F, CKK + 1)   += gt @ cols.T            gt (F, nb*OH*WR): the block's dout
+#   dX        dcols (CKK, nb*OH*WR) = w2.T @ gt            then col2im into the block's images
 #
-# One large product per pass rather than one per image: BLAS runs near its peak on them even at
-# small batches, and the three products are all the FLOPs. The Numba kernels only move data, each
-# output element written by one prange iteration. Determinism: a BLAS product sums each element
-# in an order fixed by the shapes and BLAS's thread count (OpenBLAS splits the rows and columns
-# of the result between threads, never the summed dimension), so results repeat bit for bit.
+# Stride 1 uses "wide" rows (WR = W + 2P): every (c, u, v) row of an image is one contiguous run
+# of its zero-padded plane, so the unfold is K*K long copies per channel and the col2im K*K long
+# adds; the WR - OW extra columns per row are computed and dropped (gt is zero there, so they add
+# nothing to dW and dX). Other strides gather (WR = OW).
 #
-# The caller may pass ``work`` (conv2d_workspace): the cols, product and transposed-gradient
-# buffers, allocated once per batch size. The forward pass fills work["cols"]; a backward pass
-# given the same work reuses them instead of recomputing im2col.
+# Each block's buffers fit in L2 (blocks of _BLOCK_BYTES of cols), so the unfold, the product and
+# the epilogue pass over cache-resident data, and nothing of the batch's size is allocated: no
+# full-size cols kept from forward to backward, no full-size dcols. The blocks are spread over
+# Numba's threads (a prange over thread "slots", slot s taking blocks s, s + T, ...), each block
+# calling one-thread BLAS from inside the loop through _gemm: no Python between the steps.
+#
+# Determinism: each output element of the forward and of dX is computed inside one block by one
+# BLAS call, whose summation order is fixed by the shapes (the block's size is fixed by the layer
+# and batch shapes, never by the thread count). dW sums over all blocks: the blocks are grouped into
+# G fixed chunks, each chunk's partial sum accumulated block by block in order (BLAS beta = 1),
+# and the G partials added in chunk order at the end. So results are bit-identical for any thread
+# count.
+_BLOCK_BYTES = 1 << 18            # bytes of unfolded input per block (cols); tuned below in NOTES
+_MIN_BLOCKS = 4                   # split even a small batch into up to this many blocks (threads)
+_DW_CHUNKS = 16                   # dW partial sums, added in order at the end (parallelism of backward)
+_CONV_PARALLEL_MIN_MACS = 1 << 20  # multiply-adds of a pass below which it runs serially (~20 us
+                                   # on one thread; a parallel launch costs 5-10 us idle)
+
+
+def _conv_plan(N, C, H, W, F, K, S, P, itemsize):
+    """(WR, NB, NC, nblocks, G): row width, images per block, columns per block, blocks, dW chunks.
+    A function of the shapes only, so results do not depend on the thread count."""
+    OH, OW = conv_out_size(H, K, S, P), conv_out_size(W, K, S, P)
+    WR = W + 2 * P if S == 1 else OW
+    per_image = (C * K * K + 1) * OH * WR * itemsize
+    NB = max(1, min(_BLOCK_BYTES // per_image, -(-N // _MIN_BLOCKS)))
+    nblocks = -(-N // NB)
+    return WR, NB, NB * OH * WR, nblocks, min(nblocks, _DW_CHUNKS)
+
 
 def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     """Scratch buffers for conv2d_forward/backward on inputs of x_shape (reuse across calls).
 
-    x_shape: (N, C, H, W), w_shape: (F, C, K, K) -> dict of arrays (WR = row width of a product
-    column block: W + 2P for stride 1 (wide rows), OW otherwise; M = N*OH*WR):
-      cols (CKK+1, M), prod (max(F, CKK), M), gt (F, M), wb (F, CKK+1), dwb (_SPLIT, F, CKK+1),
-      xp (N, C, (H+2P)*(W+2P) + K) padded planes (stride 1 only)
+    x_shape: (N, C, H, W), w_shape: (F, C, K, K) -> dict of arrays, one slot per Numba thread
+    (T = numba.config.NUMBA_NUM_THREADS; only the slots of threads that run touch memory), each
+    sized for one block of images (NC = images per block * OH * WR columns):
+      cols (T, CKK+1, NC), prod (T, max(F, CKK), NC), gt (T, F, NC), xp (T, (H+2P)*(W+2P) + K)
+      padded plane, dwp (G, F, CKK+1) dW partial sums; and "plan": the blocking (_conv_plan).
+    Nothing in it carries data between calls: layers may share these buffers.
     """
     N, C, H, W = x_shape
     F, _, K, _ = w_shape
-    OH, OW = conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad)
-    WR = W + 2 * pad if stride == 1 else OW
-    CKK, M = C * K * K, N * OH * WR
-    xp_len = (H + 2 * pad) * (W + 2 * pad) + K if stride == 1 else 0
-    return {"cols": np.empty((CKK + 1, M), dtype), "prod": np.empty((max(F, CKK), M), dtype),
-            "gt": np.empty((F, M), dtype), "wb": np.empty((F, CKK + 1), dtype),
-            "dwb": np.empty((_SPLIT, F, CKK + 1), dtype), "xp": np.empty((N, C, xp_len), dtype),
-            "key": (tuple(x_shape), tuple(w_shape), stride, pad)}
-
-
-@njit(parallel=True, cache=True)
-def _im2col_kernel(cols, x, N, C, H, W, K, S, P, OH, OW):
-    # cols: (C*K*K + 1, N*OH*OW), x: (N, C, H, W)
-    # cols[(c*K+u)*K+v, n*OH*OW + i*OW + j] = x[n, c, i*S+u-P, j*S+v-P] (0 outside); last row = 1.
-    M = OH * OW
+    dtype = np.dtype(dtype)
+    WR, NB, NC, nblocks, G = plan = _conv_plan(N, C, H, W, F, K, stride, pad, dtype.itemsize)
+    T = max(1, numba.config.NUMBA_NUM_THREADS)
     CKK = C * K * K
-    for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        if c == 0:
-            ones = cols[CKK, n * M:(n + 1) * M]
-            for q in range(M):
-                ones[q] = 1
-        for u in range(K):
-            i_lo, i_hi = _valid_range(u, S, P, H, OH)
-            for v in range(K):
-                j_lo, j_hi = _valid_range(v, S, P, W, OW)
-                row = cols[(c * K + u) * K + v, n * M:(n + 1) * M]
-                for i in range(OH):
-                    dst = row[i * OW:(i + 1) * OW]
-                    if i < i_lo or i >= i_hi:
-                        for j in range(OW):
-                            dst[j] = 0
-                        continue
-                    src = x[n, c, i * S + u - P]
-                    for j in range(j_lo):
-                        dst[j] = 0
-                    if S == 1:
-                        L = j_hi - j_lo
-                        if L > 0:
-                            _copy_run(dst[j_lo:j_hi], src[j_lo + v - P:j_hi + v - P], L)
-                    else:
-                        for j in range(j_lo, j_hi):
-                            dst[j] = src[j * S + v - P]
-                    for j in range(max(j_hi, j_lo), OW):
-                        dst[j] = 0
+    xp_len = (H + 2 * pad) * (W + 2 * pad) + K if stride == 1 else 1
+    return {"cols": np.empty((T, CKK + 1, NC), dtype), "prod": np.empty((T, max(F, CKK), NC), dtype),
+            "gt": np.empty((T, F, NC), dtype), "xp": np.empty((T, xp_len), dtype),
+            "dwp": np.empty((G, F, CKK + 1), dtype), "plan": plan,
+            "key": (tuple(x_shape), tuple(w_shape), stride, pad)}
 
 
 @njit(cache=True)
@@ -291,36 +321,11 @@ def _copy_run(dst, src, L):
         dst[q] = src[q]
 
 
-@njit(parallel=True, cache=True)
-def _col2im_kernel(dx, dcols, N, C, H, W, K, S, P, OH, OW):
-    # dx: (N, C, H, W), dcols: (C*K*K, N*OH*OW)
-    # dx[n,c,h,w] = sum over taps (u, v) in order of dcols[(c*K+u)*K+v, n, i, j] where h = i*S+u-P,
-    # w = j*S+v-P (a gather: each dx element is summed by one iteration in a fixed order).
-    M = OH * OW
-    for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        for h in range(H):
-            dst = dx[n, c, h]
-            for w in range(W):
-                dst[w] = 0
-            for u in range(K):
-                a = h + P - u                     # = i*S
-                if a < 0 or a % S != 0 or a // S >= OH:
-                    continue
-                i = a // S
-                for v in range(K):
-                    row = dcols[(c * K + u) * K + v, n * M + i * OW:n * M + (i + 1) * OW]
-                    if S == 1:
-                        j_lo, j_hi = _valid_range(v, 1, P, W, OW)   # j with 0 <= j+v-P < W
-                        L = j_hi - j_lo
-                        if L > 0:
-                            _add_into(dst[j_lo + v - P:j_hi + v - P], row[j_lo:j_hi], L)
-                    else:
-                        for w in range(W):
-                            bb = w + P - v
-                            if bb >= 0 and bb % S == 0 and bb // S < OW:
-                                dst[w] += row[bb // S]
+@njit(cache=True)
+def _zero_run(dst, L):
+    # dst: (L,)
+    for q in range(L):
+        dst[q] = 0
 
 
 @njit(cache=True)
@@ -338,160 +343,235 @@ def _add_into(acc, a, L):
 
 
 @njit(cache=True)
-def _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc):
-    # Stride 1. cols: (C*K*K + 1, N*OH*Wp), xp: (N, C, Hp*Wp + K) scratch, x: (N, C, H, W)
-    # xp[n, c] is the zero-padded plane (plus K zeros of tail); then row (c, u, v) of image n is
-    # the run xp[n, c, u*Wp + v : u*Wp + v + OH*Wp]: column i*Wp + j holds xpad[i+u, j+v] for
-    # j < OW (the "wide" columns OW <= j < Wp hold neighbours and are dropped later). Last row = 1.
-    # one iteration (nc) of the loop in _im2col_wide_kernel / _im2col_wide_serial
+def _unfold_wide(cols, xp, x, n0, nb, C, H, W, K, P, OH, ONES):
+    # Stride 1. cols: (>= C*K*K + 1, >= nb*OH*Wp) a slot's block, xp: (Hp*Wp + K,) plane scratch,
+    # x: (N, C, H, W). Image n0 + nl, channel c: xp is its zero-padded plane (plus K zeros of tail),
+    # then row (c, u, v) of the image is the run xp[u*Wp + v : u*Wp + v + OH*Wp]. ONES: fill row CKK.
     Hp, Wp = H + 2 * P, W + 2 * P
     Mw = OH * Wp
     CKK = C * K * K
-    n = nc // C
-    c = nc % C
-    plane = xp[n, c]
-    for q in range(Hp * Wp + K):
-        plane[q] = 0
-    for h in range(H):
-        _copy_run(plane[(h + P) * Wp + P:(h + P) * Wp + P + W], x[n, c, h], W)
-    if c == 0:
-        ones = cols[CKK, n * Mw:(n + 1) * Mw]
-        for q in range(Mw):
+    _zero_run(xp[:P * Wp + P], P * Wp + P)                   # top rows and the first left margin
+    for nl in range(nb):
+        for c in range(C):
+            for h in range(H):
+                o = (h + P) * Wp + P
+                _copy_run(xp[o:o + W], x[n0 + nl, c, h], W)
+                _zero_run(xp[o + W:o + W + 2 * P], 2 * P)    # right margin and the next left one
+            o = (H + P) * Wp + P
+            _zero_run(xp[o - P:], Hp * Wp + K - (o - P))     # bottom rows and the tail
+            for u in range(K):
+                for v in range(K):
+                    s0 = u * Wp + v
+                    _copy_run(cols[(c * K + u) * K + v, nl * Mw:(nl + 1) * Mw], xp[s0:s0 + Mw], Mw)
+    if ONES:
+        ones = cols[CKK, :nb * Mw]
+        for q in range(nb * Mw):
             ones[q] = 1
-    for u in range(K):
-        for v in range(K):
-            s0 = u * Wp + v
-            _copy_run(cols[(c * K + u) * K + v, n * Mw:(n + 1) * Mw], plane[s0:s0 + Mw], Mw)
-
-
-@njit(parallel=True, cache=True)
-def _im2col_wide_kernel(cols, xp, x, N, C, H, W, K, P, OH):
-    for nc in prange(N * C):
-        _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc)
 
 
 @njit(cache=True)
-def _im2col_wide_serial(cols, xp, x, N, C, H, W, K, P, OH):
-    for nc in range(N * C):
-        _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc)
+def _unfold_strided(cols, x, n0, nb, C, H, W, K, S, P, OH, OW, ONES):
+    # Any stride. cols: (>= C*K*K + 1, >= nb*OH*OW) a slot's block, x: (N, C, H, W);
+    # cols[(c*K+u)*K+v, nl*OH*OW + i*OW + j] = x[n0+nl, c, i*S+u-P, j*S+v-P] (0 outside).
+    M = OH * OW
+    CKK = C * K * K
+    for nl in range(nb):
+        n = n0 + nl
+        for c in range(C):
+            for u in range(K):
+                i_lo, i_hi = _valid_range(u, S, P, H, OH)
+                for v in range(K):
+                    j_lo, j_hi = _valid_range(v, S, P, W, OW)
+                    row = cols[(c * K + u) * K + v, nl * M:(nl + 1) * M]
+                    for i in range(OH):
+                        dst = row[i * OW:(i + 1) * OW]
+                        if i < i_lo or i >= i_hi:
+                            _zero_run(dst, OW)
+                            continue
+                        src = x[n, c, i * S + u - P]
+                        for j in range(j_lo):
+                            dst[j] = 0
+                        for j in range(j_lo, j_hi):
+                            dst[j] = src[j * S + v - P]
+                        for j in range(max(j_hi, j_lo), OW):
+                            dst[j] = 0
+    if ONES:
+        ones = cols[CKK, :nb * M]
+        for q in range(nb * M):
+            ones[q] = 1
 
 
 @njit(cache=True)
-def _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc):
-    # Stride 1, the transpose of _im2col_wide_kernel. dx: (N, C, H, W), dxp: (N, C, Hp*Wp + K)
-    # scratch, dcols: (C*K*K, N*OH*Wp), zero in the wide columns.
-    # dxp[n, c, u*Wp + v + q] += dcols[(c, u, v), n, q] over taps (u, v) in order, then cropped.
-    # one iteration (nc) of the loop in _col2im_wide_kernel / _col2im_wide_serial
+def _fold_wide(dx, xp, dcols, n0, nb, C, H, W, K, P, OH):
+    # Stride 1, the transpose of _unfold_wide. dx: (N, C, H, W), xp: (Hp*Wp + K,) plane scratch,
+    # dcols: (>= C*K*K, >= nb*OH*Wp) zero in the wide columns. For image n0 + nl, channel c:
+    # xp[u*Wp + v + q] += dcols[(c, u, v), nl, q] over taps (u, v) in order, then cropped into dx.
     Hp, Wp = H + 2 * P, W + 2 * P
     Mw = OH * Wp
-    n = nc // C
-    c = nc % C
-    plane = dxp[n, c]
-    for q in range(Hp * Wp + K):
-        plane[q] = 0
-    for u in range(K):
-        for v in range(K):
-            s0 = u * Wp + v
-            _add_into(plane[s0:s0 + Mw], dcols[(c * K + u) * K + v, n * Mw:(n + 1) * Mw], Mw)
-    for h in range(H):
-        _copy_run(dx[n, c, h], plane[(h + P) * Wp + P:(h + P) * Wp + P + W], W)
-
-
-@njit(parallel=True, cache=True)
-def _col2im_wide_kernel(dx, dxp, dcols, N, C, H, W, K, P, OH):
-    for nc in prange(N * C):
-        _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc)
+    L = Hp * Wp + K
+    for nl in range(nb):
+        for c in range(C):
+            _copy_run(xp[:Mw], dcols[c * K * K, nl * Mw:(nl + 1) * Mw], Mw)    # tap (0, 0)
+            _zero_run(xp[Mw:], L - Mw)
+            for u in range(K):
+                for v in range(K):
+                    if u == 0 and v == 0:
+                        continue
+                    s0 = u * Wp + v
+                    _add_into(xp[s0:s0 + Mw], dcols[(c * K + u) * K + v, nl * Mw:(nl + 1) * Mw], Mw)
+            for h in range(H):
+                o = (h + P) * Wp + P
+                _copy_run(dx[n0 + nl, c, h], xp[o:o + W], W)
 
 
 @njit(cache=True)
-def _col2im_wide_serial(dx, dxp, dcols, N, C, H, W, K, P, OH):
-    for nc in range(N * C):
-        _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc)
+def _fold_strided(dx, dcols, n0, nb, C, H, W, K, S, P, OH, OW):
+    # Any stride, the transpose of _unfold_strided: dx: (N, C, H, W), dcols: (>= C*K*K, >= nb*OH*OW).
+    # dx[n,c,h,w] = sum over taps (u, v) in order of dcols[(c*K+u)*K+v, nl, i, j] where h = i*S+u-P,
+    # w = j*S+v-P (a gather: each dx element summed in one place, in a fixed order).
+    M = OH * OW
+    for nl in range(nb):
+        n = n0 + nl
+        for c in range(C):
+            for h in range(H):
+                dst = dx[n, c, h]
+                _zero_run(dst, W)
+                for u in range(K):
+                    a = h + P - u                     # = i*S
+                    if a < 0 or a % S != 0 or a // S >= OH:
+                        continue
+                    i = a // S
+                    for v in range(K):
+                        row = dcols[(c * K + u) * K + v, nl * M + i * OW:nl * M + (i + 1) * OW]
+                        for w in range(W):
+                            bb = w + P - v
+                            if bb >= 0 and bb % S == 0 and bb // S < OW:
+                                dst[w] += row[bb // S]
 
 
 @njit(cache=True)
-def _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf):
-    # out: (N, F, OH, OW), prod: (F, N*OH*WR);  out[n, f, i, j] = prod[f, n, i, j] for j < OW,
-    # through ReLU when RELU (the ReLU layer fused into this pass: 'v < 0 -> 0', as relu_forward)
-    # one iteration (nf) of the loop in _rows_to_nchw_kernel / _rows_to_nchw_serial
-    n = nf // F
-    f = nf % F
-    base = n * OH * WR
-    for i in range(OH):
-        if RELU:
-            _relu_run(out[n, f, i], prod[f, base + i * WR:base + i * WR + OW], OW)
+def _epilogue(out, prod, b, n0, nb, F, OH, OW, WR, RELU):
+    # out: (N, F, OH, OW), prod: (>= F, >= nb*OH*WR), b: (F,)
+    # out[n0+nl, f, i, j] = prod[f, nl*OH*WR + i*WR + j] + b[f], through ReLU when RELU ('v < 0 -> 0',
+    # as relu_forward: the ReLU layer fused into this pass)
+    for nl in range(nb):
+        for f in range(F):
+            bf = b[f]
+            base = nl * OH * WR
+            for i in range(OH):
+                src = prod[f, base + i * WR:base + i * WR + OW]
+                dst = out[n0 + nl, f, i]
+                if RELU:
+                    for j in range(OW):
+                        v = src[j] + bf
+                        dst[j] = 0 if v < 0 else v
+                else:
+                    for j in range(OW):
+                        dst[j] = src[j] + bf
+
+
+@njit(cache=True)
+def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
+    # gt: (>= F, >= nb*OH*WR), dout: (N, F, OH, OW);  gt[f, nl*OH*WR + i*WR + j] = dout[n0+nl, f, i, j],
+    # 0 for OW <= j < WR
+    for f in range(F):
+        for nl in range(nb):
+            base = nl * OH * WR
+            for i in range(OH):
+                row = gt[f, base + i * WR:base + (i + 1) * WR]
+                _copy_run(row, dout[n0 + nl, f, i], OW)
+                _zero_run(row[OW:], WR - OW)
+
+
+@njit(cache=True)
+def _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, s, T):
+    # out: (N, F, OH, OW), cols: (>T, CKK+1, NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K) scratch,
+    # x: (N, C, H, W), w2: (F, CKK), b: (F,).  Slot s of T: blocks s, s + T, ... (NB images each).
+    CKK = C * K * K
+    NC = cols.shape[2]
+    for blk in range(s, -(-N // NB), T):
+        n0 = blk * NB
+        nb = min(NB, N - n0)
+        if S == 1:
+            _unfold_wide(cols[s], xp[s], x, n0, nb, C, H, W, K, P, OH, False)
         else:
-            _copy_run(out[n, f, i], prod[f, base + i * WR:base + i * WR + OW], OW)
-
-
-@njit(cache=True)
-def _relu_run(dst, src, L):
-    # dst, src: (L,);  dst = relu(src)
-    for q in range(L):
-        v = src[q]
-        dst[q] = 0 if v < 0 else v
+            _unfold_strided(cols[s], x, n0, nb, C, H, W, K, S, P, OH, OW, False)
+        _gemm(prod[s], w2, cols[s], F, nb * OH * WR, CKK, NC, CKK, NC, False, False, 0.0)
+        _epilogue(out, prod[s], b, n0, nb, F, OH, OW, WR, RELU)
 
 
 @njit(parallel=True, cache=True)
-def _rows_to_nchw_kernel(out, prod, N, F, OH, OW, WR, RELU):
-    for nf in prange(N * F):
-        _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf)
+def _conv_forward_kernel(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, T):
+    for s in prange(T):
+        _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, s, T)
 
 
 @njit(cache=True)
-def _rows_to_nchw_serial(out, prod, N, F, OH, OW, WR, RELU):
-    for nf in range(N * F):
-        _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf)
+def _conv_forward_serial(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, T):
+    for s in range(T):
+        _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, s, T)
 
 
 @njit(cache=True)
-def _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf):
-    # gt: (F, N*OH*WR), dout: (N, F, OH, OW);  gt[f, n, i, j] = dout[n, f, i, j], 0 for j >= OW
-    # one iteration (nf) of the loop in _nchw_to_rows_kernel / _nchw_to_rows_serial
-    n = nf // F
-    f = nf % F
-    base = n * OH * WR
-    for i in range(OH):
-        row = gt[f, base + i * WR:base + (i + 1) * WR]
-        _copy_run(row, dout[n, f, i], OW)
-        for j in range(OW, WR):
-            row[j] = 0
+def _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
+                        NEED_DX, s, T):
+    # dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] per chunk, cols: (>T, CKK+1, NC),
+    # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW),
+    # x: (N, C, H, W), w2: (F, CKK).  Slot s of T: chunks s, s + T, ...; chunk g sums its blocks
+    # (a fixed range) in order into dwp[g].
+    CKK = C * K * K
+    NC = cols.shape[2]
+    nblocks = -(-N // NB)
+    G = dwp.shape[0]
+    for g in range(s, G, T):
+        for blk in range(g * nblocks // G, (g + 1) * nblocks // G):
+            n0 = blk * NB
+            nb = min(NB, N - n0)
+            ncols = nb * OH * WR
+            if S == 1:
+                _unfold_wide(cols[s], xp[s], x, n0, nb, C, H, W, K, P, OH, True)
+            else:
+                _unfold_strided(cols[s], x, n0, nb, C, H, W, K, S, P, OH, OW, True)
+            _gather_dout(gt[s], dout, n0, nb, F, OH, OW, WR)
+            first = blk == g * nblocks // G
+            _gemm(dwp[g], gt[s], cols[s], F, CKK + 1, ncols, CKK + 1, NC, NC, False, True, 0.0 if first else 1.0)
+            if NEED_DX:
+                _gemm(prod[s], w2, gt[s], CKK, ncols, F, NC, CKK, NC, True, False, 0.0)
+                if S == 1:
+                    _fold_wide(dx, xp[s], prod[s], n0, nb, C, H, W, K, P, OH)
+                else:
+                    _fold_strided(dx, prod[s], n0, nb, C, H, W, K, S, P, OH, OW)
 
 
 @njit(parallel=True, cache=True)
-def _nchw_to_rows_kernel(gt, dout, N, F, OH, OW, WR):
-    for nf in prange(N * F):
-        _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf)
+def _conv_backward_kernel(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
+                          NEED_DX, T):
+    for s in prange(T):
+        _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
+                            NEED_DX, s, T)
 
 
 @njit(cache=True)
-def _nchw_to_rows_serial(gt, dout, N, F, OH, OW, WR):
-    for nf in range(N * F):
-        _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf)
+def _conv_backward_serial(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
+                          NEED_DX, T):
+    for s in range(T):
+        _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
+                            NEED_DX, s, T)
 
 
 @njit(cache=True)
-def _pack_wb_kernel(wb, w2, b, F, CKK):
-    # wb: (F, CKK+1), w2: (F, CKK), b: (F,);  wb = [w2 | b]
+def _sum_chunks(dw2, db, dwp, F, CKK):
+    # dw2: (F, CKK), db: (F,), dwp: (G, F, CKK+1) partial sums;  [dw2 | db] = sum_g dwp[g], g in order
+    G = dwp.shape[0]
     for f in range(F):
-        for r in range(CKK):
-            wb[f, r] = w2[f, r]
-        wb[f, CKK] = b[f]
-
-
-@njit(cache=True)
-def _unpack_wb_kernel(dw2, db, dwb, F, CKK, B):
-    # dw2: (F, CKK), db: (F,), dwb: (>= B, F, CKK+1) partial sums;  [dw2 | db] = sum_k dwb[k], k in order
-    for f in range(F):
-        for r in range(CKK):
-            s = dwb[0, f, r]
-            for k in range(1, B):
-                s += dwb[k, f, r]
-            dw2[f, r] = s
-        s = dwb[0, f, CKK]
-        for k in range(1, B):
-            s += dwb[k, f, CKK]
-        db[f] = s
+        for r in range(CKK + 1):
+            s = dwp[0, f, r]
+            for g in range(1, G):
+                s += dwp[g, f, r]
+            if r < CKK:
+                dw2[f, r] = s
+            else:
+                db[f] = s
 
 
 def _conv_work(work, x_shape, w_shape, stride, pad, dt):
@@ -503,19 +583,18 @@ def _conv_work(work, x_shape, w_shape, stride, pad, dt):
     return work
 
 
-def _im2col(work, x, N, C, H, W, K, S, P, OH, OW):
-    if S == 1:
-        kernel = _im2col_wide_kernel if _parallel(work["cols"].size) else _im2col_wide_serial
-        kernel(work["cols"], work["xp"], x, N, C, H, W, K, P, OH)
-    else:
-        _im2col_kernel(work["cols"], x, N, C, H, W, K, S, P, OH, OW)
+def _slots(work, parts, macs):
+    """(kernel choice, T): the parallel kernel over T thread slots when there are several parts
+    (blocks or chunks) and enough work, else the serial one over one slot."""
+    T = min(numba.get_num_threads(), parts, work["cols"].shape[0])
+    return (T > 1 and macs >= _CONV_PARALLEL_MIN_MACS), max(T, 1)
 
 
 def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     """out[n,f,i,j] = b[f] + sum_{c,u,v} w[f,c,u,v] * xpad[n,c,i*S+u,j*S+v]
 
     x: (N, C, H, W), w: (F, C, K, K), b: (F,)  ->  out: (N, F, OH, OW)
-    work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype); its cols are left filled.
+    work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype) (scratch only).
     relu: return relu_forward(out) instead (a following ReLU layer fused into the output pass).
     """
     x = _input(x)
@@ -524,13 +603,13 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, b.shape, stride, pad)
     out = _output(out, (N, F, OH, OW), dt, "out")
     work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
+    WR, NB, _, nblocks, _ = work["plan"]
     CKK = C * K * K
-    WR = W + 2 * pad if stride == 1 else OW
-    _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
-    _pack_wb_kernel(work["wb"], w.reshape(F, CKK), b, F, CKK)
-    prod, cols, wb = work["prod"][:F], work["cols"], work["wb"]
-    _products.run([(wb, cols[:, lo:hi], prod[:, lo:hi]) for lo, hi in _blocks(cols.shape[1], F * (CKK + 1))])   # (F, N*OH*WR)
-    (_rows_to_nchw_kernel if _parallel(prod.size) else _rows_to_nchw_serial)(out, prod, N, F, OH, OW, WR, bool(relu))
+    par, T = _slots(work, nblocks, N * OH * WR * F * CKK)
+    kernel = _conv_forward_kernel if par else _conv_forward_serial
+    with _one_thread_blas:
+        kernel(out, work["cols"], work["prod"], work["xp"], x, w.reshape(F, CKK), b, N, C, H, W, F, K, stride, pad,
+               OH, OW, WR, NB, bool(relu), T if par else 1)
     return out
 
 
@@ -539,8 +618,7 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
 
     dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K)
     -> dx: (N, C, H, W) or None, dw: (F, C, K, K), db: (F,)
-    work: the workspace that the forward pass of this same x filled (its cols are reused);
-    without it the cols are recomputed.
+    work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype) (scratch only).
     """
     x = _input(x)
     dt = _float_dtype(x)
@@ -550,30 +628,16 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
         raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
     dw = _output(dw, (F, C, K, K), dt, "dw")
     db = _output(db, (F,), dt, "db")
+    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
+    WR, NB, _, nblocks, G = work["plan"]
     CKK = C * K * K
-    WR = W + 2 * pad if stride == 1 else OW
-    if work is None:
-        work = _conv_work(None, x.shape, w.shape, stride, pad, dt)
-        _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
-    else:
-        work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
-    gt, dwb, cols = work["gt"], work["dwb"], work["cols"]
-    to_rows = _nchw_to_rows_kernel if _parallel(gt.size) else _nchw_to_rows_serial
-    to_rows(gt, dout, N, F, OH, OW, WR)                            # (F, N*OH*WR), 0 in wide columns
-    blocks = _blocks(cols.shape[1], F * (CKK + 1))                # partial [dW | db] per block,
-    _products.run([(gt[:, lo:hi], cols[:, lo:hi].T, dwb[k]) for k, (lo, hi) in enumerate(blocks)])
-    _unpack_wb_kernel(dw.reshape(F, CKK), db, dwb, F, CKK, len(blocks))   # summed in block order
-    if not need_dx:
-        return None, dw, db
-    dx = _output(dx, (N, C, H, W), dt, "dx")
-    dcols = work["prod"][:CKK]
-    wt = w.reshape(F, CKK).T
-    _products.run([(wt, gt[:, lo:hi], dcols[:, lo:hi]) for lo, hi in _blocks(gt.shape[1], F * CKK)])  # (CKK, N*OH*WR)
-    if stride == 1:
-        kernel = _col2im_wide_kernel if _parallel(dcols.size) else _col2im_wide_serial
-        kernel(dx, work["xp"], dcols, N, C, H, W, K, pad, OH)
-    else:
-        _col2im_kernel(dx, dcols, N, C, H, W, K, stride, pad, OH, OW)
+    dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
+    par, T = _slots(work, G, N * OH * WR * F * CKK * (2 if need_dx else 1))
+    kernel = _conv_backward_kernel if par else _conv_backward_serial
+    with _one_thread_blas:
+        kernel(dx if need_dx else x, work["dwp"], work["cols"], work["prod"], work["gt"], work["xp"], dout, x,
+               w.reshape(F, CKK), N, C, H, W, F, K, stride, pad, OH, OW, WR, NB, bool(need_dx), T if par else 1)
+    _sum_chunks(dw.reshape(F, CKK), db, work["dwp"], F, CKK)
     return dx, dw, db
 
 
@@ -791,11 +855,11 @@ def relu_backward(dout, out, dx=None):
 
 
 # --------------------------------------------------------------------------- dense
-# Large products run on one-thread BLAS, as the convolutions' (see _Products): one call per
-# product, so each element's sum runs in an order fixed by the shapes. The Numba loops below were
-# 4-5x slower than sgemm there (B's fc at batch 32, x: 32 x 4096, w: 10 x 4096: forward and
-# backward 1.49 ms against 0.34 ms), but they win on tiny products, where a BLAS call's fixed cost
-# dominates (A's fc at batch 1: 0.028 against 0.10 ms). _BLAS_MIN: N*D*O from which BLAS is used.
+# Large products run on one-thread BLAS through _gemm (one call per product, so each element's sum
+# runs in an order fixed by the shapes). The Numba loops below were 4-5x slower than sgemm there
+# (B's fc at batch 32, x: 32 x 4096, w: 10 x 4096: forward and backward 1.49 ms against 0.34 ms),
+# but they win on tiny products, where a BLAS call's fixed cost dominates.
+# _BLAS_MIN: N*D*O from which BLAS is used.
 _BLAS_MIN = 1 << 16
 #
 # A dot product summed one term after another is a chain of dependent adds that cannot be
@@ -870,6 +934,26 @@ def _dense_backward_dw_serial(dw, db, dout, x, N, D, O):
         _dense_backward_dw_body(dw, db, dout, x, N, D, O, o)
 
 
+@njit(cache=True)
+def _dense_forward_blas(out, x, w, b, N, D, O):
+    # out: (N, O), x: (N, D), w: (O, D), b: (O,);   out = x @ w.T + b
+    _gemm(out, x, w, N, O, D, O, D, D, False, True, 0.0)
+    for n in range(N):
+        _add_into(out[n], b, O)
+
+
+@njit(cache=True)
+def _dense_backward_blas(dx, dw, db, dout, x, w, N, D, O, NEED_DX):
+    # dx: (N, D) (not written unless NEED_DX), dw: (O, D), db: (O,), dout: (N, O), x: (N, D), w: (O, D)
+    # dw = dout.T @ x, db = sum of dout's rows in n order, dx = dout @ w
+    _gemm(dw, dout, x, O, D, N, D, O, D, True, False, 0.0)
+    _copy_run(db, dout[0], O)
+    for n in range(1, N):
+        _add_into(db, dout[n], O)
+    if NEED_DX:
+        _gemm(dx, dout, w, N, D, O, D, O, D, False, False, 0.0)
+
+
 def dense_forward(x, w, b, out=None):
     """out = x @ w.T + b.   x: (N, D), w: (O, D), b: (O,) -> out: (N, O)"""
     x = _input(x)
@@ -880,8 +964,8 @@ def dense_forward(x, w, b, out=None):
     if N * D * O < _BLAS_MIN:
         _dense_forward_serial(out, x, w, b, N, D, O, _DOT_LANES)
         return out
-    _products.run([(x, w.T, out)])
-    out += b
+    with _one_thread_blas:
+        _dense_forward_blas(out, x, w, b, N, D, O)
     return out
 
 
@@ -895,19 +979,14 @@ def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
         raise ValueError(f"dense_backward: expected dout of shape {(N, O)}, got {dout.shape}")
     dw = _output(dw, (O, D), dt, "dw")
     db = _output(db, (O,), dt, "db")
-    small = N * D * O < _BLAS_MIN
-    if small:
+    dx = _output(dx, (N, D), dt, "dx") if need_dx else None
+    if N * D * O < _BLAS_MIN:
         _dense_backward_dw_serial(dw, db, dout, x, N, D, O)
+        if need_dx:
+            _dense_backward_dx_serial(dx, dout, w, N, D, O)
     else:
-        _products.run([(dout.T, x, dw)])
-        np.sum(dout, axis=0, out=db)
-    if not need_dx:
-        return None, dw, db
-    dx = _output(dx, (N, D), dt, "dx")
-    if small:
-        _dense_backward_dx_serial(dx, dout, w, N, D, O)
-    else:
-        _products.run([(dout, w, dx)])
+        with _one_thread_blas:
+            _dense_backward_blas(dx if need_dx else x, dw, db, dout, x, w, N, D, O, need_dx)
     return dx, dw, db
 
 
