@@ -125,7 +125,7 @@ def test_conv2d_large_batches_use_blocks_and_parallel_kernels(dtype, shape):
     (x, w, b), (x64, w64, b64) = cast(dtype, rng.standard_normal((N, C, H, W)),
                                       rng.standard_normal((F, C, K, K)) * 0.2, rng.standard_normal(F))
     out64 = ref.conv2d_forward(x64, w64, b64, S, P)
-    _, NB, _, nblocks, chunks = cpu._conv_plan(N, C, H, W, F, K, S, P, np.dtype(dtype).itemsize)
+    _, NB, _, nblocks, chunks, _ = cpu._conv_plan(N, C, H, W, F, K, S, P, np.dtype(dtype).itemsize)
     assert nblocks >= 4 and chunks >= 4
     dout = rng.standard_normal(out64.shape).astype(dtype)
     expected = [out64, *ref.conv2d_backward(dout.astype(np.float64), x64, w64, S, P)]
@@ -411,14 +411,18 @@ def test_segment_dots_against_reference(dtype):
 def test_threads_option_keeps_the_workqueue_threading_layer():
     """train's --threads calls numba.set_num_threads, which launches Numba's threading layer: it must
     launch the layer minicnn.ops.cpu picks (workqueue), not Numba's default (OpenMP, whose spinning
-    threads slowed B at batch 32 from ~23 to ~31 ms a step)."""
+    threads slowed B at batch 32 from ~23 to ~31 ms a step when minicnn's kernels used prange; they
+    run on minicnn's own thread team now, but a user's prange code would still pay)."""
     import subprocess
     import sys
     code = ("import minicnn.train as _, sys; sys.modules['minicnn.train'].set_threads(2)\n"
             "import numba, numpy as np\n"
             "from minicnn.ops import cpu\n"
-            "x = np.zeros(4, np.float32)\n"
-            "cpu._relu_forward_kernel(x, x, 4)\n"
+            "@numba.njit(parallel=True)\n"
+            "def f(x):\n"
+            "    for i in numba.prange(x.size):\n"
+            "        x[i] = 1\n"
+            "f(np.zeros(4))\n"
             "print(numba.threading_layer())\n")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -2,7 +2,8 @@
 
 Every public function is a thin Python wrapper: it checks shapes, allocates any output that was
 not passed in (C-contiguous, dtype of the first input; other inputs are cast to it) and calls
-``@njit`` kernels ``_<name>_kernel(outputs..., inputs..., sizes...)``. Passing preallocated outputs
+``@njit`` kernels ``_<name>_<part>(outputs..., inputs..., sizes...[, s, T])``, the parallel ones
+as T slots on minicnn's thread team (_Team). Passing preallocated outputs
 (``out=``, ``dx=``, ``dw=``, ...) and, for conv2d, a ``work=`` workspace (``conv2d_workspace``) lets
 the training loop run without allocating anything per step.
 
@@ -13,17 +14,18 @@ Dimension glossary (the same as ref.py):
     D  dense input features   O  dense output features   L  classes (logits)
 
 Where the time goes (benchmarks/NOTES.md): almost all FLOPs are in the three conv matrix products
-(forward, dW, dX), which go to numpy's BLAS; the Numba kernels here move data around them
-(im2col, col2im, layout swaps) and do the cheap layers. Each parallel kernel has a serial twin
-used for small work, since a parallel launch costs more than a small kernel.
+(forward, dW, dX), which the conv kernels hand to BLAS (sgemm/dgemm called from inside Numba) one
+cache-sized block of images at a time, between the unfold (im2col), the epilogue (bias, ReLU) and
+the fold (col2im) of the same block. Small work runs on one thread, since handing a slot to
+another thread costs more than a small kernel.
 
 Kernel rules:
 - ``cache=True`` everywhere, so sizes are arguments (module globals would be frozen into the cache).
 - Determinism: every output element is written by exactly one loop iteration, which sums its
-  terms in a fixed serial order; a parallel kernel and its serial twin share one body function.
-  BLAS products are split into column blocks fixed by the shapes (not the thread count), and
-  partial sums over blocks are added in block order. Results are therefore bit-identical between
-  runs and do not depend on the number of threads. ``fastmath`` stays off (no reassociation).
+  terms in a fixed serial order, whichever thread slot runs it. BLAS products run on blocks fixed
+  by the shapes (not the thread count), and partial sums over blocks are added in a fixed order.
+  Results are therefore bit-identical between runs and do not depend on the number of threads.
+  ``fastmath`` stays off (no reassociation).
 - Reductions that would be a serial chain of dependent adds keep one partial sum per lane,
   which vectorises without reassociation; the lanes are added up in a fixed order at the end.
 - Inner loops index 1-D views with the bare loop variable (``acc[q] += a[q]`` on slices).
@@ -31,11 +33,12 @@ Kernel rules:
   stops LLVM from vectorising: measured 10x slower.
 """
 import os
+import threading
 
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -45,14 +48,14 @@ from .ref import conv_out_size
 from .ref import (copy_into, dead_fraction, empty, host_copy, item, logit_stats,  # noqa: F401
                   sgd_update, subtract, to_device, zeros)
 
-# Threading layer: Numba's default here is OpenMP, whose worker threads spin after each parallel
-# loop; on a 2-core machine that spin steals the core from the BLAS call that follows and, when
-# other processes share the cores, makes every parallel launch wait for a time slice (measured:
-# im2col 1.8 ms with workqueue against 11.9 ms with OpenMP under load). The workqueue layer
-# sleeps instead. Only set when the user has not chosen one, and it takes effect only if no
+# Threading layer: minicnn's kernels run on its own thread team (_Team below), but the thread count
+# is Numba's (numba.set_num_threads, what `minicnn train --threads` sets), and setting it launches
+# Numba's threading layer. Numba's default here is OpenMP, whose worker threads spin after each
+# parallel loop and stole the cores from everything that followed (measured in earlier versions
+# with prange kernels: B at batch 32, 30-34 ms a step on OpenMP against 21-26 on workqueue). So
+# the workqueue layer, which sleeps, unless the user has chosen one; it takes effect only if no
 # parallel Numba code has run yet in this process and numba.set_num_threads has not been called:
-# import this module before either (minicnn.train.set_threads does). Measured: the benchmark
-# called set_num_threads first and so timed B at batch 32 on OpenMP, 30-34 ms against 21-26.
+# import this module before either (minicnn.train.set_threads does).
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
@@ -88,17 +91,88 @@ def _float_dtype(x):
     return x.dtype
 
 
-# Each parallel kernel has a serial twin (same body function, so bit-identical results): a
-# parallel launch costs 5-10 us on an idle machine and ~65 us when other processes share the
-# cores (measured, workqueue layer), against 0.4 us for a serial call, so small work (batch 1-8)
-# runs serially. _PARALLEL_MIN: elements touched by a call below which it stays serial (about
-# 50-100 us of serial copying).
+# --------------------------------------------------------------------------- the thread team
+# Every kernel is a serial @njit(nogil=True) function of a "slot" s of T: kernel(..., s, T) does
+# its share of the work, a share fixed by (s, T) and the shapes, and T calls with s = 0..T-1 do
+# all of it. _Team runs them: slot 0 on the calling thread, slots 1..T-1 on worker threads kept
+# between calls, which wait on a lock (a nogil kernel runs without the GIL, so the slots run at
+# once). No Numba prange: measured under load (~4.5 on 2 cores), handing one slot to a worker and
+# joining costs 7 us (median; 4 us min) against 24 us (14 us min) for a Numba prange launch on the
+# workqueue layer, and with no parallel (parfor) kernels to compile the cold-cache start is
+# shorter (benchmarks/NOTES.md, session 5). Determinism: which thread runs a slot changes nothing;
+# the results never depend on T (the kernels split their work so that no sum crosses slots, or sum
+# fixed partials in a fixed order; see each kernel).
+#
+# Small work runs on one slot: a hand-off costs 4-10 us, a serial call 0.4 us.
+# _PARALLEL_MIN: elements touched by a call below which it stays on one thread (about 50-100 us of
+# serial copying).
 _PARALLEL_MIN = 1 << 17
 
 
-def _parallel(size):
-    """Whether a kernel touching ``size`` elements should run its parallel version."""
-    return size >= _PARALLEL_MIN and numba.get_num_threads() > 1
+class _Worker:
+    def __init__(self):
+        self.go = threading.Lock()
+        self.go.acquire()
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.job = None
+        self.error = None
+        threading.Thread(target=self._loop, daemon=True, name="minicnn-worker").start()
+
+    def _loop(self):
+        while True:
+            self.go.acquire()
+            kernel, args, s, T = self.job
+            try:
+                kernel(*args, s, T)
+            except BaseException as e:      # re-raised on the calling thread
+                self.error = e
+            self.job = None
+            self.done.release()
+
+
+class _Team:
+    """Runs kernel(*args, s, T) for s = 0..T-1 on T threads (see above)."""
+
+    def __init__(self):
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)     # a forked child has none of the threads
+
+    def _reset(self):
+        self.workers = []
+        self.lock = threading.Lock()
+
+    def run(self, kernel, args, T):
+        if T <= 1:
+            kernel(*args, 0, 1)
+            return
+        with self.lock:                     # one team call at a time, whichever thread calls
+            while len(self.workers) < T - 1:
+                self.workers.append(_Worker())
+            for s in range(1, T):
+                w = self.workers[s - 1]
+                w.job = (kernel, args, s, T)
+                w.go.release()
+            error = None
+            try:
+                kernel(*args, 0, T)
+            except BaseException as e:
+                error = e
+            for w in self.workers[:T - 1]:
+                w.done.acquire()
+                if w.error is not None:
+                    error, w.error = error or w.error, None
+            if error is not None:
+                raise error
+
+
+_team = _Team()
+
+
+def _threads(size):
+    """Threads for a kernel touching ``size`` elements: Numba's thread count, or 1 for small work."""
+    return numba.get_num_threads() if size >= _PARALLEL_MIN else 1
 
 
 @njit(cache=True)
@@ -264,8 +338,8 @@ def _gemm(c, a, b, M, N, K, ldc, lda, ldb, TA, TB, beta):
 # Each block's buffers fit in L2 (blocks of _BLOCK_BYTES of cols), so the unfold, the product and
 # the epilogue pass over cache-resident data, and nothing of the batch's size is allocated: no
 # full-size cols kept from forward to backward, no full-size dcols. The blocks are spread over
-# Numba's threads (a prange over thread "slots", slot s taking blocks s, s + T, ...), each block
-# calling one-thread BLAS from inside the loop through _gemm: no Python between the steps.
+# the thread team (slot s taking blocks s, s + T, ...), each block calling one-thread BLAS from
+# inside the kernel through _gemm: no Python between the steps.
 #
 # Determinism: each output element of the forward and of dX is computed inside one block by one
 # BLAS call, whose summation order is fixed by the shapes (the block's size is fixed by the layer
@@ -278,17 +352,24 @@ _MIN_BLOCKS = 4                   # split even a small batch into up to this man
 _DW_CHUNKS = 16                   # dW partial sums, added in order at the end (parallelism of backward)
 _CONV_PARALLEL_MIN_MACS = 1 << 20  # multiply-adds of a pass below which it runs serially (~20 us
                                    # on one thread; a parallel launch costs 5-10 us idle)
+# A batch of one image is one block: its products are split instead, into _PARTS fixed row ranges
+# (filters for the forward and dW, input channels for dX), when the image's forward product has at
+# least _PARTS_MIN_MACS multiply-adds (below that a second thread saves less than its launch).
+_PARTS = 2
+_PARTS_MIN_MACS = 1 << 21
 
 
 def _conv_plan(N, C, H, W, F, K, S, P, itemsize):
-    """(WR, NB, NC, nblocks, G): row width, images per block, columns per block, blocks, dW chunks.
-    A function of the shapes only, so results do not depend on the thread count."""
+    """(WR, NB, NC, nblocks, G, PARTS): row width, images per block, columns per block, blocks, dW
+    chunks, parts per block. A function of the shapes only, so results do not depend on the thread
+    count."""
     OH, OW = conv_out_size(H, K, S, P), conv_out_size(W, K, S, P)
     WR = W + 2 * P if S == 1 else OW
     per_image = (C * K * K + 1) * OH * WR * itemsize
     NB = max(1, min(_BLOCK_BYTES // per_image, -(-N // _MIN_BLOCKS)))
     nblocks = -(-N // NB)
-    return WR, NB, NB * OH * WR, nblocks, min(nblocks, _DW_CHUNKS)
+    parts = _PARTS if nblocks == 1 and F * C * K * K * OH * WR >= _PARTS_MIN_MACS else 1
+    return WR, NB, NB * OH * WR, nblocks, min(nblocks, _DW_CHUNKS), parts
 
 
 def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
@@ -304,7 +385,7 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     N, C, H, W = x_shape
     F, _, K, _ = w_shape
     dtype = np.dtype(dtype)
-    WR, NB, NC, nblocks, G = plan = _conv_plan(N, C, H, W, F, K, stride, pad, dtype.itemsize)
+    WR, NB, NC, nblocks, G, parts = plan = _conv_plan(N, C, H, W, F, K, stride, pad, dtype.itemsize)
     T = max(1, numba.config.NUMBA_NUM_THREADS)
     CKK = C * K * K
     xp_len = (H + 2 * pad) * (W + 2 * pad) + K if stride == 1 else 1
@@ -329,6 +410,13 @@ def _zero_run(dst, L):
 
 
 @njit(cache=True)
+def _fill_run(dst, value, L):
+    # dst: (L,)
+    for q in range(L):
+        dst[q] = value
+
+
+@njit(cache=True)
 def _mul_add(acc, a, b, L):
     # acc, a, b: (L,);  acc += a * b elementwise
     for q in range(L):
@@ -343,13 +431,12 @@ def _add_into(acc, a, L):
 
 
 @njit(cache=True)
-def _unfold_wide(cols, xp, x, n0, nb, C, H, W, K, P, OH, ONES):
-    # Stride 1. cols: (>= C*K*K + 1, >= nb*OH*Wp) a slot's block, xp: (Hp*Wp + K,) plane scratch,
+def _unfold_wide(cols, xp, x, n0, nb, C, H, W, K, P, OH):
+    # Stride 1. cols: (>= C*K*K, >= nb*OH*Wp) a slot's block, xp: (Hp*Wp + K,) plane scratch,
     # x: (N, C, H, W). Image n0 + nl, channel c: xp is its zero-padded plane (plus K zeros of tail),
-    # then row (c, u, v) of the image is the run xp[u*Wp + v : u*Wp + v + OH*Wp]. ONES: fill row CKK.
+    # then row (c, u, v) of the image is the run xp[u*Wp + v : u*Wp + v + OH*Wp].
     Hp, Wp = H + 2 * P, W + 2 * P
     Mw = OH * Wp
-    CKK = C * K * K
     _zero_run(xp[:P * Wp + P], P * Wp + P)                   # top rows and the first left margin
     for nl in range(nb):
         for c in range(C):
@@ -363,18 +450,13 @@ def _unfold_wide(cols, xp, x, n0, nb, C, H, W, K, P, OH, ONES):
                 for v in range(K):
                     s0 = u * Wp + v
                     _copy_run(cols[(c * K + u) * K + v, nl * Mw:(nl + 1) * Mw], xp[s0:s0 + Mw], Mw)
-    if ONES:
-        ones = cols[CKK, :nb * Mw]
-        for q in range(nb * Mw):
-            ones[q] = 1
 
 
 @njit(cache=True)
-def _unfold_strided(cols, x, n0, nb, C, H, W, K, S, P, OH, OW, ONES):
-    # Any stride. cols: (>= C*K*K + 1, >= nb*OH*OW) a slot's block, x: (N, C, H, W);
+def _unfold_strided(cols, x, n0, nb, C, H, W, K, S, P, OH, OW):
+    # Any stride. cols: (>= C*K*K, >= nb*OH*OW) a slot's block, x: (N, C, H, W);
     # cols[(c*K+u)*K+v, nl*OH*OW + i*OW + j] = x[n0+nl, c, i*S+u-P, j*S+v-P] (0 outside).
     M = OH * OW
-    CKK = C * K * K
     for nl in range(nb):
         n = n0 + nl
         for c in range(C):
@@ -395,44 +477,43 @@ def _unfold_strided(cols, x, n0, nb, C, H, W, K, S, P, OH, OW, ONES):
                             dst[j] = src[j * S + v - P]
                         for j in range(max(j_hi, j_lo), OW):
                             dst[j] = 0
-    if ONES:
-        ones = cols[CKK, :nb * M]
-        for q in range(nb * M):
-            ones[q] = 1
 
 
 @njit(cache=True)
-def _fold_wide(dx, xp, dcols, n0, nb, C, H, W, K, P, OH):
-    # Stride 1, the transpose of _unfold_wide. dx: (N, C, H, W), xp: (Hp*Wp + K,) plane scratch,
-    # dcols: (>= C*K*K, >= nb*OH*Wp) zero in the wide columns. For image n0 + nl, channel c:
-    # xp[u*Wp + v + q] += dcols[(c, u, v), nl, q] over taps (u, v) in order, then cropped into dx.
+def _fold_wide(dx, xp, dcols, n0, nb, c0, c1, H, W, K, P, OH):
+    # Stride 1, the transpose of _unfold_wide, for channels c0 <= c < c1. dx: (N, C, H, W),
+    # xp: (Hp*Wp + K,) plane scratch, dcols: (>= (c1-c0)*K*K, >= nb*OH*Wp) zero in the wide columns,
+    # row ((c-c0)*K + u)*K + v. For image n0 + nl, channel c: xp[u*Wp + v + q] += dcols[(c, u, v),
+    # nl, q] over taps (u, v) in order, then cropped into dx.
     Hp, Wp = H + 2 * P, W + 2 * P
     Mw = OH * Wp
     L = Hp * Wp + K
     for nl in range(nb):
-        for c in range(C):
-            _copy_run(xp[:Mw], dcols[c * K * K, nl * Mw:(nl + 1) * Mw], Mw)    # tap (0, 0)
+        for c in range(c0, c1):
+            r = (c - c0) * K * K
+            _copy_run(xp[:Mw], dcols[r, nl * Mw:(nl + 1) * Mw], Mw)    # tap (0, 0)
             _zero_run(xp[Mw:], L - Mw)
             for u in range(K):
                 for v in range(K):
                     if u == 0 and v == 0:
                         continue
                     s0 = u * Wp + v
-                    _add_into(xp[s0:s0 + Mw], dcols[(c * K + u) * K + v, nl * Mw:(nl + 1) * Mw], Mw)
+                    _add_into(xp[s0:s0 + Mw], dcols[r + u * K + v, nl * Mw:(nl + 1) * Mw], Mw)
             for h in range(H):
                 o = (h + P) * Wp + P
                 _copy_run(dx[n0 + nl, c, h], xp[o:o + W], W)
 
 
 @njit(cache=True)
-def _fold_strided(dx, dcols, n0, nb, C, H, W, K, S, P, OH, OW):
-    # Any stride, the transpose of _unfold_strided: dx: (N, C, H, W), dcols: (>= C*K*K, >= nb*OH*OW).
+def _fold_strided(dx, dcols, n0, nb, c0, c1, H, W, K, S, P, OH, OW):
+    # Any stride, the transpose of _unfold_strided, for channels c0 <= c < c1: dx: (N, C, H, W),
+    # dcols: (>= (c1-c0)*K*K, >= nb*OH*OW), row ((c-c0)*K + u)*K + v.
     # dx[n,c,h,w] = sum over taps (u, v) in order of dcols[(c*K+u)*K+v, nl, i, j] where h = i*S+u-P,
     # w = j*S+v-P (a gather: each dx element summed in one place, in a fixed order).
     M = OH * OW
     for nl in range(nb):
         n = n0 + nl
-        for c in range(C):
+        for c in range(c0, c1):
             for h in range(H):
                 dst = dx[n, c, h]
                 _zero_run(dst, W)
@@ -442,7 +523,7 @@ def _fold_strided(dx, dcols, n0, nb, C, H, W, K, S, P, OH, OW):
                         continue
                     i = a // S
                     for v in range(K):
-                        row = dcols[(c * K + u) * K + v, nl * M + i * OW:nl * M + (i + 1) * OW]
+                        row = dcols[((c - c0) * K + u) * K + v, nl * M + i * OW:nl * M + (i + 1) * OW]
                         for w in range(W):
                             bb = w + P - v
                             if bb >= 0 and bb % S == 0 and bb // S < OW:
@@ -450,16 +531,16 @@ def _fold_strided(dx, dcols, n0, nb, C, H, W, K, S, P, OH, OW):
 
 
 @njit(cache=True)
-def _epilogue(out, prod, b, n0, nb, F, OH, OW, WR, RELU):
-    # out: (N, F, OH, OW), prod: (>= F, >= nb*OH*WR), b: (F,)
-    # out[n0+nl, f, i, j] = prod[f, nl*OH*WR + i*WR + j] + b[f], through ReLU when RELU ('v < 0 -> 0',
-    # as relu_forward: the ReLU layer fused into this pass)
+def _epilogue(out, prod, b, n0, nb, f0, f1, OH, OW, WR, RELU):
+    # out: (N, F, OH, OW), prod: (>= f1-f0, >= nb*OH*WR) row f-f0 for filter f, b: (F,)
+    # out[n0+nl, f, i, j] = prod[f-f0, nl*OH*WR + i*WR + j] + b[f] for f0 <= f < f1, through ReLU
+    # when RELU ('v < 0 -> 0', as relu_forward: the ReLU layer fused into this pass)
     for nl in range(nb):
-        for f in range(F):
+        for f in range(f0, f1):
             bf = b[f]
             base = nl * OH * WR
             for i in range(OH):
-                src = prod[f, base + i * WR:base + i * WR + OW]
+                src = prod[f - f0, base + i * WR:base + i * WR + OW]
                 dst = out[n0 + nl, f, i]
                 if RELU:
                     for j in range(OW):
@@ -483,80 +564,66 @@ def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
                 _zero_run(row[OW:], WR - OW)
 
 
-@njit(cache=True)
-def _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, s, T):
+@njit(cache=True, nogil=True)
+def _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, PARTS, RELU, s, T):
     # out: (N, F, OH, OW), cols: (>T, CKK+1, NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K) scratch,
-    # x: (N, C, H, W), w2: (F, CKK), b: (F,).  Slot s of T: blocks s, s + T, ... (NB images each).
+    # x: (N, C, H, W), w2: (F, CKK), b: (F,).  Slot s of T: blocks s, s + T, ... (NB images each);
+    # with PARTS > 1 (one block), parts s, s + T, ... of the filters.
     CKK = C * K * K
     NC = cols.shape[2]
-    for blk in range(s, -(-N // NB), T):
+    nblocks = -(-N // NB)
+    for blk in range(s if PARTS == 1 else 0, nblocks, T if PARTS == 1 else 1):
         n0 = blk * NB
         nb = min(NB, N - n0)
         if S == 1:
-            _unfold_wide(cols[s], xp[s], x, n0, nb, C, H, W, K, P, OH, False)
+            _unfold_wide(cols[s], xp[s], x, n0, nb, C, H, W, K, P, OH)
         else:
-            _unfold_strided(cols[s], x, n0, nb, C, H, W, K, S, P, OH, OW, False)
-        _gemm(prod[s], w2, cols[s], F, nb * OH * WR, CKK, NC, CKK, NC, False, False, 0.0)
-        _epilogue(out, prod[s], b, n0, nb, F, OH, OW, WR, RELU)
+            _unfold_strided(cols[s], x, n0, nb, C, H, W, K, S, P, OH, OW)
+        for part in range(0 if PARTS == 1 else s, PARTS, T if PARTS > 1 else 1):
+            f0, f1 = part * F // PARTS, (part + 1) * F // PARTS
+            if f1 > f0:
+                _gemm(prod[s], w2[f0:], cols[s], f1 - f0, nb * OH * WR, CKK, NC, CKK, NC, False, False, 0.0)
+                _epilogue(out, prod[s], b, n0, nb, f0, f1, OH, OW, WR, RELU)
 
 
-@njit(parallel=True, cache=True)
-def _conv_forward_kernel(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, T):
-    for s in prange(T):
-        _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, s, T)
-
-
-@njit(cache=True)
-def _conv_forward_serial(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, T):
-    for s in range(T):
-        _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, RELU, s, T)
-
-
-@njit(cache=True)
-def _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
+@njit(cache=True, nogil=True)
+def _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB, PARTS,
                         NEED_DX, s, T):
     # dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] per chunk, cols: (>T, CKK+1, NC),
     # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW),
     # x: (N, C, H, W), w2: (F, CKK).  Slot s of T: chunks s, s + T, ...; chunk g sums its blocks
-    # (a fixed range) in order into dwp[g].
+    # (a fixed range) in order into dwp[g]. With PARTS > 1 (one block, one chunk): parts s, s + T,
+    # ... each the dW rows of its filters and the dX of its input channels.
     CKK = C * K * K
+    KK = K * K
     NC = cols.shape[2]
     nblocks = -(-N // NB)
     G = dwp.shape[0]
-    for g in range(s, G, T):
+    w2f = w2.reshape(F * CKK)
+    for g in range(s if PARTS == 1 else 0, G, T if PARTS == 1 else 1):
         for blk in range(g * nblocks // G, (g + 1) * nblocks // G):
             n0 = blk * NB
             nb = min(NB, N - n0)
             ncols = nb * OH * WR
             if S == 1:
-                _unfold_wide(cols[s], xp[s], x, n0, nb, C, H, W, K, P, OH, True)
+                _unfold_wide(cols[s], xp[s], x, n0, nb, C, H, W, K, P, OH)
             else:
-                _unfold_strided(cols[s], x, n0, nb, C, H, W, K, S, P, OH, OW, True)
+                _unfold_strided(cols[s], x, n0, nb, C, H, W, K, S, P, OH, OW)
+            _fill_run(cols[s, CKK], 1, ncols)                              # the ones row: db
             _gather_dout(gt[s], dout, n0, nb, F, OH, OW, WR)
-            first = blk == g * nblocks // G
-            _gemm(dwp[g], gt[s], cols[s], F, CKK + 1, ncols, CKK + 1, NC, NC, False, True, 0.0 if first else 1.0)
-            if NEED_DX:
-                _gemm(prod[s], w2, gt[s], CKK, ncols, F, NC, CKK, NC, True, False, 0.0)
-                if S == 1:
-                    _fold_wide(dx, xp[s], prod[s], n0, nb, C, H, W, K, P, OH)
-                else:
-                    _fold_strided(dx, prod[s], n0, nb, C, H, W, K, S, P, OH, OW)
-
-
-@njit(parallel=True, cache=True)
-def _conv_backward_kernel(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
-                          NEED_DX, T):
-    for s in prange(T):
-        _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
-                            NEED_DX, s, T)
-
-
-@njit(cache=True)
-def _conv_backward_serial(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
-                          NEED_DX, T):
-    for s in range(T):
-        _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB,
-                            NEED_DX, s, T)
+            beta = 0.0 if blk == g * nblocks // G else 1.0
+            for part in range(0 if PARTS == 1 else s, PARTS, T if PARTS > 1 else 1):
+                f0, f1 = part * F // PARTS, (part + 1) * F // PARTS
+                if f1 > f0:
+                    _gemm(dwp[g, f0:], gt[s, f0:], cols[s], f1 - f0, CKK + 1, ncols, CKK + 1, NC, NC, False, True,
+                          beta)
+                c0, c1 = part * C // PARTS, (part + 1) * C // PARTS
+                if NEED_DX and c1 > c0:
+                    _gemm(prod[s], w2f[c0 * KK:], gt[s], (c1 - c0) * KK, ncols, F, NC, CKK, NC, True, False, 0.0)
+                    if S == 1:
+                        _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
+                    else:
+                        _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
 
 
 @njit(cache=True)
@@ -583,11 +650,12 @@ def _conv_work(work, x_shape, w_shape, stride, pad, dt):
     return work
 
 
-def _slots(work, parts, macs):
-    """(kernel choice, T): the parallel kernel over T thread slots when there are several parts
-    (blocks or chunks) and enough work, else the serial one over one slot."""
-    T = min(numba.get_num_threads(), parts, work["cols"].shape[0])
-    return (T > 1 and macs >= _CONV_PARALLEL_MIN_MACS), max(T, 1)
+def _conv_slots(work, units, macs):
+    """Thread slots for a conv pass: Numba's thread count when there are several units of work
+    (blocks, chunks or parts) and enough multiply-adds, else 1."""
+    if macs < _CONV_PARALLEL_MIN_MACS:
+        return 1
+    return max(1, min(numba.get_num_threads(), units, work["cols"].shape[0]))
 
 
 def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
@@ -603,13 +671,12 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, b.shape, stride, pad)
     out = _output(out, (N, F, OH, OW), dt, "out")
     work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
-    WR, NB, _, nblocks, _ = work["plan"]
+    WR, NB, _, nblocks, _, parts = work["plan"]
     CKK = C * K * K
-    par, T = _slots(work, nblocks, N * OH * WR * F * CKK)
-    kernel = _conv_forward_kernel if par else _conv_forward_serial
+    T = _conv_slots(work, max(nblocks, parts), N * OH * WR * F * CKK)
     with _one_thread_blas:
-        kernel(out, work["cols"], work["prod"], work["xp"], x, w.reshape(F, CKK), b, N, C, H, W, F, K, stride, pad,
-               OH, OW, WR, NB, bool(relu), T if par else 1)
+        _team.run(_conv_forward_slot, (out, work["cols"], work["prod"], work["xp"], x, w.reshape(F, CKK), b, N, C, H,
+                                       W, F, K, stride, pad, OH, OW, WR, NB, parts, bool(relu)), T)
     return out
 
 
@@ -629,14 +696,14 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     dw = _output(dw, (F, C, K, K), dt, "dw")
     db = _output(db, (F,), dt, "db")
     work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
-    WR, NB, _, nblocks, G = work["plan"]
+    WR, NB, _, nblocks, G, parts = work["plan"]
     CKK = C * K * K
     dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
-    par, T = _slots(work, G, N * OH * WR * F * CKK * (2 if need_dx else 1))
-    kernel = _conv_backward_kernel if par else _conv_backward_serial
+    T = _conv_slots(work, max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1))
     with _one_thread_blas:
-        kernel(dx if need_dx else x, work["dwp"], work["cols"], work["prod"], work["gt"], work["xp"], dout, x,
-               w.reshape(F, CKK), N, C, H, W, F, K, stride, pad, OH, OW, WR, NB, bool(need_dx), T if par else 1)
+        _team.run(_conv_backward_slot, (dx if need_dx else x, work["dwp"], work["cols"], work["prod"], work["gt"],
+                                        work["xp"], dout, x, w.reshape(F, CKK), N, C, H, W, F, K, stride, pad, OH, OW,
+                                        WR, NB, parts, bool(need_dx)), T)
     _sum_chunks(dw.reshape(F, CKK), db, work["dwp"], F, CKK)
     return dx, dw, db
 
@@ -662,7 +729,7 @@ def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
 def _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc):
     # out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32, x: (N, C, H, W)
     # Strict '>' while scanning the window row-major: on ties the first element wins.
-    # One iteration (nc) of the loop in _maxpool2d_forward_kernel / _maxpool2d_forward_serial.
+    # One plane (nc) of _maxpool2d_forward_slot.
     # Indexing 1-D row views (not x[n, c, h, w]) and a 2x2 special case: 2-3x faster (NOTES.md).
     n = nc // C
     c = nc % C
@@ -704,15 +771,10 @@ def _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc):
                 arow[j] = best_idx
 
 
-@njit(parallel=True, cache=True)
-def _maxpool2d_forward_kernel(out, argmax, x, N, C, H, W, K, S, OH, OW):
-    for nc in prange(N * C):
-        _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc)
-
-
-@njit(cache=True)
-def _maxpool2d_forward_serial(out, argmax, x, N, C, H, W, K, S, OH, OW):
-    for nc in range(N * C):
+@njit(cache=True, nogil=True)
+def _maxpool2d_forward_slot(out, argmax, x, N, C, H, W, K, S, OH, OW, s, T):
+    # slot s of T: planes [s*N*C//T, (s+1)*N*C//T)
+    for nc in range(s * N * C // T, (s + 1) * N * C // T):
         _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc)
 
 
@@ -722,7 +784,7 @@ def _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK,
     # One iteration per plane (n, c); overlapping windows add up in row-major output order.
     # MASK: the input came from a ReLU; its backward is fused in: a gradient reaches the winner
     # only where the pooled value (= the ReLU's output there) is > 0, as relu_backward.
-    # one iteration (nc) of the loop in _maxpool2d_backward_kernel / _maxpool2d_backward_serial
+    # one plane (nc) of _maxpool2d_backward_slot
     n = nc // C
     c = nc % C
     plane = dx[n, c].reshape(H * W)
@@ -740,15 +802,10 @@ def _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK,
                 plane[arow[j]] += drow[j]
 
 
-@njit(parallel=True, cache=True)
-def _maxpool2d_backward_kernel(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK):
-    for nc in prange(N * C):
-        _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc)
-
-
-@njit(cache=True)
-def _maxpool2d_backward_serial(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK):
-    for nc in range(N * C):
+@njit(cache=True, nogil=True)
+def _maxpool2d_backward_slot(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, s, T):
+    # slot s of T: planes [s*N*C//T, (s+1)*N*C//T)
+    for nc in range(s * N * C // T, (s + 1) * N * C // T):
         _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc)
 
 
@@ -769,8 +826,7 @@ def maxpool2d_forward(x, k, stride, out=None, argmax=None):
         raise ValueError(f"maxpool2d: window {k} does not fit input {H}x{W}")
     out = _output(out, (N, C, OH, OW), dt, "out")
     argmax = _output(argmax, (N, C, OH, OW), np.int32, "argmax")
-    kernel = _maxpool2d_forward_kernel if _parallel(x.size) else _maxpool2d_forward_serial
-    kernel(out, argmax, x, N, C, H, W, k, stride, OH, OW)
+    _team.run(_maxpool2d_forward_slot, (out, argmax, x, N, C, H, W, k, stride, OH, OW), min(_threads(x.size), N * C))
     return out, argmax
 
 
@@ -790,44 +846,29 @@ def maxpool2d_backward(dout, argmax, x_shape, dx=None, relu_pooled=None, k=None,
         raise ValueError(f"maxpool2d_backward: dout {dout.shape} / argmax {argmax.shape} do not match x {tuple(x_shape)}")
     _, _, OH, OW = dout.shape
     dx = _output(dx, (N, C, H, W), dt, "dx")
-    kernel = _maxpool2d_backward_kernel if _parallel(dx.size) else _maxpool2d_backward_serial
     mask = relu_pooled is not None
     pooled = _input(relu_pooled, dt) if mask else dout
     if pooled.shape != dout.shape:
         raise ValueError(f"maxpool2d_backward: relu_pooled {pooled.shape} does not match dout {dout.shape}")
-    kernel(dx, dout, argmax, pooled, N, C, H, W, OH, OW, mask)
+    _team.run(_maxpool2d_backward_slot, (dx, dout, argmax, pooled, N, C, H, W, OH, OW, mask),
+              min(_threads(dx.size), N * C))
     return dx
 
 
 # --------------------------------------------------------------------------- ReLU
-@njit(parallel=True, cache=True)
-def _relu_forward_kernel(out, x, size):
-    # out: (size,), x: (size,)  (flat views of any shape)
+@njit(cache=True, nogil=True)
+def _relu_forward_slot(out, x, size, s, T):
+    # out: (size,), x: (size,)  (flat views of any shape); slot s of T: [s*size//T, (s+1)*size//T)
     # 'x < 0' rather than 'x > 0' so that NaN and -0.0 pass through, as np.maximum(x, 0) does.
-    for p in prange(size):
+    for p in range(s * size // T, (s + 1) * size // T):
         v = x[p]
         out[p] = 0 if v < 0 else v
 
 
-@njit(cache=True)
-def _relu_forward_serial(out, x, size):
-    # out: (size,), x: (size,);  the serial twin of _relu_forward_kernel
-    for p in range(size):
-        v = x[p]
-        out[p] = 0 if v < 0 else v
-
-
-@njit(parallel=True, cache=True)
-def _relu_backward_kernel(dx, dout, out, size):
-    # dx: (size,), dout: (size,), out: (size,)  (flat views of any shape)
-    for p in prange(size):
-        dx[p] = dout[p] * (out[p] > 0)
-
-
-@njit(cache=True)
-def _relu_backward_serial(dx, dout, out, size):
-    # dx: (size,), dout: (size,), out: (size,);  the serial twin of _relu_backward_kernel
-    for p in range(size):
+@njit(cache=True, nogil=True)
+def _relu_backward_slot(dx, dout, out, size, s, T):
+    # dx: (size,), dout: (size,), out: (size,)  (flat views of any shape); slot s of T as above
+    for p in range(s * size // T, (s + 1) * size // T):
         dx[p] = dout[p] * (out[p] > 0)
 
 
@@ -836,8 +877,7 @@ def relu_forward(x, out=None):
     x = _input(x)
     dt = _float_dtype(x)
     out = _output(out, x.shape, dt, "out")
-    kernel = _relu_forward_kernel if _parallel(x.size) else _relu_forward_serial
-    kernel(out.reshape(-1), x.reshape(-1), x.size)
+    _team.run(_relu_forward_slot, (out.reshape(-1), x.reshape(-1), x.size), _threads(x.size))
     return out
 
 
@@ -849,8 +889,7 @@ def relu_backward(dout, out, dx=None):
     if out.shape != dout.shape:
         raise ValueError(f"relu_backward: dout {dout.shape} and out {out.shape} differ")
     dx = _output(dx, dout.shape, dt, "dx")
-    kernel = _relu_backward_kernel if _parallel(dout.size) else _relu_backward_serial
-    kernel(dx.reshape(-1), dout.reshape(-1), out.reshape(-1), dout.size)
+    _team.run(_relu_backward_slot, (dx.reshape(-1), dout.reshape(-1), out.reshape(-1), dout.size), _threads(dout.size))
     return dx
 
 
