@@ -6,12 +6,14 @@ float32: cpu.py runs in float32 and is compared with the reference run in float6
 Also: preallocated outputs (pre-filled with NaN, so anything not written shows), need_dx=False,
 bit-identical results between runs and between 1 and 2 threads, and argument checks.
 """
+import contextlib
 import os
 
 import numba
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from minicnn.ops import cpu, ref
 from tests.strategies import (FEW_EXAMPLES, JIT_SETTINGS, conv_case, dense_case, loss_case,
@@ -143,6 +145,77 @@ def test_conv2d_large_batches_use_blocks_and_parallel_kernels(dtype, shape):
         np.testing.assert_array_equal(a, c)
 
 
+@contextlib.contextmanager
+def conv_plan(**constants):
+    """Set cpu.py's blocking constants (read when a workspace is made) for the duration."""
+    old = {k: getattr(cpu, k) for k in constants}
+    try:
+        for k, v in constants.items():
+            setattr(cpu, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(cpu, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=conv_case(max_n=11, max_c=4, max_f=6, max_hw=11),
+       block_bytes=st.sampled_from([1, 3000, 1 << 18]), min_blocks=st.sampled_from([1, 3]),
+       chunks=st.sampled_from([1, 2, 16]), parts=st.sampled_from([0, 1 << 40]))
+def test_conv2d_blockings_match_ref_and_each_other(dtype, case, block_bytes, min_blocks, chunks, parts):
+    """Every blocking the plan can choose: several images per block with a short last block, one
+    image per block, dW over 1, 2 or many chunks, a batch of one image split in parts (parts=0
+    forces it when OH >= 2): against the reference, and bit-identical with 1 and 2 threads."""
+    (x, w, b, dout), (x64, w64, b64, dout64) = cast(dtype, case["x"], case["w"], case["b"], case["dout"])
+    N, C, H, W, F, K, S, P = case["shape"]
+    with conv_plan(_BLOCK_BYTES=block_bytes, _MIN_BLOCKS=min_blocks, _DW_CHUNKS=chunks, _PARTS_MIN_MACS=parts,
+                   _CONV_PARALLEL_MIN_MACS=0):
+        work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
+    for arr in work.values():
+        if isinstance(arr, np.ndarray):
+            arr.fill(np.nan)                        # anything read before it is written shows
+    expected = [ref.conv2d_forward(x64, w64, b64, S, P), *ref.conv2d_backward(dout64, x64, w64, S, P)]
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            results.append([cpu.conv2d_forward(x, w, b, S, P, work=work),
+                            *cpu.conv2d_backward(dout, x, w, S, P, work=work)])
+    finally:
+        numba.set_num_threads(before)
+    for got, e in zip(results[0], expected):
+        assert_close(got, e, dtype)
+    for a, c in zip(results[0], results[-1]):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_conv2d_workspace_does_not_grow_with_the_batch():
+    """The blocked convolution keeps no batch-sized buffer: its scratch for batch 512 is the
+    scratch for batch 8 (one block per thread slot, plus the dW partial sums)."""
+    def nbytes(n):
+        work = cpu.conv2d_workspace((n, 32, 16, 16), (64, 32, 3, 3), 1, 1, np.float32)
+        return sum(a.nbytes for a in work.values() if isinstance(a, np.ndarray))
+    assert nbytes(512) == nbytes(64) <= nbytes(8) * 2
+    assert nbytes(512) < 512 * 32 * 16 * 16 * 4          # less than the input itself
+
+
+def test_team_runs_every_slot_and_reraises_a_workers_error():
+    seen = []
+
+    def kernel(out, s, T):
+        out.append((s, T))
+        if s == 1:
+            raise ArithmeticError("slot 1")
+    with pytest.raises(ArithmeticError):
+        cpu._team.run(kernel, (seen,), 2)
+    assert sorted(seen) == [(0, 2), (1, 2)]
+    seen.clear()
+    cpu._team.run(lambda out, s, T: out.append((s, T)), (seen,), 3)     # the team grows; no error left over
+    assert sorted(seen) == [(0, 3), (1, 3), (2, 3)]
+
+
 def test_conv2d_rejects_bad_arguments():
     x, w, b = np.zeros((1, 2, 5, 5)), np.zeros((3, 2, 3, 3)), np.zeros(3)
     with pytest.raises(ValueError):
@@ -241,7 +314,7 @@ def test_dense_matches_ref(dtype, case):
 
 
 def test_dense_long_rows():
-    """D = 1568 (a 32x7x7 feature map) exercises the lane-blocked dot product with a tail of 0."""
+    """D = 1568 (a 32x7x7 feature map), the size of the default network's fc layer."""
     x, w, b = normal_array(0, (5, 1568)), normal_array(1, (10, 1568)), normal_array(2, (10,))
     assert_close(cpu.dense_forward(x, w, b), ref.dense_forward(x, w, b), np.float64)
     x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))

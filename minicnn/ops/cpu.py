@@ -352,9 +352,13 @@ _MIN_BLOCKS = 4                   # split even a small batch into up to this man
 _DW_CHUNKS = 16                   # dW partial sums, added in order at the end (parallelism of backward)
 _CONV_PARALLEL_MIN_MACS = 1 << 20  # multiply-adds of a pass below which it runs serially (~20 us
                                    # on one thread; a parallel launch costs 5-10 us idle)
-# A batch of one image is one block: its products are split instead, into _PARTS fixed row ranges
-# (filters for the forward and dW, input channels for dX), when the image's forward product has at
-# least _PARTS_MIN_MACS multiply-adds (below that a second thread saves less than its launch).
+# A batch of one image is one block: it is split instead into _PARTS fixed parts, when the image's
+# forward product has at least _PARTS_MIN_MACS multiply-adds (below that a second thread saves
+# less than the hand-off): part p unfolds and computes the output rows [p*OH/_PARTS, (p+1)*OH/_PARTS)
+# in the forward and their partial dW (the partials summed in part order), and the dX of the input
+# channels [p*C/_PARTS, (p+1)*C/_PARTS) from all output rows (col2im would overlap across row
+# ranges). Splitting the filters instead made each part pack the whole unfolded input for BLAS:
+# half the product took 60-85 us of the whole one's 92 (B's conv2, one thread).
 _PARTS = 2
 _PARTS_MIN_MACS = 1 << 21
 
@@ -368,8 +372,8 @@ def _conv_plan(N, C, H, W, F, K, S, P, itemsize):
     per_image = (C * K * K + 1) * OH * WR * itemsize
     NB = max(1, min(_BLOCK_BYTES // per_image, -(-N // _MIN_BLOCKS)))
     nblocks = -(-N // NB)
-    parts = _PARTS if nblocks == 1 and F * C * K * K * OH * WR >= _PARTS_MIN_MACS else 1
-    return WR, NB, NB * OH * WR, nblocks, min(nblocks, _DW_CHUNKS), parts
+    parts = _PARTS if N == 1 and OH >= _PARTS and F * C * K * K * OH * WR >= _PARTS_MIN_MACS else 1
+    return WR, NB, NB * OH * WR, nblocks, (_PARTS if parts > 1 else min(nblocks, _DW_CHUNKS)), parts
 
 
 def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
@@ -417,13 +421,6 @@ def _fill_run(dst, value, L):
 
 
 @njit(cache=True)
-def _mul_add(acc, a, b, L):
-    # acc, a, b: (L,);  acc += a * b elementwise
-    for q in range(L):
-        acc[q] += a[q] * b[q]
-
-
-@njit(cache=True)
 def _add_into(acc, a, L):
     # acc, a: (L,);  acc += a elementwise
     for q in range(L):
@@ -431,12 +428,13 @@ def _add_into(acc, a, L):
 
 
 @njit(cache=True)
-def _unfold_wide(cols, xp, x, n0, nb, C, H, W, K, P, OH):
-    # Stride 1. cols: (>= C*K*K, >= nb*OH*Wp) a slot's block, xp: (Hp*Wp + K,) plane scratch,
-    # x: (N, C, H, W). Image n0 + nl, channel c: xp is its zero-padded plane (plus K zeros of tail),
-    # then row (c, u, v) of the image is the run xp[u*Wp + v : u*Wp + v + OH*Wp].
+def _unfold_wide(cols, xp, x, n0, nb, i0, i1, C, H, W, K, P):
+    # Stride 1, output rows i0 <= i < i1 of images n0..n0+nb-1. cols: (>= C*K*K, >= nb*(i1-i0)*Wp) a
+    # slot's block, xp: (Hp*Wp + K,) plane scratch, x: (N, C, H, W). Image n0 + nl, channel c: xp
+    # is its zero-padded plane (plus K zeros of tail), then row (c, u, v) of the image is the run
+    # xp[u*Wp + v + i0*Wp : u*Wp + v + i1*Wp] (columns nl*(i1-i0)*Wp + (i-i0)*Wp + j).
     Hp, Wp = H + 2 * P, W + 2 * P
-    Mw = OH * Wp
+    Mw = (i1 - i0) * Wp
     _zero_run(xp[:P * Wp + P], P * Wp + P)                   # top rows and the first left margin
     for nl in range(nb):
         for c in range(C):
@@ -448,15 +446,16 @@ def _unfold_wide(cols, xp, x, n0, nb, C, H, W, K, P, OH):
             _zero_run(xp[o - P:], Hp * Wp + K - (o - P))     # bottom rows and the tail
             for u in range(K):
                 for v in range(K):
-                    s0 = u * Wp + v
+                    s0 = (u + i0) * Wp + v
                     _copy_run(cols[(c * K + u) * K + v, nl * Mw:(nl + 1) * Mw], xp[s0:s0 + Mw], Mw)
 
 
 @njit(cache=True)
-def _unfold_strided(cols, x, n0, nb, C, H, W, K, S, P, OH, OW):
-    # Any stride. cols: (>= C*K*K, >= nb*OH*OW) a slot's block, x: (N, C, H, W);
-    # cols[(c*K+u)*K+v, nl*OH*OW + i*OW + j] = x[n0+nl, c, i*S+u-P, j*S+v-P] (0 outside).
-    M = OH * OW
+def _unfold_strided(cols, x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW):
+    # Any stride, output rows i0 <= i < i1. cols: (>= C*K*K, >= nb*(i1-i0)*OW) a slot's block,
+    # x: (N, C, H, W); cols[(c*K+u)*K+v, nl*(i1-i0)*OW + (i-i0)*OW + j] = x[n0+nl, c, i*S+u-P, j*S+v-P]
+    # (0 outside).
+    M = (i1 - i0) * OW
     for nl in range(nb):
         n = n0 + nl
         for c in range(C):
@@ -465,8 +464,8 @@ def _unfold_strided(cols, x, n0, nb, C, H, W, K, S, P, OH, OW):
                 for v in range(K):
                     j_lo, j_hi = _valid_range(v, S, P, W, OW)
                     row = cols[(c * K + u) * K + v, nl * M:(nl + 1) * M]
-                    for i in range(OH):
-                        dst = row[i * OW:(i + 1) * OW]
+                    for i in range(i0, i1):
+                        dst = row[(i - i0) * OW:(i - i0 + 1) * OW]
                         if i < i_lo or i >= i_hi:
                             _zero_run(dst, OW)
                             continue
@@ -531,16 +530,16 @@ def _fold_strided(dx, dcols, n0, nb, c0, c1, H, W, K, S, P, OH, OW):
 
 
 @njit(cache=True)
-def _epilogue(out, prod, b, n0, nb, f0, f1, OH, OW, WR, RELU):
-    # out: (N, F, OH, OW), prod: (>= f1-f0, >= nb*OH*WR) row f-f0 for filter f, b: (F,)
-    # out[n0+nl, f, i, j] = prod[f-f0, nl*OH*WR + i*WR + j] + b[f] for f0 <= f < f1, through ReLU
-    # when RELU ('v < 0 -> 0', as relu_forward: the ReLU layer fused into this pass)
+def _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU):
+    # out: (N, F, OH, OW), prod: (>= F, >= nb*(i1-i0)*WR), b: (F,);  output rows i0 <= i < i1:
+    # out[n0+nl, f, i, j] = prod[f, nl*(i1-i0)*WR + (i-i0)*WR + j] + b[f], through ReLU when RELU
+    # ('v < 0 -> 0', as relu_forward: the ReLU layer fused into this pass)
     for nl in range(nb):
-        for f in range(f0, f1):
+        for f in range(F):
             bf = b[f]
-            base = nl * OH * WR
-            for i in range(OH):
-                src = prod[f - f0, base + i * WR:base + i * WR + OW]
+            base = nl * (i1 - i0) * WR - i0 * WR
+            for i in range(i0, i1):
+                src = prod[f, base + i * WR:base + i * WR + OW]
                 dst = out[n0 + nl, f, i]
                 if RELU:
                     for j in range(OW):
@@ -564,66 +563,88 @@ def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
                 _zero_run(row[OW:], WR - OW)
 
 
+@njit(cache=True)
+def _conv_forward_block(out, cols, prod, xp, x, w2, b, n0, nb, i0, i1, C, H, W, F, K, S, P, OH, OW, WR, RELU):
+    # Output rows i0 <= i < i1 of images n0..n0+nb-1: unfold, product, epilogue.
+    # out: (N, F, OH, OW), cols: (CKK+1, NC), prod: (>= F, NC), xp: (Hp*Wp+K,) a slot's scratch,
+    # x: (N, C, H, W), w2: (F, CKK), b: (F,)
+    CKK = C * K * K
+    NC = cols.shape[1]
+    if S == 1:
+        _unfold_wide(cols, xp, x, n0, nb, i0, i1, C, H, W, K, P)
+    else:
+        _unfold_strided(cols, x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
+    _gemm(prod, w2, cols, F, nb * (i1 - i0) * WR, CKK, NC, CKK, NC, False, False, 0.0)
+    _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU)
+
+
 @njit(cache=True, nogil=True)
 def _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, PARTS, RELU, s, T):
     # out: (N, F, OH, OW), cols: (>T, CKK+1, NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K) scratch,
     # x: (N, C, H, W), w2: (F, CKK), b: (F,).  Slot s of T: blocks s, s + T, ... (NB images each);
-    # with PARTS > 1 (one block), parts s, s + T, ... of the filters.
+    # with PARTS > 1 (N = 1), parts s, s + T, ... of its output rows.
+    if PARTS == 1:
+        for blk in range(s, -(-N // NB), T):
+            n0 = blk * NB
+            _conv_forward_block(out, cols[s], prod[s], xp[s], x, w2, b, n0, min(NB, N - n0), 0, OH,
+                                C, H, W, F, K, S, P, OH, OW, WR, RELU)
+    else:
+        for part in range(s, PARTS, T):              # N = 1
+            _conv_forward_block(out, cols[s], prod[s], xp[s], x, w2, b, 0, 1, part * OH // PARTS,
+                                (part + 1) * OH // PARTS, C, H, W, F, K, S, P, OH, OW, WR, RELU)
+
+
+@njit(cache=True)
+def _conv_backward_block(dx, dwp, cols, prod, gt, xp, dout, x, w2, n0, nb, i0, i1, c0, c1, C, H, W, F, K, S, P,
+                         OH, OW, WR, BETA, NEED_DX):
+    # One block's share of the backward: dwp (F, CKK+1) = BETA * dwp + [dW | db] of output rows
+    # i0 <= i < i1 of images n0..n0+nb-1 (a row range only with nb = 1); and, when NEED_DX, dx of
+    # input channels c0 <= c < c1 of those images from all their output rows.
+    # dx: (N, C, H, W), cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), xp: (Hp*Wp+K,) a slot's
+    # scratch, dout: (N, F, OH, OW), x: (N, C, H, W), w2: (F, CKK)
     CKK = C * K * K
-    NC = cols.shape[2]
-    nblocks = -(-N // NB)
-    for blk in range(s if PARTS == 1 else 0, nblocks, T if PARTS == 1 else 1):
-        n0 = blk * NB
-        nb = min(NB, N - n0)
+    KK = K * K
+    NC = cols.shape[1]
+    R = i1 - i0
+    if S == 1:
+        _unfold_wide(cols, xp, x, n0, nb, i0, i1, C, H, W, K, P)
+    else:
+        _unfold_strided(cols, x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
+    _fill_run(cols[CKK], 1, nb * R * WR)                         # the ones row: db
+    _gather_dout(gt, dout, n0, nb, F, OH, OW, WR)                 # every output row (dX needs them)
+    gtf = gt.reshape(F * NC)
+    _gemm(dwp, gtf[i0 * WR:], cols, F, CKK + 1, nb * R * WR, CKK + 1, NC, NC, False, True, BETA)
+    if NEED_DX and c1 > c0:
+        _gemm(prod, w2.reshape(F * CKK)[c0 * KK:], gt, (c1 - c0) * KK, nb * OH * WR, F, NC, CKK, NC, True, False,
+              0.0)
         if S == 1:
-            _unfold_wide(cols[s], xp[s], x, n0, nb, C, H, W, K, P, OH)
+            _fold_wide(dx, xp, prod, n0, nb, c0, c1, H, W, K, P, OH)
         else:
-            _unfold_strided(cols[s], x, n0, nb, C, H, W, K, S, P, OH, OW)
-        for part in range(0 if PARTS == 1 else s, PARTS, T if PARTS > 1 else 1):
-            f0, f1 = part * F // PARTS, (part + 1) * F // PARTS
-            if f1 > f0:
-                _gemm(prod[s], w2[f0:], cols[s], f1 - f0, nb * OH * WR, CKK, NC, CKK, NC, False, False, 0.0)
-                _epilogue(out, prod[s], b, n0, nb, f0, f1, OH, OW, WR, RELU)
+            _fold_strided(dx, prod, n0, nb, c0, c1, H, W, K, S, P, OH, OW)
 
 
 @njit(cache=True, nogil=True)
 def _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB, PARTS,
                         NEED_DX, s, T):
-    # dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] per chunk, cols: (>T, CKK+1, NC),
+    # dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] sums, cols: (>T, CKK+1, NC),
     # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW),
-    # x: (N, C, H, W), w2: (F, CKK).  Slot s of T: chunks s, s + T, ...; chunk g sums its blocks
-    # (a fixed range) in order into dwp[g]. With PARTS > 1 (one block, one chunk): parts s, s + T,
-    # ... each the dW rows of its filters and the dX of its input channels.
-    CKK = C * K * K
-    KK = K * K
-    NC = cols.shape[2]
+    # x: (N, C, H, W), w2: (F, CKK).  Slot s of T: chunks s, s + T, ...; chunk g sums its blocks (a
+    # fixed range) in order into dwp[g]. With PARTS > 1 (N = 1; G = PARTS): parts s, s + T, ...,
+    # part p the partial dW of its output rows into dwp[p] and the dX of its input channels.
     nblocks = -(-N // NB)
     G = dwp.shape[0]
-    w2f = w2.reshape(F * CKK)
-    for g in range(s if PARTS == 1 else 0, G, T if PARTS == 1 else 1):
-        for blk in range(g * nblocks // G, (g + 1) * nblocks // G):
-            n0 = blk * NB
-            nb = min(NB, N - n0)
-            ncols = nb * OH * WR
-            if S == 1:
-                _unfold_wide(cols[s], xp[s], x, n0, nb, C, H, W, K, P, OH)
-            else:
-                _unfold_strided(cols[s], x, n0, nb, C, H, W, K, S, P, OH, OW)
-            _fill_run(cols[s, CKK], 1, ncols)                              # the ones row: db
-            _gather_dout(gt[s], dout, n0, nb, F, OH, OW, WR)
-            beta = 0.0 if blk == g * nblocks // G else 1.0
-            for part in range(0 if PARTS == 1 else s, PARTS, T if PARTS > 1 else 1):
-                f0, f1 = part * F // PARTS, (part + 1) * F // PARTS
-                if f1 > f0:
-                    _gemm(dwp[g, f0:], gt[s, f0:], cols[s], f1 - f0, CKK + 1, ncols, CKK + 1, NC, NC, False, True,
-                          beta)
-                c0, c1 = part * C // PARTS, (part + 1) * C // PARTS
-                if NEED_DX and c1 > c0:
-                    _gemm(prod[s], w2f[c0 * KK:], gt[s], (c1 - c0) * KK, ncols, F, NC, CKK, NC, True, False, 0.0)
-                    if S == 1:
-                        _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
-                    else:
-                        _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
+    if PARTS == 1:
+        for g in range(s, G, T):
+            lo, hi = g * nblocks // G, (g + 1) * nblocks // G
+            for blk in range(lo, hi):
+                n0 = blk * NB
+                _conv_backward_block(dx, dwp[g], cols[s], prod[s], gt[s], xp[s], dout, x, w2, n0, min(NB, N - n0),
+                                     0, OH, 0, C, C, H, W, F, K, S, P, OH, OW, WR, 0.0 if blk == lo else 1.0, NEED_DX)
+    else:
+        for part in range(s, PARTS, T):              # N = 1
+            _conv_backward_block(dx, dwp[part], cols[s], prod[s], gt[s], xp[s], dout, x, w2, 0, 1,
+                                 part * OH // PARTS, (part + 1) * OH // PARTS, part * C // PARTS,
+                                 (part + 1) * C // PARTS, C, H, W, F, K, S, P, OH, OW, WR, 0.0, NEED_DX)
 
 
 @njit(cache=True)
@@ -894,83 +915,10 @@ def relu_backward(dout, out, dx=None):
 
 
 # --------------------------------------------------------------------------- dense
-# Large products run on one-thread BLAS through _gemm (one call per product, so each element's sum
-# runs in an order fixed by the shapes). The Numba loops below were 4-5x slower than sgemm there
-# (B's fc at batch 32, x: 32 x 4096, w: 10 x 4096: forward and backward 1.49 ms against 0.34 ms),
-# but they win on tiny products, where a BLAS call's fixed cost dominates.
-# _BLAS_MIN: N*D*O from which BLAS is used.
-_BLAS_MIN = 1 << 16
-#
-# A dot product summed one term after another is a chain of dependent adds that cannot be
-# vectorised without reassociation (fastmath). Instead each dot keeps LANES partial sums (lane l
-# takes d = LANES*k + l), added up in lane order at the end: fixed order, vectorisable.
-# LANES is passed in at run time on purpose: as a literal, LLVM unrolls the lane loop fully and
-# then fails to vectorise it (measured 2-4x slower).
-_DOT_LANES = 32
-
-
-@njit(cache=True)
-def _dense_forward_body(out, x, w, b, N, D, O, LANES, n):
-    # out: (N, O), x: (N, D), w: (O, D), b: (O,);   out[n,o] = dot(x[n], w[o]) + b[o]
-    # one iteration (n) of the loop in _dense_forward_serial
-    DL = D - D % LANES
-    acc = np.empty(LANES, dtype=out.dtype)
-    xr = x[n, :DL].reshape((DL // LANES, LANES))
-    for o in range(O):
-        wr = w[o, :DL].reshape((DL // LANES, LANES))
-        acc[:] = 0
-        for k in range(DL // LANES):
-            _mul_add(acc, xr[k], wr[k], LANES)
-        s = acc[0]
-        for lane in range(1, LANES):
-            s += acc[lane]
-        for d in range(DL, D):
-            s += x[n, d] * w[o, d]
-        out[n, o] = s + b[o]
-
-
-@njit(cache=True)
-def _dense_forward_serial(out, x, w, b, N, D, O, LANES):
-    for n in range(N):
-        _dense_forward_body(out, x, w, b, N, D, O, LANES, n)
-
-
-@njit(cache=True)
-def _dense_backward_dx_body(dx, dout, w, N, D, O, n):
-    # dx: (N, D), dout: (N, O), w: (O, D);   dx[n] = sum_o dout[n,o] * w[o], in o order.
-    # one iteration (n) of the loop in _dense_backward_dx_serial
-    for d in range(D):
-        dx[n, d] = 0
-    for o in range(O):
-        g = dout[n, o]
-        for d in range(D):
-            dx[n, d] += g * w[o, d]
-
-
-@njit(cache=True)
-def _dense_backward_dx_serial(dx, dout, w, N, D, O):
-    for n in range(N):
-        _dense_backward_dx_body(dx, dout, w, N, D, O, n)
-
-
-@njit(cache=True)
-def _dense_backward_dw_body(dw, db, dout, x, N, D, O, o):
-    # dw: (O, D), db: (O,), dout: (N, O), x: (N, D);   dw[o] = sum_n dout[n,o] * x[n], in n order.
-    # one iteration (o) of the loop in _dense_backward_dw_serial
-    db[o] = 0
-    for d in range(D):
-        dw[o, d] = 0
-    for n in range(N):
-        g = dout[n, o]
-        db[o] += g
-        for d in range(D):
-            dw[o, d] += g * x[n, d]
-
-
-@njit(cache=True)
-def _dense_backward_dw_serial(dw, db, dout, x, N, D, O):
-    for o in range(O):
-        _dense_backward_dw_body(dw, db, dout, x, N, D, O, o)
+# The products run on one-thread BLAS through _gemm (one call per product, so each element's sum
+# runs in an order fixed by the shapes). Called from inside Numba, a BLAS call costs ~1 us: it beat
+# the lane-blocked Numba dot loops kept here before even at batch 1 (A's fc, forward and backward:
+# 15 us against 27; B's: 22 against 63), so those are gone.
 
 
 @njit(cache=True)
@@ -1000,9 +948,6 @@ def dense_forward(x, w, b, out=None):
     w, b = _input(w, dt), _input(b, dt)
     N, D, O = _dense_sizes(x.shape, w.shape, b.shape)
     out = _output(out, (N, O), dt, "out")
-    if N * D * O < _BLAS_MIN:
-        _dense_forward_serial(out, x, w, b, N, D, O, _DOT_LANES)
-        return out
     with _one_thread_blas:
         _dense_forward_blas(out, x, w, b, N, D, O)
     return out
@@ -1019,13 +964,8 @@ def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
     dw = _output(dw, (O, D), dt, "dw")
     db = _output(db, (O,), dt, "db")
     dx = _output(dx, (N, D), dt, "dx") if need_dx else None
-    if N * D * O < _BLAS_MIN:
-        _dense_backward_dw_serial(dw, db, dout, x, N, D, O)
-        if need_dx:
-            _dense_backward_dx_serial(dx, dout, w, N, D, O)
-    else:
-        with _one_thread_blas:
-            _dense_backward_blas(dx if need_dx else x, dw, db, dout, x, w, N, D, O, need_dx)
+    with _one_thread_blas:
+        _dense_backward_blas(dx if need_dx else x, dw, db, dout, x, w, N, D, O, need_dx)
     return dx, dw, db
 
 
