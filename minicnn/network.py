@@ -191,6 +191,25 @@ class Dense(Layer):
         return dx
 
 
+class FlatViews(list):
+    """A list of arrays that are consecutive views of one flat buffer, ``flat_buffer`` (net.params,
+    net.grads, the gradients loss_and_grads returns). SGD.step updates such lists through their
+    buffers in one pass, as train() does with [flat_params], [flat_grads]."""
+
+    @classmethod
+    def of(cls, flat, offsets, shapes):
+        views = cls(flat[a:b].reshape(s) for a, b, s in zip(offsets, offsets[1:], shapes))
+        views.flat_buffer = flat
+        views._views = tuple(views)
+        return views
+
+    def buffer(self):
+        """flat_buffer, or None when an element was replaced since (then it no longer covers the list)."""
+        if len(self) != len(self._views) or any(a is not b for a, b in zip(self, self._views)):
+            return None
+        return self.flat_buffer
+
+
 LAYER_KINDS = {"conv": Conv2d, "relu": ReLU, "maxpool": MaxPool2d, "flatten": Flatten, "fc": Dense}
 
 
@@ -259,8 +278,8 @@ class Network:
         # activations stay on the GPU; get_flat_params() / host_copy() bring copies to the host.
         self.flat_params = self.ops.zeros(self.offsets[-1], dtype)
         self.flat_grads = self.ops.zeros(self.offsets[-1], dtype)
-        self.params = [self.flat_params[a:b].reshape(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
-        self.grads = [self.flat_grads[a:b].reshape(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
+        self.params = FlatViews.of(self.flat_params, self.offsets, shapes)
+        self.grads = FlatViews.of(self.flat_grads, self.offsets, shapes)
         i = 0
         for layer in self.layers:
             n = len(layer.param_shapes)
@@ -497,10 +516,12 @@ class Network:
             dout = self.layers[i].backward(self.ops, self._ws, dout, need_dx=i > 0)
 
     def loss_and_grads(self, x, y):
-        """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new host arrays."""
+        """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new host arrays
+        (views into one new flat copy of flat_grads: SGD.step updates all parameters in one pass)."""
         loss = self.loss(x, y)
         self.backward()
-        return loss, [self.ops.host_copy(g) for g in self.grads]
+        return loss, FlatViews.of(self.ops.host_copy(self.flat_grads), self.offsets,
+                                  [g.shape for g in self.grads])
 
     def trace_stats(self):
         """Logit statistics of the last _loss call's batch (see ops logit_stats), and the dead
