@@ -564,88 +564,137 @@ def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
                 _zero_run(row[OW:], WR - OW)
 
 
+# The slots' work lists. Forward item: (n0, nb, i0, i1): output rows i0 <= i < i1 of images
+# n0..n0+nb-1. Backward item: (g, n0, nb, i0, i1, c0, c1, first): add the [dW | db] of those rows
+# into dwp[g] (overwrite it when first), and dx of input channels c0 <= c < c1 of those images.
+# Slot s of T takes blocks (forward) or dW chunks (backward) s, s + T, ...; with PARTS > 1 (N = 1)
+# parts s, s + T, ...: part p the output rows [p*OH/PARTS, (p+1)*OH/PARTS) (and their partial dW
+# into dwp[p]) and the dX of the input channels [p*C/PARTS, (p+1)*C/PARTS).
+# The kernels come in two copies, wide (stride 1) and strided, so that each compiles only its own
+# unfold and fold (a flag argument compiled both: ~2-3 s more of a cold start; Numba's literal
+# dispatch re-typed every call, ~40 ms).
 @njit(cache=True)
-def _conv_forward_block(out, cols, prod, xp, x, w2, b, n0, nb, i0, i1, C, H, W, F, K, S, P, OH, OW, WR, RELU):
-    # Output rows i0 <= i < i1 of images n0..n0+nb-1: unfold, product, epilogue.
-    # out: (N, F, OH, OW), cols: (CKK+1, NC), prod: (>= F, NC), xp: (Hp*Wp+K,) a slot's scratch,
-    # x: (N, C, H, W), w2: (F, CKK), b: (F,)
-    CKK = C * K * K
+def _forward_items(N, OH, NB, PARTS, s, T):
+    if PARTS > 1:
+        parts = np.arange(s, PARTS, T)
+        items = np.empty((parts.size, 4), np.int64)
+        for k in range(parts.size):
+            items[k, 0], items[k, 1] = 0, 1
+            items[k, 2], items[k, 3] = parts[k] * OH // PARTS, (parts[k] + 1) * OH // PARTS
+        return items
+    blocks = np.arange(s, -(-N // NB), T)
+    items = np.empty((blocks.size, 4), np.int64)
+    for k in range(blocks.size):
+        n0 = blocks[k] * NB
+        items[k, 0], items[k, 1], items[k, 2], items[k, 3] = n0, min(NB, N - n0), 0, OH
+    return items
+
+
+@njit(cache=True)
+def _backward_items(N, C, OH, NB, PARTS, G, s, T):
+    if PARTS > 1:
+        parts = np.arange(s, PARTS, T)
+        items = np.empty((parts.size, 8), np.int64)
+        for k in range(parts.size):
+            p = parts[k]
+            items[k, 0], items[k, 1], items[k, 2] = p, 0, 1
+            items[k, 3], items[k, 4] = p * OH // PARTS, (p + 1) * OH // PARTS
+            items[k, 5], items[k, 6], items[k, 7] = p * C // PARTS, (p + 1) * C // PARTS, 1
+        return items
+    nblocks = -(-N // NB)
+    count = 0
+    for g in range(s, G, T):
+        count += (g + 1) * nblocks // G - g * nblocks // G
+    items = np.empty((count, 8), np.int64)
+    k = 0
+    for g in range(s, G, T):
+        lo, hi = g * nblocks // G, (g + 1) * nblocks // G
+        for blk in range(lo, hi):
+            n0 = blk * NB
+            items[k, 0], items[k, 1], items[k, 2], items[k, 3], items[k, 4] = g, n0, min(NB, N - n0), 0, OH
+            items[k, 5], items[k, 6], items[k, 7] = 0, C, blk == lo
+            k += 1
+    return items
+
+
+@njit(cache=True)
+def _conv_product(out, cols, prod, w2, b, n0, nb, i0, i1, F, CKK, OW, WR, RELU):
+    # The forward of a block whose cols are unfolded: prod = w2 @ cols, then the epilogue.
+    # out: (N, F, OH, OW), cols: (>= CKK, NC), prod: (>= F, NC), w2: (F, CKK), b: (F,)
     NC = cols.shape[1]
-    if S == 1:
-        _unfold_wide(cols, xp, x, n0, nb, i0, i1, C, H, W, K, P)
-    else:
-        _unfold_strided(cols, x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
     _gemm(prod, w2, cols, F, nb * (i1 - i0) * WR, CKK, NC, CKK, NC, False, False, 0.0)
     _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU)
 
 
 @njit(cache=True, nogil=True)
-def _conv_forward_slot(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, WR, NB, PARTS, RELU, s, T):
-    # out: (N, F, OH, OW), cols: (>T, CKK+1, NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K) scratch,
-    # x: (N, C, H, W), w2: (F, CKK), b: (F,).  Slot s of T: blocks s, s + T, ... (NB images each);
-    # with PARTS > 1 (N = 1), parts s, s + T, ... of its output rows.
-    if PARTS == 1:
-        for blk in range(s, -(-N // NB), T):
-            n0 = blk * NB
-            _conv_forward_block(out, cols[s], prod[s], xp[s], x, w2, b, n0, min(NB, N - n0), 0, OH,
-                                C, H, W, F, K, S, P, OH, OW, WR, RELU)
-    else:
-        for part in range(s, PARTS, T):              # N = 1
-            _conv_forward_block(out, cols[s], prod[s], xp[s], x, w2, b, 0, 1, part * OH // PARTS,
-                                (part + 1) * OH // PARTS, C, H, W, F, K, S, P, OH, OW, WR, RELU)
-
-
-@njit(cache=True)
-def _conv_backward_block(dx, dwp, cols, prod, gt, xp, dout, x, w2, n0, nb, i0, i1, c0, c1, C, H, W, F, K, S, P,
-                         OH, OW, WR, BETA, NEED_DX):
-    # One block's share of the backward: dwp (F, CKK+1) = BETA * dwp + [dW | db] of output rows
-    # i0 <= i < i1 of images n0..n0+nb-1 (a row range only with nb = 1); and, when NEED_DX, dx of
-    # input channels c0 <= c < c1 of those images from all their output rows.
-    # dx: (N, C, H, W), cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), xp: (Hp*Wp+K,) a slot's
-    # scratch, dout: (N, F, OH, OW), x: (N, C, H, W), w2: (F, CKK)
-    CKK = C * K * K
-    KK = K * K
-    NC = cols.shape[1]
-    R = i1 - i0
-    if S == 1:
-        _unfold_wide(cols, xp, x, n0, nb, i0, i1, C, H, W, K, P)
-    else:
-        _unfold_strided(cols, x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
-    _fill_run(cols[CKK], 1, nb * R * WR)                         # the ones row: db
-    _gather_dout(gt, dout, n0, nb, F, OH, OW, WR)                 # every output row (dX needs them)
-    gtf = gt.reshape(F * NC)
-    _gemm(dwp, gtf[i0 * WR:], cols, F, CKK + 1, nb * R * WR, CKK + 1, NC, NC, False, True, BETA)
-    if NEED_DX and c1 > c0:
-        _gemm(prod, w2.reshape(F * CKK)[c0 * KK:], gt, (c1 - c0) * KK, nb * OH * WR, F, NC, CKK, NC, True, False,
-              0.0)
-        if S == 1:
-            _fold_wide(dx, xp, prod, n0, nb, c0, c1, H, W, K, P, OH)
-        else:
-            _fold_strided(dx, prod, n0, nb, c0, c1, H, W, K, S, P, OH, OW)
+def _conv_forward_wide(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, P, OH, OW, WR, NB, PARTS, RELU, s, T):
+    # Stride 1. out: (N, F, OH, OW), cols: (>T, CKK+1, NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K)
+    # scratch, x: (N, C, H, W), w2: (F, CKK), b: (F,).  Slot s of T (see the work lists above).
+    items = _forward_items(N, OH, NB, PARTS, s, T)
+    for k in range(items.shape[0]):
+        n0, nb, i0, i1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3]
+        _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
+        _conv_product(out, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OW, WR, RELU)
 
 
 @njit(cache=True, nogil=True)
-def _conv_backward_slot(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, WR, NB, PARTS,
+def _conv_forward_strided(out, cols, prod, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, NB, PARTS, RELU, s, T):
+    # Any stride; as _conv_forward_wide without the plane scratch (WR = OW).
+    items = _forward_items(N, OH, NB, PARTS, s, T)
+    for k in range(items.shape[0]):
+        n0, nb, i0, i1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3]
+        _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
+        _conv_product(out, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OW, OW, RELU)
+
+
+@njit(cache=True)
+def _conv_grad_products(dwp, cols, prod, gt, dout, w2, n0, nb, i0, i1, c0, c1, F, CKK, KK, OH, OW, WR, BETA,
+                        NEED_DX):
+    # The backward of a block whose cols are unfolded (output rows i0..i1; a row range only with
+    # nb = 1): gt = the block's dout (every row), dwp (F, CKK+1) = BETA * dwp + gt[rows] @ cols.T
+    # (the ones row gives db), and when NEED_DX prod[:(c1-c0)*KK] = w2[:, channels c0..c1].T @ gt.
+    # cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), dout: (N, F, OH, OW), w2: (F, CKK)
+    NC = cols.shape[1]
+    R = i1 - i0
+    _fill_run(cols[CKK], 1, nb * R * WR)
+    _gather_dout(gt, dout, n0, nb, F, OH, OW, WR)
+    _gemm(dwp, gt.reshape(F * NC)[i0 * WR:], cols, F, CKK + 1, nb * R * WR, CKK + 1, NC, NC, False, True, BETA)
+    if NEED_DX and c1 > c0:
+        _gemm(prod, w2.reshape(F * CKK)[c0 * KK:], gt, (c1 - c0) * KK, nb * OH * WR, F, NC, CKK, NC, True, False,
+              0.0)
+
+
+@njit(cache=True, nogil=True)
+def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, P, OH, OW, WR, NB, PARTS,
                         NEED_DX, s, T):
-    # dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] sums, cols: (>T, CKK+1, NC),
+    # Stride 1. dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] sums, cols: (>T, CKK+1, NC),
     # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW),
-    # x: (N, C, H, W), w2: (F, CKK).  Slot s of T: chunks s, s + T, ...; chunk g sums its blocks (a
-    # fixed range) in order into dwp[g]. With PARTS > 1 (N = 1; G = PARTS): parts s, s + T, ...,
-    # part p the partial dW of its output rows into dwp[p] and the dX of its input channels.
-    nblocks = -(-N // NB)
-    G = dwp.shape[0]
-    if PARTS == 1:
-        for g in range(s, G, T):
-            lo, hi = g * nblocks // G, (g + 1) * nblocks // G
-            for blk in range(lo, hi):
-                n0 = blk * NB
-                _conv_backward_block(dx, dwp[g], cols[s], prod[s], gt[s], xp[s], dout, x, w2, n0, min(NB, N - n0),
-                                     0, OH, 0, C, C, H, W, F, K, S, P, OH, OW, WR, 0.0 if blk == lo else 1.0, NEED_DX)
-    else:
-        for part in range(s, PARTS, T):              # N = 1
-            _conv_backward_block(dx, dwp[part], cols[s], prod[s], gt[s], xp[s], dout, x, w2, 0, 1,
-                                 part * OH // PARTS, (part + 1) * OH // PARTS, part * C // PARTS,
-                                 (part + 1) * C // PARTS, C, H, W, F, K, S, P, OH, OW, WR, 0.0, NEED_DX)
+    # x: (N, C, H, W), w2: (F, CKK).  Slot s of T (see the work lists above); chunk g's blocks are
+    # summed in order into dwp[g].
+    items = _backward_items(N, C, OH, NB, PARTS, dwp.shape[0], s, T)
+    for k in range(items.shape[0]):
+        g, n0, nb, i0, i1, c0, c1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3], items[k, 4], items[k, 5], \
+            items[k, 6]
+        _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
+        _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, w2, n0, nb, i0, i1, c0, c1, F, C * K * K, K * K,
+                            OH, OW, WR, 0.0 if items[k, 7] else 1.0, NEED_DX)
+        if NEED_DX and c1 > c0:
+            _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
+
+
+@njit(cache=True, nogil=True)
+def _conv_backward_strided(dx, dwp, cols, prod, gt, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, NB, PARTS,
+                           NEED_DX, s, T):
+    # Any stride; as _conv_backward_wide without the plane scratch (WR = OW).
+    items = _backward_items(N, C, OH, NB, PARTS, dwp.shape[0], s, T)
+    for k in range(items.shape[0]):
+        g, n0, nb, i0, i1, c0, c1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3], items[k, 4], items[k, 5], \
+            items[k, 6]
+        _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
+        _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, w2, n0, nb, i0, i1, c0, c1, F, C * K * K, K * K,
+                            OH, OW, OW, 0.0 if items[k, 7] else 1.0, NEED_DX)
+        if NEED_DX and c1 > c0:
+            _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
 
 
 @njit(cache=True)
@@ -696,9 +745,14 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     WR, NB, _, nblocks, _, parts = work["plan"]
     CKK = C * K * K
     T = _conv_slots(work, max(nblocks, parts), N * OH * WR * F * CKK)
+    w2, relu = w.reshape(F, CKK), bool(relu)
     with _one_thread_blas:
-        _team.run(_conv_forward_slot, (out, work["cols"], work["prod"], work["xp"], x, w.reshape(F, CKK), b, N, C, H,
-                                       W, F, K, stride, pad, OH, OW, WR, NB, parts, bool(relu)), T)
+        if stride == 1:
+            _team.run(_conv_forward_wide, (out, work["cols"], work["prod"], work["xp"], x, w2, b, N, C, H, W, F, K, pad,
+                                           OH, OW, WR, NB, parts, relu), T)
+        else:
+            _team.run(_conv_forward_strided, (out, work["cols"], work["prod"], x, w2, b, N, C, H, W, F, K, stride, pad,
+                                              OH, OW, NB, parts, relu), T)
     return out
 
 
@@ -722,10 +776,14 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     CKK = C * K * K
     dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
     T = _conv_slots(work, max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1))
+    dxa, w2, need_dx = dx if need_dx else x, w.reshape(F, CKK), bool(need_dx)
     with _one_thread_blas:
-        _team.run(_conv_backward_slot, (dx if need_dx else x, work["dwp"], work["cols"], work["prod"], work["gt"],
-                                        work["xp"], dout, x, w.reshape(F, CKK), N, C, H, W, F, K, stride, pad, OH, OW,
-                                        WR, NB, parts, bool(need_dx)), T)
+        if stride == 1:
+            _team.run(_conv_backward_wide, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], work["xp"], dout,
+                                            x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts, need_dx), T)
+        else:
+            _team.run(_conv_backward_strided, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], dout, x, w2,
+                                               N, C, H, W, F, K, stride, pad, OH, OW, NB, parts, need_dx), T)
     _sum_chunks(dw.reshape(F, CKK), db, work["dwp"], F, CKK)
     return dx, dw, db
 
