@@ -68,6 +68,8 @@ FUSES_RELU = True
 # --------------------------------------------------------------------------- helpers
 def _input(a, dtype=None):
     """A C-contiguous view (a copy only if needed) of an input array, optionally cast to dtype."""
+    if type(a) is np.ndarray and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a                            # the common case, without ascontiguousarray's ~0.5 us
     return np.ascontiguousarray(a, dtype=dtype)
 
 
@@ -170,9 +172,23 @@ class _Team:
 _team = _Team()
 
 
+def _num_threads():
+    """numba.get_num_threads() (the thread count users and `minicnn train --threads` set), without
+    its ~1 us of checks on every call: after the first call, Numba's own C getter (0.2 us)."""
+    global _num_threads
+    n = numba.get_num_threads()             # launches Numba's threading layer once
+    try:
+        from numba.np.ufunc.parallel import _get_num_threads
+        if _get_num_threads() == n:
+            _num_threads = _get_num_threads
+    except ImportError:                     # another Numba version: keep the public call
+        _num_threads = numba.get_num_threads
+    return n
+
+
 def _threads(size):
     """Threads for a kernel touching ``size`` elements: Numba's thread count, or 1 for small work."""
-    return numba.get_num_threads() if size >= _PARALLEL_MIN else 1
+    return _num_threads() if size >= _PARALLEL_MIN else 1
 
 
 @njit(cache=True)
@@ -203,15 +219,18 @@ def _valid_range(u, S, P, size, osize):
 # matmul from Python. Either way BLAS runs at one thread while minicnn's kernels run.
 
 
-def _find_blas_threads():
-    """[(get, set)] ctypes functions for the thread count of every OpenBLAS loaded in this process
-    (numpy's and SciPy's are two separate libraries)."""
-    import ctypes
+def _openblas_paths():
+    """The OpenBLAS libraries mapped into this process (empty where /proc is missing)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+            return sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
     except OSError:
         return []
+
+
+def _find_blas_threads(paths):
+    """[(get, set)] ctypes functions for the thread count of the OpenBLAS libraries at ``paths``."""
+    import ctypes
     found = []
     for path in paths:
         try:
@@ -233,28 +252,29 @@ def _find_blas_threads():
 
 
 class _OneThreadBlas:
-    """``with _one_thread_blas:`` runs the block with every OpenBLAS at one thread, then restores
-    the caller's setting (only the calls that changed something cost a ctypes call, ~0.2 us)."""
+    """``with _one_thread_blas:`` runs the block with the BLAS that _gemm calls (SciPy's; every
+    OpenBLAS if that cannot be told apart) at one thread, then restores the caller's setting."""
 
     def __init__(self):
         self.libs = None
+        self.paths = None                   # set by _register_blas: the libraries SciPy brought
         self.saved = []
 
     def __enter__(self):
         if self.libs is None:
-            self.libs = _find_blas_threads()
-        saved = self.saved = []
+            self.libs = _find_blas_threads(self.paths or _openblas_paths())
         for get, put in self.libs:
             old = get()
             if old != 1:
                 put(1)
-                saved.append((put, old))
+                self.saved.append((put, old))
         return self
 
     def __exit__(self, *exc):
-        for put, old in self.saved:
-            put(old)
-        self.saved = []
+        if self.saved:
+            for put, old in self.saved:
+                put(old)
+            self.saved.clear()
         return False
 
 
@@ -271,9 +291,12 @@ _GEMM_SYMBOLS = {"float32": "minicnn_sgemm", "float64": "minicnn_dgemm"}
 def _register_blas():
     import llvmlite.binding as llvm
     from numba.extending import get_cython_function_address
+    before = set(_openblas_paths())
     for dt, sym in _GEMM_SYMBOLS.items():
         name = {"float32": "sgemm", "float64": "dgemm"}[dt]
         llvm.add_symbol(sym, get_cython_function_address("scipy.linalg.cython_blas", name))
+    # SciPy's own OpenBLAS (wheels bundle one beside numpy's); none new: they share one library
+    _one_thread_blas.paths = sorted(set(_openblas_paths()) - before) or None
 
 
 _register_blas()
@@ -726,7 +749,7 @@ def _conv_slots(work, units, macs):
     (blocks, chunks or parts) and enough multiply-adds, else 1."""
     if macs < _CONV_PARALLEL_MIN_MACS:
         return 1
-    return max(1, min(numba.get_num_threads(), units, work["cols"].shape[0]))
+    return max(1, min(_num_threads(), units, work["cols"].shape[0]))
 
 
 def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
