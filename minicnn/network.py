@@ -65,6 +65,7 @@ class Conv2d(Layer):
     kind = "conv"
     skips_dx = True
     relu_fused = False           # set by Network when the next layer is a ReLU the backend fuses in
+    pool = None                  # set by Network: the MaxPool2d layer after it (and its ReLU) fused in
 
     def __init__(self, name, in_shape, ls):
         super().__init__(name, in_shape)
@@ -93,12 +94,23 @@ class Conv2d(Layer):
     def forward(self, ops, ws, x):
         w, b = self.params
         self.x = x
-        return ops.conv2d_forward(x, w, b, self.S, self.P, relu=self.relu_fused, **ws.out(self.name, "out", "work"))
+        bufs = ws.out(self.name, "out", "work")
+        if self.pool is None:
+            return ops.conv2d_forward(x, w, b, self.S, self.P, relu=self.relu_fused, **bufs)
+        p = self.pool                 # the pool's output and argmax land in its buffers
+        pb = ws.out(p.name, "out", "argmax")
+        out, p.out, p.argmax = ops.conv2d_forward(x, w, b, self.S, self.P, relu=self.relu_fused, pool=(p.K, p.S),
+                                                  pool_out=pb.get("out"), argmax=pb.get("argmax"), **bufs)
+        p.x_shape = out.shape
+        return out
 
     def backward(self, ops, ws, dout, need_dx):
         w, _ = self.params
         dw, db = self.grads
         bufs = ws.out(self.name, "dx", "work") if need_dx else ws.out(self.name, "work")
+        if self.pool is not None:     # dout is the pool's output gradient (the ReLU and pool passed it on)
+            p = self.pool
+            bufs.update(pool=(p.K, p.S), argmax=p.argmax, relu_pooled=p.out if self.relu_fused else None)
         dx, _, _ = ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
 
@@ -122,6 +134,8 @@ class ReLU(Layer):
 class MaxPool2d(Layer):
     kind = "maxpool"
     relu_fused = False           # set by Network when the previous layer is a ReLU: its backward is fused in
+    conv_fused = False           # set by Network: the conv before it pools (forward) and takes its
+                                 # gradient (backward); then this layer only passes them on
 
     def __init__(self, name, in_shape, ls):
         super().__init__(name, in_shape)
@@ -139,11 +153,15 @@ class MaxPool2d(Layer):
         return bufs
 
     def forward(self, ops, ws, x):
+        if self.conv_fused:
+            return self.out           # the conv's forward filled out, argmax and x_shape
         self.x_shape = x.shape
         self.out, self.argmax = ops.maxpool2d_forward(x, self.K, self.S, **ws.out(self.name, "out", "argmax"))
         return self.out
 
     def backward(self, ops, ws, dout, need_dx):
+        if self.conv_fused:
+            return dout
         return ops.maxpool2d_backward(dout, self.argmax, self.x_shape, relu_pooled=self.out if self.relu_fused else None,
                                       **ws.out(self.name, "dx"))
 
@@ -295,12 +313,25 @@ class Network:
     def _fuse_relus(self):
         """conv -> relu: the conv writes relu(out); relu -> maxpool: the pool's backward applies
         the ReLU's mask. Each saves a pass over the activations (benchmarks/NOTES.md); the ReLU
-        layer keeps its .out (the same buffer) for the trace's dead-unit fractions."""
+        layer keeps its .out (the same buffer) for the trace's dead-unit fractions. Where the
+        backend also fuses pools (FUSES_POOL): conv [-> relu] -> maxpool with windows that do not
+        overlap (K <= S): the conv pools its output and takes the pool's gradient itself (no pass
+        over the conv's output either way, no conv-output-sized gradient buffer)."""
         for prev, layer in zip(self.layers, self.layers[1:]):
             if prev.kind == "conv" and layer.kind == "relu":
                 prev.relu_fused = layer.forward_fused = True
             if prev.kind == "relu" and layer.kind == "maxpool":
                 layer.relu_fused = prev.backward_fused = True
+        if not getattr(self.ops, "FUSES_POOL", False):
+            return
+        for i, conv in enumerate(self.layers):
+            if conv.kind != "conv":
+                continue
+            j = i + 2 if conv.relu_fused else i + 1
+            if j < len(self.layers) and self.layers[j].kind == "maxpool" and self.layers[j].K <= self.layers[j].S:
+                pool = self.layers[j]
+                conv.pool = pool
+                pool.conv_fused = pool.backward_fused = True
 
     @classmethod
     def from_spec(cls, spec, input_shape, seed=0, dtype=np.float32, init="torch", init_scale=1.0, device="cpu"):

@@ -453,6 +453,46 @@ def test_conv2d_forward_with_fused_relu_matches_ref_composition(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @JIT_SETTINGS
+@given(case=conv_case(max_n=5, max_hw=11), window=st.integers(1, 3), stride=st.sampled_from(["k", "k+1", "k-1"]),
+       relu=st.booleans(), parts=st.sampled_from([0, 1 << 40]))
+def test_conv2d_with_fused_maxpool_matches_ref_and_the_unfused_ops(dtype, case, window, stride, relu, parts):
+    """conv2d_forward(pool=(k, s)) -> (out, pool_out, argmax) and conv2d_backward(pool=...) of the
+    pooled gradient: against the reference composition (conv, relu, maxpool2d and their backwards),
+    and bit for bit against cpu's own unfused ops; windows that do not overlap (k <= s: pooled in
+    the conv's blocks) and that do (k > s: a second pass). A single image split in parts (parts=0)
+    splits its rows at multiples of s when pooling, so its products have other shapes than the
+    unfused ops' and may differ from them in the last bits: compared with the reference only."""
+    (x, w, b), (x64, w64, b64) = cast(dtype, case["x"], case["w"], case["b"])
+    N, C, H, W, F, K, S, P = case["shape"]
+    OH, OW = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    k = min(window, OH, OW)
+    s = {"k": k, "k+1": k + 1, "k-1": max(1, k - 1)}[stride]
+    out64 = ref.conv2d_forward(x64, w64, b64, S, P, relu=relu)
+    pooled64, argmax64 = ref.maxpool2d_forward(out64, k, s)
+    dpool = normal_array(7, pooled64.shape).astype(dtype)
+    dconv64 = ref.maxpool2d_backward(dpool.astype(np.float64), argmax64, out64.shape,
+                                     relu_pooled=pooled64 if relu else None)
+    expected = [out64, pooled64, *ref.conv2d_backward(dconv64, x64, w64, S, P)]
+    with conv_plan(_PARTS_MIN_MACS=parts, _CONV_PARALLEL_MIN_MACS=0):
+        work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
+    out, pooled, argmax = cpu.conv2d_forward(x, w, b, S, P, relu=relu, pool=(k, s), work=work)
+    grads = cpu.conv2d_backward(dpool, x, w, S, P, pool=(k, s), argmax=argmax, relu_pooled=pooled if relu else None,
+                                work=work)
+    for got, e in zip([out, pooled, *grads], expected):
+        assert_close(got, e, dtype)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(argmax, argmax64)
+    plain = cpu.conv2d_forward(x, w, b, S, P, relu=relu, work=work)
+    plain_pooled, plain_argmax = cpu.maxpool2d_forward(plain, k, s)
+    dconv = cpu.maxpool2d_backward(dpool, plain_argmax, plain.shape, relu_pooled=plain_pooled if relu else None)
+    plain_grads = cpu.conv2d_backward(dconv, x, w, S, P, work=work)
+    if work["plan"][-1] == 1:
+        for a, c in zip([out, pooled, argmax, *grads], [plain, plain_pooled, plain_argmax, *plain_grads]):
+            np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
 @given(case=pool_case())
 def test_maxpool2d_backward_with_fused_relu_matches_ref_composition(dtype, case):
     """relu -> maxpool backward in one pass == ref.relu_backward(ref.maxpool2d_backward(...))."""

@@ -61,8 +61,12 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 # Fusions this backend offers the Network: conv2d_forward(relu=True) and
 # maxpool2d_backward(relu_pooled=...) (a ReLU's forward into the conv before it, its backward into
-# the max-pool after it: one pass over the activations less each way).
+# the max-pool after it: one pass over the activations less each way); and conv2d_forward(pool=...)
+# / conv2d_backward(pool=...) (a max-pool after the conv, pooled from each block's output while it
+# is in cache, its backward scattered straight into each block's rows: no pass over the conv's
+# output either way, and no conv-output-sized gradient array).
 FUSES_RELU = True
+FUSES_POOL = True
 
 
 # --------------------------------------------------------------------------- helpers
@@ -591,19 +595,27 @@ def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
 # n0..n0+nb-1. Backward item: (g, n0, nb, i0, i1, c0, c1, first): add the [dW | db] of those rows
 # into dwp[g] (overwrite it when first), and dx of input channels c0 <= c < c1 of those images.
 # Slot s of T takes blocks (forward) or dW chunks (backward) s, s + T, ...; with PARTS > 1 (N = 1)
-# parts s, s + T, ...: part p the output rows [p*OH/PARTS, (p+1)*OH/PARTS) (and their partial dW
-# into dwp[p]) and the dX of the input channels [p*C/PARTS, (p+1)*C/PARTS).
+# parts s, s + T, ...: part p the output rows [b_p, b_(p+1)) with b_p = p*OH/PARTS rounded down to
+# a multiple of ALIGN (the fused max-pool's stride, so that no pooling window straddles two parts)
+# (and their partial dW into dwp[p]) and the dX of the input channels [p*C/PARTS, (p+1)*C/PARTS).
 # The kernels come in two copies, wide (stride 1) and strided, so that each compiles only its own
 # unfold and fold (a flag argument compiled both: ~2-3 s more of a cold start; Numba's literal
 # dispatch re-typed every call, ~40 ms).
 @njit(cache=True)
-def _forward_items(N, OH, NB, PARTS, s, T):
+def _part_rows(p, OH, PARTS, ALIGN):
+    lo = 0 if p == 0 else p * OH // PARTS // ALIGN * ALIGN
+    hi = OH if p == PARTS - 1 else (p + 1) * OH // PARTS // ALIGN * ALIGN
+    return lo, hi
+
+
+@njit(cache=True)
+def _forward_items(N, OH, NB, PARTS, ALIGN, s, T):
     if PARTS > 1:
         parts = np.arange(s, PARTS, T)
         items = np.empty((parts.size, 4), np.int64)
         for k in range(parts.size):
             items[k, 0], items[k, 1] = 0, 1
-            items[k, 2], items[k, 3] = parts[k] * OH // PARTS, (parts[k] + 1) * OH // PARTS
+            items[k, 2], items[k, 3] = _part_rows(parts[k], OH, PARTS, ALIGN)
         return items
     blocks = np.arange(s, -(-N // NB), T)
     items = np.empty((blocks.size, 4), np.int64)
@@ -614,14 +626,14 @@ def _forward_items(N, OH, NB, PARTS, s, T):
 
 
 @njit(cache=True)
-def _backward_items(N, C, OH, NB, PARTS, G, s, T):
+def _backward_items(N, C, OH, NB, PARTS, ALIGN, G, s, T):
     if PARTS > 1:
         parts = np.arange(s, PARTS, T)
         items = np.empty((parts.size, 8), np.int64)
         for k in range(parts.size):
             p = parts[k]
             items[k, 0], items[k, 1], items[k, 2] = p, 0, 1
-            items[k, 3], items[k, 4] = p * OH // PARTS, (p + 1) * OH // PARTS
+            items[k, 3], items[k, 4] = _part_rows(p, OH, PARTS, ALIGN)
             items[k, 5], items[k, 6], items[k, 7] = p * C // PARTS, (p + 1) * C // PARTS, 1
         return items
     nblocks = -(-N // NB)
@@ -641,46 +653,94 @@ def _backward_items(N, C, OH, NB, PARTS, G, s, T):
 
 
 @njit(cache=True)
-def _conv_product(out, cols, prod, w2, b, n0, nb, i0, i1, F, CKK, OW, WR, RELU):
-    # The forward of a block whose cols are unfolded: prod = w2 @ cols, then the epilogue.
-    # out: (N, F, OH, OW), cols: (>= CKK, NC), prod: (>= F, NC), w2: (F, CKK), b: (F,)
+def _conv_product(out, pool_out, argmax, cols, prod, w2, b, n0, nb, i0, i1, F, CKK, OH, OW, WR, RELU, POOL, PK, PS,
+                  PH, PW):
+    # The forward of a block whose cols are unfolded: prod = w2 @ cols, the epilogue (bias, ReLU)
+    # into out, and with POOL the max-pool (window PK, stride PS <= ... see conv2d_forward) of the
+    # rows just written into pool_out and argmax (PH x PW pooled planes), while they are in cache.
+    # out: (N, F, OH, OW), pool_out, argmax: (N, F, PH, PW), cols: (>= CKK, NC), prod: (>= F, NC),
+    # w2: (F, CKK), b: (F,)
     NC = cols.shape[1]
     _gemm(prod, w2, cols, F, nb * (i1 - i0) * WR, CKK, NC, CKK, NC, False, False, 0.0)
     _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU)
+    if POOL:
+        p0 = -(-i0 // PS)
+        p1 = PH if i1 == OH else max(p0, min(PH, (i1 - PK) // PS + 1))
+        for nl in range(nb):
+            for f in range(F):
+                _maxpool_rows(pool_out, argmax, out, n0 + nl, f, p0, p1, OW, PK, PS, PW)
 
 
 @njit(cache=True, nogil=True)
-def _conv_forward_wide(out, cols, prod, xp, x, w2, b, N, C, H, W, F, K, P, OH, OW, WR, NB, PARTS, RELU, s, T):
-    # Stride 1. out: (N, F, OH, OW), cols: (>T, CKK+1, NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K)
-    # scratch, x: (N, C, H, W), w2: (F, CKK), b: (F,).  Slot s of T (see the work lists above).
-    items = _forward_items(N, OH, NB, PARTS, s, T)
+def _conv_forward_wide(out, pool_out, argmax, cols, prod, xp, x, w2, b, N, C, H, W, F, K, P, OH, OW, WR, NB, PARTS,
+                       RELU, POOL, PK, PS, PH, PW, s, T):
+    # Stride 1. out: (N, F, OH, OW), pool_out, argmax: (N, F, PH, PW) (with POOL), cols: (>T, CKK+1,
+    # NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K) scratch, x: (N, C, H, W), w2: (F, CKK), b: (F,).
+    # Slot s of T (see the work lists above).
+    items = _forward_items(N, OH, NB, PARTS, PS if POOL else 1, s, T)
     for k in range(items.shape[0]):
         n0, nb, i0, i1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3]
         _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
-        _conv_product(out, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OW, WR, RELU)
+        _conv_product(out, pool_out, argmax, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OH, OW, WR, RELU,
+                      POOL, PK, PS, PH, PW)
 
 
 @njit(cache=True, nogil=True)
-def _conv_forward_strided(out, cols, prod, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, NB, PARTS, RELU, s, T):
+def _conv_forward_strided(out, pool_out, argmax, cols, prod, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, NB, PARTS,
+                          RELU, POOL, PK, PS, PH, PW, s, T):
     # Any stride; as _conv_forward_wide without the plane scratch (WR = OW).
-    items = _forward_items(N, OH, NB, PARTS, s, T)
+    items = _forward_items(N, OH, NB, PARTS, PS if POOL else 1, s, T)
     for k in range(items.shape[0]):
         n0, nb, i0, i1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3]
         _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
-        _conv_product(out, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OW, OW, RELU)
+        _conv_product(out, pool_out, argmax, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OH, OW, OW, RELU,
+                      POOL, PK, PS, PH, PW)
 
 
 @njit(cache=True)
-def _conv_grad_products(dwp, cols, prod, gt, dout, w2, n0, nb, i0, i1, c0, c1, F, CKK, KK, OH, OW, WR, BETA,
-                        NEED_DX):
+def _unpool_rows(gt, dpool, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, PW, MASK):
+    # The max-pool's backward straight into the block's rows: gt: (>= F, >= nb*OH*WR) zeroed, then
+    # gt[f, nl*OH*WR + h*WR + w] += dpool[n, f, i, j] (times pooled > 0 when MASK: the ReLU before
+    # the pool) at the winner (h, w) of window (i, j), windows in row-major order, as
+    # maxpool2d_backward. dpool, argmax, pooled: (N, F, PH, PW); argmax: flat index h*OW + w.
+    for f in range(F):
+        for nl in range(nb):
+            n = n0 + nl
+            base = nl * OH * WR
+            _zero_run(gt[f, base:base + OH * WR], OH * WR)
+            for i in range(PH):
+                drow = dpool[n, f, i]
+                arow = argmax[n, f, i]
+                prow = pooled[n, f, i]
+                for j in range(PW):
+                    g = drow[j]
+                    if MASK:
+                        g = g * (prow[j] > 0)
+                    k = arow[j] - (i * PS * OW + j * PS)        # within the window: dh*OW + dw
+                    dh = 0
+                    for _ in range(PK - 1):                     # selects: the winner's row is data
+                        t = k >= OW
+                        dh = dh + 1 if t else dh
+                        k = k - OW if t else k
+                    gt[f, base + (i * PS + dh) * WR + j * PS + k] += g
+
+
+@njit(cache=True)
+def _conv_grad_products(dwp, cols, prod, gt, dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F, CKK, KK, OH, OW,
+                        WR, BETA, NEED_DX, POOL, MASK, PK, PS, PH, PW):
     # The backward of a block whose cols are unfolded (output rows i0..i1; a row range only with
-    # nb = 1): gt = the block's dout (every row), dwp (F, CKK+1) = BETA * dwp + gt[rows] @ cols.T
-    # (the ones row gives db), and when NEED_DX prod[:(c1-c0)*KK] = w2[:, channels c0..c1].T @ gt.
-    # cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), dout: (N, F, OH, OW), w2: (F, CKK)
+    # nb = 1): gt = the block's output gradient (every row: dout's, or with POOL the max-pool's
+    # backward of dout), dwp (F, CKK+1) = BETA * dwp + gt[rows] @ cols.T (the ones row gives db),
+    # and when NEED_DX prod[:(c1-c0)*KK] = w2[:, channels c0..c1].T @ gt.
+    # cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), dout: (N, F, OH, OW) or with POOL
+    # (N, F, PH, PW) as argmax and pooled, w2: (F, CKK)
     NC = cols.shape[1]
     R = i1 - i0
     _fill_run(cols[CKK], 1, nb * R * WR)
-    _gather_dout(gt, dout, n0, nb, F, OH, OW, WR)
+    if POOL:
+        _unpool_rows(gt, dout, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, PW, MASK)
+    else:
+        _gather_dout(gt, dout, n0, nb, F, OH, OW, WR)
     _gemm(dwp, gt.reshape(F * NC)[i0 * WR:], cols, F, CKK + 1, nb * R * WR, CKK + 1, NC, NC, False, True, BETA)
     if NEED_DX and c1 > c0:
         _gemm(prod, w2.reshape(F * CKK)[c0 * KK:], gt, (c1 - c0) * KK, nb * OH * WR, F, NC, CKK, NC, True, False,
@@ -688,34 +748,37 @@ def _conv_grad_products(dwp, cols, prod, gt, dout, w2, n0, nb, i0, i1, c0, c1, F
 
 
 @njit(cache=True, nogil=True)
-def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, dout, x, w2, N, C, H, W, F, K, P, OH, OW, WR, NB, PARTS,
-                        NEED_DX, s, T):
+def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, dout, argmax, pooled, x, w2, N, C, H, W, F, K, P, OH, OW, WR,
+                        NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
     # Stride 1. dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] sums, cols: (>T, CKK+1, NC),
-    # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW),
-    # x: (N, C, H, W), w2: (F, CKK).  Slot s of T (see the work lists above); chunk g's blocks are
-    # summed in order into dwp[g].
-    items = _backward_items(N, C, OH, NB, PARTS, dwp.shape[0], s, T)
+    # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW), or
+    # with POOL the pooled output's gradient (N, F, PH, PW) as argmax and pooled, x: (N, C, H, W),
+    # w2: (F, CKK).  Slot s of T (see the work lists above); chunk g's blocks are summed in order
+    # into dwp[g].
+    items = _backward_items(N, C, OH, NB, PARTS, PS if POOL else 1, dwp.shape[0], s, T)
     for k in range(items.shape[0]):
         g, n0, nb, i0, i1, c0, c1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3], items[k, 4], items[k, 5], \
             items[k, 6]
         _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
-        _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, w2, n0, nb, i0, i1, c0, c1, F, C * K * K, K * K,
-                            OH, OW, WR, 0.0 if items[k, 7] else 1.0, NEED_DX)
+        _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F,
+                            C * K * K, K * K, OH, OW, WR, 0.0 if items[k, 7] else 1.0, NEED_DX, POOL, MASK, PK, PS,
+                            PH, PW)
         if NEED_DX and c1 > c0:
             _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
 
 
 @njit(cache=True, nogil=True)
-def _conv_backward_strided(dx, dwp, cols, prod, gt, dout, x, w2, N, C, H, W, F, K, S, P, OH, OW, NB, PARTS,
-                           NEED_DX, s, T):
+def _conv_backward_strided(dx, dwp, cols, prod, gt, dout, argmax, pooled, x, w2, N, C, H, W, F, K, S, P, OH, OW,
+                           NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
     # Any stride; as _conv_backward_wide without the plane scratch (WR = OW).
-    items = _backward_items(N, C, OH, NB, PARTS, dwp.shape[0], s, T)
+    items = _backward_items(N, C, OH, NB, PARTS, PS if POOL else 1, dwp.shape[0], s, T)
     for k in range(items.shape[0]):
         g, n0, nb, i0, i1, c0, c1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3], items[k, 4], items[k, 5], \
             items[k, 6]
         _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
-        _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, w2, n0, nb, i0, i1, c0, c1, F, C * K * K, K * K,
-                            OH, OW, OW, 0.0 if items[k, 7] else 1.0, NEED_DX)
+        _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F,
+                            C * K * K, K * K, OH, OW, OW, 0.0 if items[k, 7] else 1.0, NEED_DX, POOL, MASK, PK, PS,
+                            PH, PW)
         if NEED_DX and c1 > c0:
             _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
 
@@ -752,12 +815,28 @@ def _conv_slots(work, units, macs):
     return max(1, min(_num_threads(), units, work["cols"].shape[0]))
 
 
-def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
+_NO_ARGMAX = np.zeros((1, 1, 1, 1), np.int32)      # stands in for argmax when no max-pool is fused
+
+
+def _pool_sizes(pool, OH, OW):
+    """(PK, PS, PH, PW) of a max-pool (window, stride) on an OH x OW conv output."""
+    PK, PS = (int(v) for v in pool)
+    PH, PW = conv_out_size(OH, PK, PS, 0), conv_out_size(OW, PK, PS, 0)
+    if PK < 1 or PS < 1 or PH < 1 or PW < 1:
+        raise ValueError(f"conv2d: max-pool window {PK} stride {PS} does not fit the conv output {OH}x{OW}")
+    return PK, PS, PH, PW
+
+
+def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False, pool=None, pool_out=None, argmax=None):
     """out[n,f,i,j] = b[f] + sum_{c,u,v} w[f,c,u,v] * xpad[n,c,i*S+u,j*S+v]
 
     x: (N, C, H, W), w: (F, C, K, K), b: (F,)  ->  out: (N, F, OH, OW)
     work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype) (scratch only).
     relu: return relu_forward(out) instead (a following ReLU layer fused into the output pass).
+    pool: (window, stride) of a max-pool applied to the (ReLU'd) output, fused in: returns
+    (out, pool_out, argmax) = (out, *maxpool2d_forward(out, window, stride)), pool_out and argmax
+    (N, F, PH, PW) written into the given buffers. Pooled while each block's output is in cache
+    when window <= stride (no window straddles two blocks), else in a second pass.
     """
     x = _input(x)
     dt = _float_dtype(x)
@@ -767,31 +846,63 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
     WR, NB, _, nblocks, _, parts = work["plan"]
     CKK = C * K * K
+    fuse = pool is not None
+    if fuse:
+        PK, PS, PH, PW = _pool_sizes(pool, OH, OW)
+        pool_out = _output(pool_out, (N, F, PH, PW), dt, "pool_out")
+        argmax = _output(argmax, (N, F, PH, PW), np.int32, "argmax")
+        fuse = PK <= PS
+    if not fuse:
+        PK, PS, PH, PW = 1, 1, 1, 1
+    po, am = (pool_out, argmax) if fuse else (out, _NO_ARGMAX)
     T = _conv_slots(work, max(nblocks, parts), N * OH * WR * F * CKK)
     w2, relu = w.reshape(F, CKK), bool(relu)
     with _one_thread_blas:
         if stride == 1:
-            _team.run(_conv_forward_wide, (out, work["cols"], work["prod"], work["xp"], x, w2, b, N, C, H, W, F, K, pad,
-                                           OH, OW, WR, NB, parts, relu), T)
+            _team.run(_conv_forward_wide, (out, po, am, work["cols"], work["prod"], work["xp"], x, w2, b, N, C, H, W, F,
+                                           K, pad, OH, OW, WR, NB, parts, relu, fuse, PK, PS, PH, PW), T)
         else:
-            _team.run(_conv_forward_strided, (out, work["cols"], work["prod"], x, w2, b, N, C, H, W, F, K, stride, pad,
-                                              OH, OW, NB, parts, relu), T)
-    return out
+            _team.run(_conv_forward_strided, (out, po, am, work["cols"], work["prod"], x, w2, b, N, C, H, W, F, K,
+                                              stride, pad, OH, OW, NB, parts, relu, fuse, PK, PS, PH, PW), T)
+    if pool is None:
+        return out
+    if not fuse:                             # overlapping windows: pooled in a second pass
+        maxpool2d_forward(out, pool[0], pool[1], out=pool_out, argmax=argmax)
+    return out, pool_out, argmax
 
 
-def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
+def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None, pool=None,
+                    argmax=None, relu_pooled=None):
     """Gradients of conv2d_forward; with need_dx=False (first layer) dx is skipped and None.
 
     dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K)
     -> dx: (N, C, H, W) or None, dw: (F, C, K, K), db: (F,)
     work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype) (scratch only).
+    pool: the forward's fused max-pool (window, stride): dout is then the gradient of its output
+    (N, F, PH, PW), argmax the forward's, and relu_pooled the forward's pool_out when the ReLU was
+    fused too: the gradients of conv2d(...) of maxpool2d_backward(dout, argmax, ..., relu_pooled),
+    the pool's backward scattered straight into each block's rows (no conv-output-sized gradient).
     """
     x = _input(x)
     dt = _float_dtype(x)
     dout, w = _input(dout, dt), _input(w, dt)
     N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, (w.shape[0],), stride, pad)
-    if dout.shape != (N, F, OH, OW):
-        raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
+    fuse = pool is not None
+    if fuse:
+        PK, PS, PH, PW = _pool_sizes(pool, OH, OW)
+        argmax = _input(argmax, np.int32)
+        pooled = dout if relu_pooled is None else _input(relu_pooled, dt)
+        if dout.shape != (N, F, PH, PW) or argmax.shape != dout.shape or pooled.shape != dout.shape:
+            raise ValueError(f"conv2d_backward: pooled gradient {dout.shape}, argmax {argmax.shape}, relu_pooled "
+                             f"{pooled.shape}: expected {(N, F, PH, PW)}")
+        if PK > PS:                          # overlapping windows: the pool's backward in a pass of its own
+            dout = maxpool2d_backward(dout, argmax, (N, F, OH, OW), relu_pooled=relu_pooled)
+            fuse = False
+    if not fuse:
+        PK, PS, PH, PW = 1, 1, 1, 1
+        argmax, pooled = _NO_ARGMAX, dout
+        if dout.shape != (N, F, OH, OW):
+            raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
     dw = _output(dw, (F, C, K, K), dt, "dw")
     db = _output(db, (F,), dt, "db")
     work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
@@ -799,14 +910,16 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     CKK = C * K * K
     dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
     T = _conv_slots(work, max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1))
-    dxa, w2, need_dx = dx if need_dx else x, w.reshape(F, CKK), bool(need_dx)
+    dxa, w2, need_dx, mask = dx if need_dx else x, w.reshape(F, CKK), bool(need_dx), relu_pooled is not None
     with _one_thread_blas:
         if stride == 1:
             _team.run(_conv_backward_wide, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], work["xp"], dout,
-                                            x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts, need_dx), T)
+                                            argmax, pooled, x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts,
+                                            need_dx, fuse, mask, PK, PS, PH, PW), T)
         else:
-            _team.run(_conv_backward_strided, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], dout, x, w2,
-                                               N, C, H, W, F, K, stride, pad, OH, OW, NB, parts, need_dx), T)
+            _team.run(_conv_backward_strided, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], dout, argmax,
+                                               pooled, x, w2, N, C, H, W, F, K, stride, pad, OH, OW, NB, parts,
+                                               need_dx, fuse, mask, PK, PS, PH, PW), T)
     _sum_chunks(dw.reshape(F, CKK), db, work["dwp"], F, CKK)
     return dx, dw, db
 
@@ -829,14 +942,11 @@ def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
 
 # --------------------------------------------------------------------------- max-pool
 @njit(cache=True)
-def _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc):
-    # out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32, x: (N, C, H, W)
-    # Strict '>' while scanning the window row-major: on ties the first element wins.
-    # One plane (nc) of _maxpool2d_forward_slot.
-    # Indexing 1-D row views (not x[n, c, h, w]) and a 2x2 special case: 2-3x faster (NOTES.md).
-    n = nc // C
-    c = nc % C
-    for i in range(OH):
+def _maxpool_rows(out, argmax, x, n, c, i0, i1, W, K, S, OW):
+    # Pooled rows i0 <= i < i1 of plane (n, c). out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32,
+    # x: (N, C, H, W). Strict '>' while scanning the window row-major: on ties the first element
+    # wins. Indexing 1-D row views (not x[n, c, h, w]) and a 2x2 special case: 2-3x faster (NOTES.md).
+    for i in range(i0, i1):
         h0 = i * S
         orow = out[n, c, i]
         arow = argmax[n, c, i]
@@ -879,9 +989,10 @@ def _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc):
 
 @njit(cache=True, nogil=True)
 def _maxpool2d_forward_slot(out, argmax, x, N, C, H, W, K, S, OH, OW, s, T):
+    # out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32, x: (N, C, H, W);
     # slot s of T: planes [s*N*C//T, (s+1)*N*C//T)
     for nc in range(s * N * C // T, (s + 1) * N * C // T):
-        _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc)
+        _maxpool_rows(out, argmax, x, nc // C, nc % C, 0, OH, W, K, S, OW)
 
 
 @njit(cache=True)
