@@ -195,7 +195,7 @@ def _threads(size):
     return _num_threads() if size >= _PARALLEL_MIN else 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _valid_range(u, S, P, size, osize):
     """Indices i in [0, osize) whose target index i*S + u - P lies in [0, size).
 
@@ -338,7 +338,7 @@ def _xgemm(typingctx, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, l
     return sig, codegen
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _gemm(c, a, b, M, N, K, ldc, lda, ldb, TA, TB, beta):
     # Row-major c (M, N) = op(a) @ op(b) + beta * c; a: (M, K), or (K, M) when TA; b: (K, N), or
     # (N, K) when TB; ld*: row strides. As column-major that is c.T = op(b).T @ op(a).T.
@@ -427,35 +427,35 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
             "key": (tuple(x_shape), tuple(w_shape), stride, pad)}
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _copy_run(dst, src, L):
     # dst, src: (L,)
     for q in range(L):
         dst[q] = src[q]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _zero_run(dst, L):
     # dst: (L,)
     for q in range(L):
         dst[q] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _fill_run(dst, value, L):
     # dst: (L,)
     for q in range(L):
         dst[q] = value
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _add_into(acc, a, L):
     # acc, a: (L,);  acc += a elementwise
     for q in range(L):
         acc[q] += a[q]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _unfold_wide(cols, xp, x, n0, nb, i0, i1, C, H, W, K, P):
     # Stride 1, output rows i0 <= i < i1 of images n0..n0+nb-1. cols: (>= C*K*K, >= nb*(i1-i0)*Wp) a
     # slot's block, xp: (Hp*Wp + K,) plane scratch, x: (N, C, H, W). Image n0 + nl, channel c: xp
@@ -478,7 +478,7 @@ def _unfold_wide(cols, xp, x, n0, nb, i0, i1, C, H, W, K, P):
                     _copy_run(cols[(c * K + u) * K + v, nl * Mw:(nl + 1) * Mw], xp[s0:s0 + Mw], Mw)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _unfold_strided(cols, x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW):
     # Any stride, output rows i0 <= i < i1. cols: (>= C*K*K, >= nb*(i1-i0)*OW) a slot's block,
     # x: (N, C, H, W); cols[(c*K+u)*K+v, nl*(i1-i0)*OW + (i-i0)*OW + j] = x[n0+nl, c, i*S+u-P, j*S+v-P]
@@ -506,7 +506,7 @@ def _unfold_strided(cols, x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW):
                             dst[j] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _fold_wide(dx, xp, dcols, n0, nb, c0, c1, H, W, K, P, OH):
     # Stride 1, the transpose of _unfold_wide, for channels c0 <= c < c1. dx: (N, C, H, W),
     # xp: (Hp*Wp + K,) plane scratch, dcols: (>= (c1-c0)*K*K, >= nb*OH*Wp) zero in the wide columns,
@@ -531,7 +531,7 @@ def _fold_wide(dx, xp, dcols, n0, nb, c0, c1, H, W, K, P, OH):
                 _copy_run(dx[n0 + nl, c, h], xp[o:o + W], W)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _fold_strided(dx, dcols, n0, nb, c0, c1, H, W, K, S, P, OH, OW):
     # Any stride, the transpose of _unfold_strided, for channels c0 <= c < c1: dx: (N, C, H, W),
     # dcols: (>= (c1-c0)*K*K, >= nb*OH*OW), row ((c-c0)*K + u)*K + v.
@@ -557,7 +557,7 @@ def _fold_strided(dx, dcols, n0, nb, c0, c1, H, W, K, S, P, OH, OW):
                                 dst[w] += row[bb // S]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU):
     # out: (N, F, OH, OW), prod: (>= F, >= nb*(i1-i0)*WR), b: (F,);  output rows i0 <= i < i1:
     # out[n0+nl, f, i, j] = prod[f, nl*(i1-i0)*WR + (i-i0)*WR + j] + b[f], through ReLU when RELU
@@ -578,7 +578,7 @@ def _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU):
                         dst[j] = src[j] + bf
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
     # gt: (>= F, >= nb*OH*WR), dout: (N, F, OH, OW);  gt[f, nl*OH*WR + i*WR + j] = dout[n0+nl, f, i, j],
     # 0 for OW <= j < WR
@@ -591,68 +591,55 @@ def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
                 _zero_run(row[OW:], WR - OW)
 
 
-# The slots' work lists. Forward item: (n0, nb, i0, i1): output rows i0 <= i < i1 of images
-# n0..n0+nb-1. Backward item: (g, n0, nb, i0, i1, c0, c1, first): add the [dW | db] of those rows
-# into dwp[g] (overwrite it when first), and dx of input channels c0 <= c < c1 of those images.
-# Slot s of T takes blocks (forward) or dW chunks (backward) s, s + T, ...; with PARTS > 1 (N = 1)
-# parts s, s + T, ...: part p the output rows [b_p, b_(p+1)) with b_p = p*OH/PARTS rounded down to
-# a multiple of ALIGN (the fused max-pool's stride, so that no pooling window straddles two parts)
-# (and their partial dW into dwp[p]) and the dX of the input channels [p*C/PARTS, (p+1)*C/PARTS).
+# The slots' work. A forward unit (a block of images, or with PARTS > 1 a part of the one image) is
+# (n0, nb, i0, i1): output rows i0 <= i < i1 of images n0..n0+nb-1. Slot s of T takes units s,
+# s + T, ... A backward unit adds the [dW | db] of its rows into its chunk's dwp[g] (the chunk's
+# first unit overwrites it) and computes dx of input channels c0 <= c < c1 of its images; slot s
+# takes chunks s, s + T, ... With PARTS > 1 (N = 1), part p has the output rows [b_p, b_(p+1)),
+# b_p = p*OH/PARTS rounded down to a multiple of ALIGN (the fused max-pool's stride, so that no
+# pooling window straddles two parts), its own chunk, and the input channels [p*C/PARTS,
+# (p+1)*C/PARTS).
 # The kernels come in two copies, wide (stride 1) and strided, so that each compiles only its own
 # unfold and fold (a flag argument compiled both: ~2-3 s more of a cold start; Numba's literal
 # dispatch re-typed every call, ~40 ms).
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _part_rows(p, OH, PARTS, ALIGN):
     lo = 0 if p == 0 else p * OH // PARTS // ALIGN * ALIGN
     hi = OH if p == PARTS - 1 else (p + 1) * OH // PARTS // ALIGN * ALIGN
     return lo, hi
 
 
-@njit(cache=True)
-def _forward_items(N, OH, NB, PARTS, ALIGN, s, T):
+@njit(cache=True, inline="always")
+def _forward_unit(u, N, OH, NB, PARTS, ALIGN):
+    # Forward unit u (a block, or with PARTS > 1 a part) -> (n0, nb, i0, i1)
     if PARTS > 1:
-        parts = np.arange(s, PARTS, T)
-        items = np.empty((parts.size, 4), np.int64)
-        for k in range(parts.size):
-            items[k, 0], items[k, 1] = 0, 1
-            items[k, 2], items[k, 3] = _part_rows(parts[k], OH, PARTS, ALIGN)
-        return items
-    blocks = np.arange(s, -(-N // NB), T)
-    items = np.empty((blocks.size, 4), np.int64)
-    for k in range(blocks.size):
-        n0 = blocks[k] * NB
-        items[k, 0], items[k, 1], items[k, 2], items[k, 3] = n0, min(NB, N - n0), 0, OH
-    return items
+        i0, i1 = _part_rows(u, OH, PARTS, ALIGN)
+        return 0, 1, i0, i1
+    n0 = u * NB
+    return n0, min(NB, N - n0), 0, OH
 
 
-@njit(cache=True)
-def _backward_items(N, C, OH, NB, PARTS, ALIGN, G, s, T):
+@njit(cache=True, inline="always")
+def _chunk_blocks(g, N, NB, PARTS, G):
+    # The units of backward chunk g: blocks [lo, hi), summed in order into dwp[g]; with PARTS > 1
+    # chunk g is part g alone (unit g).
     if PARTS > 1:
-        parts = np.arange(s, PARTS, T)
-        items = np.empty((parts.size, 8), np.int64)
-        for k in range(parts.size):
-            p = parts[k]
-            items[k, 0], items[k, 1], items[k, 2] = p, 0, 1
-            items[k, 3], items[k, 4] = _part_rows(p, OH, PARTS, ALIGN)
-            items[k, 5], items[k, 6], items[k, 7] = p * C // PARTS, (p + 1) * C // PARTS, 1
-        return items
+        return g, g + 1
     nblocks = -(-N // NB)
-    count = 0
-    for g in range(s, G, T):
-        count += (g + 1) * nblocks // G - g * nblocks // G
-    items = np.empty((count, 8), np.int64)
-    k = 0
-    for g in range(s, G, T):
-        lo, hi = g * nblocks // G, (g + 1) * nblocks // G
-        for blk in range(lo, hi):
-            n0 = blk * NB
-            items[k, 0], items[k, 1], items[k, 2], items[k, 3], items[k, 4] = g, n0, min(NB, N - n0), 0, OH
-            items[k, 5], items[k, 6], items[k, 7] = 0, C, blk == lo
-            k += 1
-    return items
+    return g * nblocks // G, (g + 1) * nblocks // G
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _backward_unit(u, N, C, OH, NB, PARTS, ALIGN):
+    # Backward unit u -> (n0, nb, i0, i1, c0, c1)
+    if PARTS > 1:
+        i0, i1 = _part_rows(u, OH, PARTS, ALIGN)
+        return 0, 1, i0, i1, u * C // PARTS, (u + 1) * C // PARTS
+    n0 = u * NB
+    return n0, min(NB, N - n0), 0, OH, 0, C
+
+
+@njit(cache=True, inline="always")
 def _conv_product(out, pool_out, argmax, cols, prod, w2, b, n0, nb, i0, i1, F, CKK, OH, OW, WR, RELU, POOL, PK, PS,
                   PH, PW):
     # The forward of a block whose cols are unfolded: prod = w2 @ cols, the epilogue (bias, ReLU)
@@ -676,10 +663,9 @@ def _conv_forward_wide(out, pool_out, argmax, cols, prod, xp, x, w2, b, N, C, H,
                        RELU, POOL, PK, PS, PH, PW, s, T):
     # Stride 1. out: (N, F, OH, OW), pool_out, argmax: (N, F, PH, PW) (with POOL), cols: (>T, CKK+1,
     # NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K) scratch, x: (N, C, H, W), w2: (F, CKK), b: (F,).
-    # Slot s of T (see the work lists above).
-    items = _forward_items(N, OH, NB, PARTS, PS if POOL else 1, s, T)
-    for k in range(items.shape[0]):
-        n0, nb, i0, i1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3]
+    # Slot s of T (see the slots' work above).
+    for u in range(s, PARTS if PARTS > 1 else -(-N // NB), T):
+        n0, nb, i0, i1 = _forward_unit(u, N, OH, NB, PARTS, PS if POOL else 1)
         _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
         _conv_product(out, pool_out, argmax, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OH, OW, WR, RELU,
                       POOL, PK, PS, PH, PW)
@@ -689,15 +675,14 @@ def _conv_forward_wide(out, pool_out, argmax, cols, prod, xp, x, w2, b, N, C, H,
 def _conv_forward_strided(out, pool_out, argmax, cols, prod, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, NB, PARTS,
                           RELU, POOL, PK, PS, PH, PW, s, T):
     # Any stride; as _conv_forward_wide without the plane scratch (WR = OW).
-    items = _forward_items(N, OH, NB, PARTS, PS if POOL else 1, s, T)
-    for k in range(items.shape[0]):
-        n0, nb, i0, i1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3]
+    for u in range(s, PARTS if PARTS > 1 else -(-N // NB), T):
+        n0, nb, i0, i1 = _forward_unit(u, N, OH, NB, PARTS, PS if POOL else 1)
         _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
         _conv_product(out, pool_out, argmax, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OH, OW, OW, RELU,
                       POOL, PK, PS, PH, PW)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _unpool_rows(gt, dpool, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, PW, MASK):
     # The max-pool's backward straight into the block's rows: gt: (>= F, >= nb*OH*WR) zeroed, then
     # gt[f, nl*OH*WR + h*WR + w] += dpool[n, f, i, j] (times pooled > 0 when MASK: the ReLU before
@@ -725,7 +710,7 @@ def _unpool_rows(gt, dpool, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, P
                     gt[f, base + (i * PS + dh) * WR + j * PS + k] += g
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _conv_grad_products(dwp, cols, prod, gt, dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F, CKK, KK, OH, OW,
                         WR, BETA, NEED_DX, POOL, MASK, PK, PS, PH, PW):
     # The backward of a block whose cols are unfolded (output rows i0..i1; a row range only with
@@ -753,34 +738,36 @@ def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, dout, argmax, pooled, x, w2
     # Stride 1. dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] sums, cols: (>T, CKK+1, NC),
     # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW), or
     # with POOL the pooled output's gradient (N, F, PH, PW) as argmax and pooled, x: (N, C, H, W),
-    # w2: (F, CKK).  Slot s of T (see the work lists above); chunk g's blocks are summed in order
+    # w2: (F, CKK).  Slot s of T (see the slots' work above); chunk g's units are summed in order
     # into dwp[g].
-    items = _backward_items(N, C, OH, NB, PARTS, PS if POOL else 1, dwp.shape[0], s, T)
-    for k in range(items.shape[0]):
-        g, n0, nb, i0, i1, c0, c1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3], items[k, 4], items[k, 5], \
-            items[k, 6]
-        _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
-        _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F,
-                            C * K * K, K * K, OH, OW, WR, 0.0 if items[k, 7] else 1.0, NEED_DX, POOL, MASK, PK, PS,
-                            PH, PW)
-        if NEED_DX and c1 > c0:
-            _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
+    G = dwp.shape[0]
+    for g in range(s, G, T):
+        lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
+        for u in range(lo, hi):
+            n0, nb, i0, i1, c0, c1 = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1)
+            _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
+            _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1,
+                                F, C * K * K, K * K, OH, OW, WR, 0.0 if u == lo else 1.0, NEED_DX, POOL, MASK, PK, PS,
+                                PH, PW)
+            if NEED_DX and c1 > c0:
+                _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
 
 
 @njit(cache=True, nogil=True)
 def _conv_backward_strided(dx, dwp, cols, prod, gt, dout, argmax, pooled, x, w2, N, C, H, W, F, K, S, P, OH, OW,
                            NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
     # Any stride; as _conv_backward_wide without the plane scratch (WR = OW).
-    items = _backward_items(N, C, OH, NB, PARTS, PS if POOL else 1, dwp.shape[0], s, T)
-    for k in range(items.shape[0]):
-        g, n0, nb, i0, i1, c0, c1 = items[k, 0], items[k, 1], items[k, 2], items[k, 3], items[k, 4], items[k, 5], \
-            items[k, 6]
-        _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
-        _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F,
-                            C * K * K, K * K, OH, OW, OW, 0.0 if items[k, 7] else 1.0, NEED_DX, POOL, MASK, PK, PS,
-                            PH, PW)
-        if NEED_DX and c1 > c0:
-            _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
+    G = dwp.shape[0]
+    for g in range(s, G, T):
+        lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
+        for u in range(lo, hi):
+            n0, nb, i0, i1, c0, c1 = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1)
+            _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
+            _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1,
+                                F, C * K * K, K * K, OH, OW, OW, 0.0 if u == lo else 1.0, NEED_DX, POOL, MASK, PK, PS,
+                                PH, PW)
+            if NEED_DX and c1 > c0:
+                _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
 
 
 @njit(cache=True)
@@ -941,7 +928,7 @@ def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
 
 
 # --------------------------------------------------------------------------- max-pool
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _maxpool_rows(out, argmax, x, n, c, i0, i1, W, K, S, OW):
     # Pooled rows i0 <= i < i1 of plane (n, c). out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32,
     # x: (N, C, H, W). Strict '>' while scanning the window row-major: on ties the first element
@@ -995,7 +982,7 @@ def _maxpool2d_forward_slot(out, argmax, x, N, C, H, W, K, S, OH, OW, s, T):
         _maxpool_rows(out, argmax, x, nc // C, nc % C, 0, OH, W, K, S, OW)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc):
     # dx: (N, C, H, W), dout: (N, C, OH, OW), argmax: (N, C, OH, OW), pooled: (N, C, OH, OW)
     # One iteration per plane (n, c); overlapping windows add up in row-major output order.
