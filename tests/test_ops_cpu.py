@@ -541,3 +541,23 @@ def test_threads_option_keeps_the_workqueue_threading_layer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "workqueue"
+
+
+def test_blas_runs_at_one_thread_inside_the_ops_and_the_setting_is_restored():
+    """The conv and dense ops call SciPy's OpenBLAS from inside Numba kernels with its thread count
+    at 1 (minicnn's own threads split the work), and leave the caller's setting as it was."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x, w, b = np.ones((2, 3, 6, 6), np.float32), np.ones((4, 3, 3, 3), np.float32), np.zeros(4, np.float32)
+    cpu.conv2d_forward(x, w, b, 1, 1)                      # loads everything
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+        seen = []
+        for get, _ in cpu._find_blas_threads(cpu._one_thread_blas.paths or cpu._openblas_paths()):
+            with cpu._one_thread_blas:
+                seen.append(get())
+        out = cpu.conv2d_forward(x, w, b, 1, 1)
+        cpu.conv2d_backward(out, x, w, 1, 1)
+        cpu.dense_backward(np.ones((2, 5), np.float32), np.ones((2, 7), np.float32), np.ones((5, 7), np.float32))
+        after = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+    assert seen and all(n == 1 for n in seen)
+    assert after == before
