@@ -411,11 +411,12 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     (T = numba.config.NUMBA_NUM_THREADS; only the slots of threads that run touch memory), each
     sized for one block of images (NC = images per block * OH * WR columns):
       cols (T, CKK+1, NC), prod (T, max(F, CKK), NC), gt (T, F, NC), xp (T, (H+2P)*(W+2P) + K)
-      padded plane, dwp (G, F, CKK+1) dW partial sums; and "plan": the blocking (_conv_plan).
-    Nothing in it carries data between calls: layers may share these buffers.
+      padded plane, dwp (G, F, CKK+1) dW partial sums; "plan": the blocking (_conv_plan), "sizes":
+      the checked sizes. Nothing in it carries data between calls: layers may share these buffers.
     """
-    N, C, H, W = x_shape
-    F, _, K, _ = w_shape
+    x_shape, w_shape = tuple(x_shape), tuple(w_shape)
+    sizes = _conv_sizes(x_shape, w_shape, w_shape[:1], stride, pad)
+    N, C, H, W, F, K, _, _, stride, pad = sizes
     dtype = np.dtype(dtype)
     WR, NB, NC, nblocks, G, parts = plan = _conv_plan(N, C, H, W, F, K, stride, pad, dtype.itemsize)
     T = max(1, numba.config.NUMBA_NUM_THREADS)
@@ -424,7 +425,7 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     return {"cols": np.empty((T, CKK + 1, NC), dtype), "prod": np.empty((T, max(F, CKK), NC), dtype),
             "gt": np.empty((T, F, NC), dtype), "xp": np.empty((T, xp_len), dtype),
             "dwp": np.empty((G, F, CKK + 1), dtype), "plan": plan,
-            "key": (tuple(x_shape), tuple(w_shape), stride, pad)}
+            "key": (x_shape, w_shape, stride, pad), "sizes": sizes}
 
 
 @njit(cache=True, inline="always")
@@ -786,9 +787,10 @@ def _sum_chunks(dw2, db, dwp, F, CKK):
 
 
 def _conv_work(work, x_shape, w_shape, stride, pad, dt):
+    """The workspace for these shapes: ``work`` checked, or a new one (then the shapes are checked)."""
     if work is None:
         return conv2d_workspace(x_shape, w_shape, stride, pad, dt)
-    if work["key"] != (tuple(x_shape), tuple(w_shape), stride, pad) or work["cols"].dtype != dt:
+    if work["key"] != (x_shape, w_shape, stride, pad) or work["cols"].dtype != dt:
         raise ValueError(f"conv2d: work was made for {work['key']} {work['cols'].dtype}, "
                          f"not {(tuple(x_shape), tuple(w_shape), stride, pad)} {np.dtype(dt)}")
     return work
@@ -828,9 +830,11 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False, pool=N
     x = _input(x)
     dt = _float_dtype(x)
     w, b = _input(w, dt), _input(b, dt)
-    N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, b.shape, stride, pad)
+    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)      # shapes checked once per workspace
+    N, C, H, W, F, K, OH, OW, stride, pad = work["sizes"]
+    if b.shape != (F,):
+        raise ValueError(f"conv2d: shapes do not match: w {w.shape}, b {b.shape}")
     out = _output(out, (N, F, OH, OW), dt, "out")
-    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
     WR, NB, _, nblocks, _, parts = work["plan"]
     CKK = C * K * K
     fuse = pool is not None
@@ -873,7 +877,8 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     x = _input(x)
     dt = _float_dtype(x)
     dout, w = _input(dout, dt), _input(w, dt)
-    N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, (w.shape[0],), stride, pad)
+    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)      # shapes checked once per workspace
+    N, C, H, W, F, K, OH, OW, stride, pad = work["sizes"]
     fuse = pool is not None
     if fuse:
         PK, PS, PH, PW = _pool_sizes(pool, OH, OW)
@@ -892,7 +897,6 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
             raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
     dw = _output(dw, (F, C, K, K), dt, "dw")
     db = _output(db, (F,), dt, "db")
-    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
     WR, NB, _, nblocks, G, parts = work["plan"]
     CKK = C * K * K
     dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
