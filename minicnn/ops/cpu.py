@@ -807,13 +807,17 @@ def _conv_slots(work, units, macs):
 _NO_ARGMAX = np.zeros((1, 1, 1, 1), np.int32)      # stands in for argmax when no max-pool is fused
 
 
-def _pool_sizes(pool, OH, OW):
-    """(PK, PS, PH, PW) of a max-pool (window, stride) on an OH x OW conv output."""
+def _pool_sizes(pool, OH, OW, work):
+    """(PK, PS, PH, PW) of a max-pool (window, stride) on an OH x OW conv output (kept in work)."""
+    key = ("pool", pool)
+    if key in work:
+        return work[key]
     PK, PS = (int(v) for v in pool)
     PH, PW = conv_out_size(OH, PK, PS, 0), conv_out_size(OW, PK, PS, 0)
     if PK < 1 or PS < 1 or PH < 1 or PW < 1:
         raise ValueError(f"conv2d: max-pool window {PK} stride {PS} does not fit the conv output {OH}x{OW}")
-    return PK, PS, PH, PW
+    work[key] = PK, PS, PH, PW
+    return work[key]
 
 
 def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False, pool=None, pool_out=None, argmax=None):
@@ -839,7 +843,7 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False, pool=N
     CKK = C * K * K
     fuse = pool is not None
     if fuse:
-        PK, PS, PH, PW = _pool_sizes(pool, OH, OW)
+        PK, PS, PH, PW = _pool_sizes(tuple(pool), OH, OW, work)
         pool_out = _output(pool_out, (N, F, PH, PW), dt, "pool_out")
         argmax = _output(argmax, (N, F, PH, PW), np.int32, "argmax")
         fuse = PK <= PS
@@ -881,7 +885,7 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     N, C, H, W, F, K, OH, OW, stride, pad = work["sizes"]
     fuse = pool is not None
     if fuse:
-        PK, PS, PH, PW = _pool_sizes(pool, OH, OW)
+        PK, PS, PH, PW = _pool_sizes(tuple(pool), OH, OW, work)
         argmax = _input(argmax, np.int32)
         pooled = dout if relu_pooled is None else _input(relu_pooled, dt)
         if dout.shape != (N, F, PH, PW) or argmax.shape != dout.shape or pooled.shape != dout.shape:
