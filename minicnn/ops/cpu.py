@@ -292,10 +292,38 @@ _one_thread_blas = _OneThreadBlas()
 _GEMM_SYMBOLS = {"float32": "minicnn_sgemm", "float64": "minicnn_dgemm"}
 
 
+def _load_cython_blas():
+    """Load scipy.linalg.cython_blas without running scipy.linalg's __init__ (~0.15 s of imports
+    of the rest of scipy.linalg, which minicnn does not use; the extension itself loads in ~25 ms
+    and registers itself under its name, so a later import of it finds the same module). Falls
+    back to the ordinary import."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("scipy")
+        folder = os.path.join(os.path.dirname(spec.origin), "linalg")
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(folder, "cython_blas" + suffix)
+            if os.path.exists(path):
+                loader = importlib.machinery.ExtensionFileLoader(name, path)
+                module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path, loader=loader))
+                sys.modules[name] = module
+                loader.exec_module(module)
+                return
+    except Exception:                       # any surprise: the ordinary import below
+        sys.modules.pop(name, None)
+    importlib.import_module(name)
+
+
 def _register_blas():
     import llvmlite.binding as llvm
     from numba.extending import get_cython_function_address
     before = set(_openblas_paths())
+    _load_cython_blas()
     for dt, sym in _GEMM_SYMBOLS.items():
         name = {"float32": "sgemm", "float64": "dgemm"}[dt]
         llvm.add_symbol(sym, get_cython_function_address("scipy.linalg.cython_blas", name))
