@@ -13,6 +13,7 @@ The ops come from a backend module with the same names in every backend:
 Work buffers for activations and gradients are allocated once per batch size and reused.
 """
 import math
+import operator
 
 import numpy as np
 
@@ -215,15 +216,17 @@ class FlatViews(list):
     buffers in one pass, as train() does with [flat_params], [flat_grads]."""
 
     @classmethod
-    def of(cls, flat, offsets, shapes):
-        views = cls(flat[a:b].reshape(s) for a, b, s in zip(offsets, offsets[1:], shapes))
+    def of(cls, flat, layout):
+        """Views of ``flat``; layout: [(start, stop, shape)] with Python ints (numpy integers
+        made this several us slower, and loss_and_grads calls it every step)."""
+        views = cls([flat[a:b].reshape(s) for a, b, s in layout])
         views.flat_buffer = flat
         views._views = tuple(views)
         return views
 
     def buffer(self):
         """flat_buffer, or None when an element was replaced since (then it no longer covers the list)."""
-        if len(self) != len(self._views) or any(a is not b for a, b in zip(self, self._views)):
+        if len(self) != len(self._views) or not all(map(operator.is_, self, self._views)):
             return None
         return self.flat_buffer
 
@@ -296,8 +299,9 @@ class Network:
         # activations stay on the GPU; get_flat_params() / host_copy() bring copies to the host.
         self.flat_params = self.ops.zeros(self.offsets[-1], dtype)
         self.flat_grads = self.ops.zeros(self.offsets[-1], dtype)
-        self.params = FlatViews.of(self.flat_params, self.offsets, shapes)
-        self.grads = FlatViews.of(self.flat_grads, self.offsets, shapes)
+        self._layout = [(int(a), int(b), tuple(s)) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
+        self.params = FlatViews.of(self.flat_params, self._layout)
+        self.grads = FlatViews.of(self.flat_grads, self._layout)
         i = 0
         for layer in self.layers:
             n = len(layer.param_shapes)
@@ -551,8 +555,7 @@ class Network:
         (views into one new flat copy of flat_grads: SGD.step updates all parameters in one pass)."""
         loss = self.loss(x, y)
         self.backward()
-        return loss, FlatViews.of(self.ops.host_copy(self.flat_grads), self.offsets,
-                                  [g.shape for g in self.grads])
+        return loss, FlatViews.of(self.ops.host_copy(self.flat_grads), self._layout)
 
     def trace_stats(self):
         """Logit statistics of the last _loss call's batch (see ops logit_stats), and the dead
