@@ -1,7 +1,7 @@
 """One plain-SGD training step on the CPU: minicnn's Numba kernels against PyTorch, side by side.
 
-    python benchmarks/bench_cpu.py                      # full run, ~6 minutes on 2 cores
-    python benchmarks/bench_cpu.py --repeat 3           # three full runs, the median table last
+    python benchmarks/bench_cpu.py                      # full run, ~5-6 minutes on 2 cores
+    python benchmarks/bench_cpu.py --repeat 3           # three full runs, the median table last (~17 min)
     python benchmarks/bench_cpu.py --quick              # ~3 minutes, shorter timing per case
     python benchmarks/bench_cpu.py --batches 1,32 --nets A --threads 2 --out results.json
 
