@@ -116,29 +116,57 @@ _PARALLEL_MIN = 1 << 17
 
 
 class _Worker:
+    """A thread that runs one slot at a time. ``go`` is released (at most once outstanding) when a
+    job is posted, ``done`` when a job it took has finished; ``state`` guards job/go_released, so
+    the caller can take back a job the worker has not picked up yet (see _Team.run)."""
+
     def __init__(self):
         self.go = threading.Lock()
         self.go.acquire()
         self.done = threading.Lock()
         self.done.acquire()
+        self.state = threading.Lock()
         self.job = None
+        self.go_released = False
         self.error = None
         threading.Thread(target=self._loop, daemon=True, name="minicnn-worker").start()
+
+    def post(self, job):
+        with self.state:
+            self.job = job
+            release, self.go_released = not self.go_released, True
+        if release:
+            self.go.release()
+
+    def withdraw(self):
+        """Take back the posted job if the worker has not taken it: True if withdrawn."""
+        with self.state:
+            if self.job is None:
+                return False
+            self.job = None
+            return True
 
     def _loop(self):
         while True:
             self.go.acquire()
-            kernel, args, s, T = self.job
+            with self.state:
+                self.go_released = False
+                job, self.job = self.job, None
+            if job is None:                 # withdrawn before this thread got to it
+                continue
+            kernel, args, s, T = job
             try:
                 kernel(*args, s, T)
             except BaseException as e:      # re-raised on the calling thread
                 self.error = e
-            self.job = None
             self.done.release()
 
 
 class _Team:
-    """Runs kernel(*args, s, T) for s = 0..T-1 on T threads (see above)."""
+    """Runs kernel(*args, s, T) for s = 0..T-1 on T threads (see above). With ``shared``, the
+    kernel's slots take their units of work from a shared counter (_claim), so a slot that never
+    starts loses nothing: the caller, after its own slot, withdraws the jobs no worker has taken
+    yet instead of waiting for a thread that is waiting for a time slice (a loaded machine)."""
 
     def __init__(self):
         self._reset()
@@ -149,7 +177,7 @@ class _Team:
         self.workers = []
         self.lock = threading.Lock()
 
-    def run(self, kernel, args, T):
+    def run(self, kernel, args, T, shared=False):
         if T <= 1:
             kernel(*args, 0, 1)
             return
@@ -157,15 +185,15 @@ class _Team:
             while len(self.workers) < T - 1:
                 self.workers.append(_Worker())
             for s in range(1, T):
-                w = self.workers[s - 1]
-                w.job = (kernel, args, s, T)
-                w.go.release()
+                self.workers[s - 1].post((kernel, args, s, T))
             error = None
             try:
                 kernel(*args, 0, T)
             except BaseException as e:
                 error = e
             for w in self.workers[:T - 1]:
+                if shared and w.withdraw():
+                    continue
                 w.done.acquire()
                 if w.error is not None:
                     error, w.error = error or w.error, None
@@ -366,6 +394,26 @@ def _xgemm(typingctx, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, l
     return sig, codegen
 
 
+@intrinsic
+def _fetch_add(typingctx, counter, delta):
+    """counter: an int64 array; atomically counter[0] += delta, returning the old value."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+    sig = types.int64(counter, delta)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", ary.data, context.cast(builder, args[1], sig.args[1], types.int64),
+                                  "seq_cst")
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _claim(counter):
+    # counter: (1,) int64 shared by a team call's slots: the next unit of work, taken by one slot
+    return _fetch_add(counter, 1)
+
+
 @njit(cache=True, inline="always")
 def _gemm(c, a, b, M, N, K, ldc, lda, ldb, TA, TB, beta):
     # Row-major c (M, N) = op(a) @ op(b) + beta * c; a: (M, K), or (K, M) when TA; b: (K, N), or
@@ -392,8 +440,8 @@ def _gemm(c, a, b, M, N, K, ldc, lda, ldb, TA, TB, beta):
 #
 # Each block's buffers fit in L2 (blocks of _BLOCK_BYTES of cols), so the unfold, the product and
 # the epilogue pass over cache-resident data, and nothing of the batch's size is allocated: no
-# full-size cols kept from forward to backward, no full-size dcols. The blocks are spread over
-# the thread team (slot s taking blocks s, s + T, ...), each block calling one-thread BLAS from
+# full-size cols kept from forward to backward, no full-size dcols. The blocks are shared out on
+# the thread team (each slot claims the next block), each block calling one-thread BLAS from
 # inside the kernel through _gemm: no Python between the steps.
 #
 # Determinism: each output element of the forward and of dX is computed inside one block by one
@@ -439,8 +487,9 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     (T = numba.config.NUMBA_NUM_THREADS; only the slots of threads that run touch memory), each
     sized for one block of images (NC = images per block * OH * WR columns):
       cols (T, CKK+1, NC), prod (T, max(F, CKK), NC), gt (T, F, NC), xp (T, (H+2P)*(W+2P) + K)
-      padded plane, dwp (G, F, CKK+1) dW partial sums; "plan": the blocking (_conv_plan), "sizes":
-      the checked sizes. Nothing in it carries data between calls: layers may share these buffers.
+      padded plane, dwp (G, F, CKK+1) dW partial sums, next (1,) int64 the slots' work counter;
+      "plan": the blocking (_conv_plan), "sizes": the checked sizes. Nothing in it carries data
+      between calls: layers may share these buffers (but for "next").
     """
     x_shape, w_shape = tuple(x_shape), tuple(w_shape)
     sizes = _conv_sizes(x_shape, w_shape, w_shape[:1], stride, pad)
@@ -452,7 +501,7 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     xp_len = (H + 2 * pad) * (W + 2 * pad) + K if stride == 1 else 1
     return {"cols": np.empty((T, CKK + 1, NC), dtype), "prod": np.empty((T, max(F, CKK), NC), dtype),
             "gt": np.empty((T, F, NC), dtype), "xp": np.empty((T, xp_len), dtype),
-            "dwp": np.empty((G, F, CKK + 1), dtype), "plan": plan,
+            "dwp": np.empty((G, F, CKK + 1), dtype), "next": np.zeros(1, np.int64), "plan": plan,
             "key": (x_shape, w_shape, stride, pad), "sizes": sizes}
 
 
@@ -621,10 +670,13 @@ def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
 
 
 # The slots' work. A forward unit (a block of images, or with PARTS > 1 a part of the one image) is
-# (n0, nb, i0, i1): output rows i0 <= i < i1 of images n0..n0+nb-1. Slot s of T takes units s,
-# s + T, ... A backward unit adds the [dW | db] of its rows into its chunk's dwp[g] (the chunk's
-# first unit overwrites it) and computes dx of input channels c0 <= c < c1 of its images; slot s
-# takes chunks s, s + T, ... With PARTS > 1 (N = 1), part p has the output rows [b_p, b_(p+1)),
+# (n0, nb, i0, i1): output rows i0 <= i < i1 of images n0..n0+nb-1. A backward unit adds the
+# [dW | db] of its rows into its chunk's dwp[g] (the chunk's first unit overwrites it) and computes
+# dx of input channels c0 <= c < c1 of its images; a chunk's units run in order on one thread.
+# The slots claim forward units, or backward chunks, from a shared counter (_claim): a thread that
+# waits for a time slice holds nobody back, and which thread did a unit changes no result (each
+# unit's results, and each chunk's sum, are computed the same way by any slot, in the slot's own
+# scratch). With PARTS > 1 (N = 1), part p has the output rows [b_p, b_(p+1)),
 # b_p = p*OH/PARTS rounded down to a multiple of ALIGN (the fused max-pool's stride, so that no
 # pooling window straddles two parts), its own chunk, and the input channels [p*C/PARTS,
 # (p+1)*C/PARTS).
@@ -688,27 +740,33 @@ def _conv_product(out, pool_out, argmax, cols, prod, w2, b, n0, nb, i0, i1, F, C
 
 
 @njit(cache=True, nogil=True)
-def _conv_forward_wide(out, pool_out, argmax, cols, prod, xp, x, w2, b, N, C, H, W, F, K, P, OH, OW, WR, NB, PARTS,
-                       RELU, POOL, PK, PS, PH, PW, s, T):
+def _conv_forward_wide(out, pool_out, argmax, cols, prod, xp, nxt, x, w2, b, N, C, H, W, F, K, P, OH, OW, WR, NB,
+                       PARTS, RELU, POOL, PK, PS, PH, PW, s, T):
     # Stride 1. out: (N, F, OH, OW), pool_out, argmax: (N, F, PH, PW) (with POOL), cols: (>T, CKK+1,
     # NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K) scratch, x: (N, C, H, W), w2: (F, CKK), b: (F,).
     # Slot s of T (see the slots' work above).
-    for u in range(s, PARTS if PARTS > 1 else -(-N // NB), T):
+    U = PARTS if PARTS > 1 else -(-N // NB)
+    u = _claim(nxt)
+    while u < U:
         n0, nb, i0, i1 = _forward_unit(u, N, OH, NB, PARTS, PS if POOL else 1)
         _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
         _conv_product(out, pool_out, argmax, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OH, OW, WR, RELU,
                       POOL, PK, PS, PH, PW)
+        u = _claim(nxt)
 
 
 @njit(cache=True, nogil=True)
-def _conv_forward_strided(out, pool_out, argmax, cols, prod, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, NB, PARTS,
-                          RELU, POOL, PK, PS, PH, PW, s, T):
+def _conv_forward_strided(out, pool_out, argmax, cols, prod, nxt, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, NB,
+                          PARTS, RELU, POOL, PK, PS, PH, PW, s, T):
     # Any stride; as _conv_forward_wide without the plane scratch (WR = OW).
-    for u in range(s, PARTS if PARTS > 1 else -(-N // NB), T):
+    U = PARTS if PARTS > 1 else -(-N // NB)
+    u = _claim(nxt)
+    while u < U:
         n0, nb, i0, i1 = _forward_unit(u, N, OH, NB, PARTS, PS if POOL else 1)
         _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
         _conv_product(out, pool_out, argmax, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OH, OW, OW, RELU,
                       POOL, PK, PS, PH, PW)
+        u = _claim(nxt)
 
 
 @njit(cache=True, inline="always")
@@ -762,15 +820,16 @@ def _conv_grad_products(dwp, cols, prod, gt, dout, argmax, pooled, w2, n0, nb, i
 
 
 @njit(cache=True, nogil=True)
-def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, dout, argmax, pooled, x, w2, N, C, H, W, F, K, P, OH, OW, WR,
-                        NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
+def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, nxt, dout, argmax, pooled, x, w2, N, C, H, W, F, K, P, OH, OW,
+                        WR, NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
     # Stride 1. dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] sums, cols: (>T, CKK+1, NC),
     # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW), or
     # with POOL the pooled output's gradient (N, F, PH, PW) as argmax and pooled, x: (N, C, H, W),
     # w2: (F, CKK).  Slot s of T (see the slots' work above); chunk g's units are summed in order
     # into dwp[g].
     G = dwp.shape[0]
-    for g in range(s, G, T):
+    g = _claim(nxt)
+    while g < G:
         lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
         for u in range(lo, hi):
             n0, nb, i0, i1, c0, c1 = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1)
@@ -780,14 +839,16 @@ def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, dout, argmax, pooled, x, w2
                                 PH, PW)
             if NEED_DX and c1 > c0:
                 _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
+        g = _claim(nxt)
 
 
 @njit(cache=True, nogil=True)
-def _conv_backward_strided(dx, dwp, cols, prod, gt, dout, argmax, pooled, x, w2, N, C, H, W, F, K, S, P, OH, OW,
-                           NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
+def _conv_backward_strided(dx, dwp, cols, prod, gt, nxt, dout, argmax, pooled, x, w2, N, C, H, W, F, K, S, P, OH,
+                           OW, NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
     # Any stride; as _conv_backward_wide without the plane scratch (WR = OW).
     G = dwp.shape[0]
-    for g in range(s, G, T):
+    g = _claim(nxt)
+    while g < G:
         lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
         for u in range(lo, hi):
             n0, nb, i0, i1, c0, c1 = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1)
@@ -797,6 +858,7 @@ def _conv_backward_strided(dx, dwp, cols, prod, gt, dout, argmax, pooled, x, w2,
                                 PH, PW)
             if NEED_DX and c1 > c0:
                 _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
+        g = _claim(nxt)
 
 
 @njit(cache=True)
@@ -880,13 +942,15 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False, pool=N
     po, am = (pool_out, argmax) if fuse else (out, _NO_ARGMAX)
     T = _conv_slots(work, max(nblocks, parts), N * OH * WR * F * CKK)
     w2, relu = w.reshape(F, CKK), bool(relu)
+    nxt = work["next"]
+    nxt[0] = 0
     with _one_thread_blas:
         if stride == 1:
-            _team.run(_conv_forward_wide, (out, po, am, work["cols"], work["prod"], work["xp"], x, w2, b, N, C, H, W, F,
-                                           K, pad, OH, OW, WR, NB, parts, relu, fuse, PK, PS, PH, PW), T)
+            _team.run(_conv_forward_wide, (out, po, am, work["cols"], work["prod"], work["xp"], nxt, x, w2, b, N, C, H,
+                                           W, F, K, pad, OH, OW, WR, NB, parts, relu, fuse, PK, PS, PH, PW), T, True)
         else:
-            _team.run(_conv_forward_strided, (out, po, am, work["cols"], work["prod"], x, w2, b, N, C, H, W, F, K,
-                                              stride, pad, OH, OW, NB, parts, relu, fuse, PK, PS, PH, PW), T)
+            _team.run(_conv_forward_strided, (out, po, am, work["cols"], work["prod"], nxt, x, w2, b, N, C, H, W, F,
+                                              K, stride, pad, OH, OW, NB, parts, relu, fuse, PK, PS, PH, PW), T, True)
     if pool is None:
         return out
     if not fuse:                             # overlapping windows: pooled in a second pass
@@ -934,15 +998,17 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
     T = _conv_slots(work, max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1))
     dxa, w2, need_dx, mask = dx if need_dx else x, w.reshape(F, CKK), bool(need_dx), relu_pooled is not None
+    nxt = work["next"]
+    nxt[0] = 0
     with _one_thread_blas:
         if stride == 1:
-            _team.run(_conv_backward_wide, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], work["xp"], dout,
-                                            argmax, pooled, x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts,
-                                            need_dx, fuse, mask, PK, PS, PH, PW), T)
+            _team.run(_conv_backward_wide, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], work["xp"], nxt,
+                                            dout, argmax, pooled, x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts,
+                                            need_dx, fuse, mask, PK, PS, PH, PW), T, True)
         else:
-            _team.run(_conv_backward_strided, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], dout, argmax,
-                                               pooled, x, w2, N, C, H, W, F, K, stride, pad, OH, OW, NB, parts,
-                                               need_dx, fuse, mask, PK, PS, PH, PW), T)
+            _team.run(_conv_backward_strided, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], nxt, dout,
+                                               argmax, pooled, x, w2, N, C, H, W, F, K, stride, pad, OH, OW, NB, parts,
+                                               need_dx, fuse, mask, PK, PS, PH, PW), T, True)
     _sum_chunks(dw.reshape(F, CKK), db, work["dwp"], F, CKK)
     return dx, dw, db
 
