@@ -99,15 +99,17 @@ def _float_dtype(x):
 
 # --------------------------------------------------------------------------- the thread team
 # Every kernel is a serial @njit(nogil=True) function of a "slot" s of T: kernel(..., s, T) does
-# its share of the work, a share fixed by (s, T) and the shapes, and T calls with s = 0..T-1 do
-# all of it. _Team runs them: slot 0 on the calling thread, slots 1..T-1 on worker threads kept
-# between calls, which wait on a lock (a nogil kernel runs without the GIL, so the slots run at
-# once). No Numba prange: measured under load (~4.5 on 2 cores), handing one slot to a worker and
-# joining costs 7 us (median; 4 us min) against 24 us (14 us min) for a Numba prange launch on the
-# workqueue layer, and with no parallel (parfor) kernels to compile the cold-cache start is
-# shorter (benchmarks/NOTES.md, session 5). Determinism: which thread runs a slot changes nothing;
-# the results never depend on T (the kernels split their work so that no sum crosses slots, or sum
-# fixed partials in a fixed order; see each kernel).
+# its share of the work, and T calls with s = 0..T-1 do all of it: a share fixed by (s, T) and
+# the shapes (the pool and ReLU kernels), or units claimed from a shared counter until none are
+# left (the convolutions: a slot that waits for a time slice then holds nobody back). _Team runs
+# them: slot 0 on the calling thread, slots 1..T-1 on worker threads kept between calls, which
+# wait on a lock (a nogil kernel runs without the GIL, so the slots run at once). No Numba prange:
+# measured under load (~4.5 on 2 cores), handing one slot to a worker and joining costs 7 us
+# (median; 4 us min) against 24 us (14 us min) for a Numba prange launch on the workqueue layer,
+# and with no parallel (parfor) kernels to compile the cold-cache start is shorter
+# (benchmarks/NOTES.md, session 5). Determinism: which thread runs a slot or a unit changes
+# nothing; the results never depend on T (no sum crosses units, or fixed partials are summed in a
+# fixed order; see each kernel).
 #
 # Small work runs on one slot: a hand-off costs 4-10 us, a serial call 0.4 us.
 # _PARALLEL_MIN: elements touched by a call below which it stays on one thread (about 50-100 us of
