@@ -13,6 +13,7 @@ The ops come from a backend module with the same names in every backend:
 Work buffers for activations and gradients are allocated once per batch size and reused.
 """
 import math
+import operator
 import os
 
 import numpy as np
@@ -85,6 +86,8 @@ class Layer:
     param_shapes = ()
     forward_fused = False        # a ReLU whose forward the conv before it already applied
     backward_fused = False       # a ReLU whose backward the max-pool after it already applied
+    skips_dx = False             # its backward(need_dx=False) computes no input gradient (conv, fc)
+    first = False                # set by Network on the first layer: nothing needs its input gradient
 
     def __init__(self, name, in_shape):
         self.name = name
@@ -121,14 +124,16 @@ class Layer:
         bufs = {}
         if not self.forward_fused:
             bufs["out"] = ops.empty((n,) + tuple(self.out_shape), dtype)
-        if not self.backward_fused:
+        if not self.backward_fused and not (self.first and self.skips_dx):
             bufs["dx"] = ops.empty((n,) + tuple(self.in_shape), dtype)
         return bufs
 
 
 class Conv2d(Layer):
     kind = "conv"
+    skips_dx = True
     relu_fused = False           # set by Network when the next layer is a ReLU the backend fuses in
+    pool = None                  # set by Network: the MaxPool2d layer after it (and its ReLU) fused in
 
     def __init__(self, name, in_shape, ls):
         super().__init__(name, in_shape)
@@ -148,7 +153,7 @@ class Conv2d(Layer):
 
     def buffers(self, n, ops, dtype):
         bufs = super().buffers(n, ops, dtype)
-        # im2col and product buffers (backends that keep any): the forward fills them, the backward reuses them
+        # scratch for the unfolded input and the products (backends that need any; layers share it)
         work = ops.conv2d_workspace((n,) + tuple(self.in_shape), self.param_shapes[0], self.S, self.P, dtype)
         if work is not None:
             bufs["work"] = work
@@ -157,18 +162,39 @@ class Conv2d(Layer):
     def forward(self, ops, ws, x):
         w, b = self.params
         self.x = x
-        return ops.conv2d_forward(x, w, b, self.S, self.P, relu=self.relu_fused, **ws.out(self.name, "out", "work"))
+        bufs = ws.out(self.name, "out", "work")
+        if self.pool is None:
+            return ops.conv2d_forward(x, w, b, self.S, self.P, relu=self.relu_fused, **bufs)
+        p = self.pool                 # the pool's output and argmax land in its buffers
+        pb = ws.out(p.name, "out", "argmax")
+        out, p.out, p.argmax = ops.conv2d_forward(x, w, b, self.S, self.P, relu=self.relu_fused, pool=(p.K, p.S),
+                                                  pool_out=pb.get("out"), argmax=pb.get("argmax"), **bufs)
+        p.x_shape = out.shape
+        return out
 
     def backward(self, ops, ws, dout, need_dx):
         w, _ = self.params
         dw, db = self.grads
         bufs = ws.out(self.name, "dx", "work") if need_dx else ws.out(self.name, "work")
+        if self.pool is not None:     # dout is the pool's output gradient (the ReLU and pool passed it on)
+            p = self.pool
+            bufs.update(pool=(p.K, p.S), argmax=p.argmax, relu_pooled=p.out if self.relu_fused else None)
         dx, _, _ = ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)
         return dx
 
+    def output_grad(self, ops, dout):
+        """The gradient at this conv's own output, from the dout its backward gets: with a max-pool
+        (and ReLU) fused in, that is the pool's output gradient, routed back here as the unfused
+        layers would (the per-sample and R-operator passes need it)."""
+        if self.pool is None:
+            return dout
+        p = self.pool
+        return ops.maxpool2d_backward(dout, p.argmax, p.x_shape, relu_pooled=p.out if self.relu_fused else None)
+
     def per_sample_grads(self, ops, ws, dout):
         w, _ = self.params
-        return ops.conv2d_weight_grad_per_sample(dout, self.x, w, self.S, self.P, **ws.out(self.name, "work"))
+        return ops.conv2d_weight_grad_per_sample(self.output_grad(ops, dout), self.x, w, self.S, self.P,
+                                                 **ws.out(self.name, "work"))
 
     def r_forward(self, ops, rx, rparams):
         # conv is bilinear in (x, w): R{out} = conv(x, rw) + rb + conv(rx, w)
@@ -183,6 +209,7 @@ class Conv2d(Layer):
         # dw = corr(dout, x), db = sum(dout), dx = conv_T(dout, w):
         # R{dw} = corr(rdout, x) + corr(dout, rx), R{db} = sum(rdout), R{dx} = conv_T(rdout, w) + conv_T(dout, rw)
         (w, _), (rw, _) = self.params, rparams
+        dout = self.output_grad(ops, dout)
         rdx, rdw, rdb = ops.conv2d_backward(rdout, self.x, w, self.S, self.P, need_dx=need_dx)
         if self.rx is not None or need_dx:
             dx2, dw2, _ = ops.conv2d_backward(dout, self.x if self.rx is None else self.rx, rw, self.S, self.P,
@@ -219,6 +246,8 @@ class ReLU(Layer):
 class MaxPool2d(Layer):
     kind = "maxpool"
     relu_fused = False           # set by Network when the previous layer is a ReLU: its backward is fused in
+    conv_fused = False           # set by Network: the conv before it pools (forward) and takes its
+                                 # gradient (backward); then this layer only passes them on
 
     def __init__(self, name, in_shape, ls):
         super().__init__(name, in_shape)
@@ -236,11 +265,15 @@ class MaxPool2d(Layer):
         return bufs
 
     def forward(self, ops, ws, x):
+        if self.conv_fused:
+            return self.out           # the conv's forward filled out, argmax and x_shape
         self.x_shape = x.shape
         self.out, self.argmax = ops.maxpool2d_forward(x, self.K, self.S, **ws.out(self.name, "out", "argmax"))
         return self.out
 
     def backward(self, ops, ws, dout, need_dx):
+        if self.conv_fused:
+            return dout
         return ops.maxpool2d_backward(dout, self.argmax, self.x_shape,
                                       relu_pooled=self.out if self.relu_fused else None, **ws.out(self.name, "dx"))
 
@@ -280,6 +313,7 @@ class Flatten(Layer):
 
 class Dense(Layer):
     kind = "fc"
+    skips_dx = True
 
     def __init__(self, name, in_shape, ls):
         super().__init__(name, in_shape)
@@ -327,6 +361,27 @@ class Dense(Layer):
         return rdx, [rdw, rdb]
 
 
+class FlatViews(list):
+    """A list of arrays that are consecutive views of one flat buffer, ``flat_buffer`` (net.params,
+    net.grads, the gradients loss_and_grads returns). SGD.step updates such lists through their
+    buffers in one pass, as train() does with [flat_params], [flat_grads]."""
+
+    @classmethod
+    def of(cls, flat, layout):
+        """Views of ``flat``; layout: [(start, stop, shape)] with Python ints (numpy integers
+        made this several us slower, and loss_and_grads calls it every step)."""
+        views = cls([flat[a:b].reshape(s) for a, b, s in layout])
+        views.flat_buffer = flat
+        views._views = tuple(views)
+        return views
+
+    def buffer(self):
+        """flat_buffer, or None when an element was replaced since (then it no longer covers the list)."""
+        if len(self) != len(self._views) or not all(map(operator.is_, self, self._views)):
+            return None
+        return self.flat_buffer
+
+
 LAYER_KINDS = {"conv": Conv2d, "relu": ReLU, "maxpool": MaxPool2d, "flatten": Flatten, "fc": Dense}
 
 
@@ -334,8 +389,7 @@ def _share_transient(bufs, names):
     """Let every conv workspace use one allocation for each buffer in ``names``.
 
     Those buffers live only inside one conv2d_forward/backward call (layers run one at a time),
-    so the layers can share them; only ``cols`` carries data from a layer's forward to its
-    backward and stays per layer. Each shared buffer is sized for the largest layer.
+    so the layers can share them. Each shared buffer is sized for the largest layer.
     """
     works = [b for (_, kind), b in bufs.items() if kind == "work"]
     for name in names:
@@ -390,6 +444,7 @@ class Network:
         self.layers = self._build(parse_spec(spec), self.input_shape)
         if self.ops.FUSES_RELU:
             self._fuse_relus()
+        self.layers[0].first = True
         self.num_classes = self.layers[-1].out_shape[0]
 
         # one flat buffer for all parameters, one for all gradients; per-layer views into them
@@ -405,8 +460,9 @@ class Network:
         # activations stay on the GPU; get_flat_params() / host_copy() bring copies to the host.
         self.flat_params = self.ops.zeros(self.offsets[-1], dtype)
         self.flat_grads = self.ops.zeros(self.offsets[-1], dtype)
-        self.params = [self.flat_params[a:b].reshape(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
-        self.grads = [self.flat_grads[a:b].reshape(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
+        self._layout = [(int(a), int(b), tuple(s)) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
+        self.params = FlatViews.of(self.flat_params, self._layout)
+        self.grads = FlatViews.of(self.flat_grads, self._layout)
         i = 0
         for layer in self.layers:
             n = len(layer.param_shapes)
@@ -422,12 +478,25 @@ class Network:
     def _fuse_relus(self):
         """conv -> relu: the conv writes relu(out); relu -> maxpool: the pool's backward applies
         the ReLU's mask. Each saves a pass over the activations (benchmarks/NOTES.md); the ReLU
-        layer keeps its .out (the same buffer) for the trace's dead-unit fractions."""
+        layer keeps its .out (the same buffer) for the trace's dead-unit fractions. Where the
+        backend also fuses pools (FUSES_POOL): conv [-> relu] -> maxpool with windows that do not
+        overlap (K <= S): the conv pools its output and takes the pool's gradient itself (no pass
+        over the conv's output either way, no conv-output-sized gradient buffer)."""
         for prev, layer in zip(self.layers, self.layers[1:]):
             if prev.kind == "conv" and layer.kind == "relu":
                 prev.relu_fused = layer.forward_fused = True
             if prev.kind == "relu" and layer.kind == "maxpool":
                 layer.relu_fused = prev.backward_fused = True
+        if not getattr(self.ops, "FUSES_POOL", False):
+            return
+        for i, conv in enumerate(self.layers):
+            if conv.kind != "conv":
+                continue
+            j = i + 2 if conv.relu_fused else i + 1
+            if j < len(self.layers) and self.layers[j].kind == "maxpool" and self.layers[j].K <= self.layers[j].S:
+                pool = self.layers[j]
+                conv.pool = pool
+                pool.conv_fused = pool.backward_fused = True
 
     @classmethod
     def from_spec(cls, spec, input_shape, seed=0, dtype=np.float32, init="torch", init_scale=1.0, device="cpu"):
@@ -608,7 +677,7 @@ class Network:
                 bufs[("loss", "y")] = empty((n,), np.int64)
             for layer in self.layers:
                 bufs.update({(layer.name, k): v for k, v in layer.buffers(n, self.ops, dt).items()})
-            _share_transient(bufs, ("prod", "gt", "xp"))
+            _share_transient(bufs, ("cols", "prod", "gt", "xp", "dwp"))
             bufs[("loss", "probs")] = empty((n, self.num_classes), dt)
             bufs[("loss", "dlogits")] = empty((n, self.num_classes), dt)
             bufs[("loss", "loss_out")] = empty((1,), dt)
@@ -680,10 +749,11 @@ class Network:
             dout = self.layers[i].backward(self.ops, self._ws, dout, need_dx=i > 0)
 
     def loss_and_grads(self, x, y):
-        """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new host arrays."""
+        """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new host arrays
+        (views into one new flat copy of flat_grads: SGD.step updates all parameters in one pass)."""
         loss = self.loss(x, y)
         self.backward()
-        return loss, [self.ops.host_copy(g) for g in self.grads]
+        return loss, FlatViews.of(self.ops.host_copy(self.flat_grads), self._layout)
 
     def per_sample_grads(self, x, y, out=None):
         """Per-sample gradients of the loss, one row per sample: G[i] = d loss_i / d w, with loss_i

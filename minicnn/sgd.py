@@ -60,12 +60,20 @@ class SGD:
     def step(self, params, grads, lr=None):
         """Update params in place: w -= lr * d (the rule in the module docstring), with the
         optimizer's lr unless ``lr`` is given. params and grads: lists of arrays of the same
-        shapes, in the same order."""
+        shapes, in the same order. Lists that are views of one flat buffer each (net.params and the
+        gradients of net.loss_and_grads) are updated through the buffers, in one pass (the same
+        arithmetic per element)."""
         lr = self.lr if lr is None else check_hyper("lr", lr)
         check_pairs(params, grads)
+        flat_p, flat_g = _flat_buffer(params), _flat_buffer(grads)
+        if (flat_p is not None and flat_g is not None and len(params) == len(grads)
+                and flat_p.size == flat_g.size and flat_p.dtype == flat_g.dtype):
+            params, grads = [flat_p], [flat_g]
         ops = backend_of(params[0] if params else None)
         first = self.buffers is None
         if self.momentum:
+            if not first:
+                self.buffers = _buffers_like(self.buffers, params)
             if first:
                 self.buffers = [ops.empty(p.shape, p.dtype) for p in params]
             elif on_device(params[0]) and not on_device(self.buffers[0]):      # loaded from a checkpoint
@@ -75,7 +83,8 @@ class SGD:
                        self.weight_decay, self.dampening, self.nesterov, first, work=self._work)
 
     def state_dict(self):
-        """Momentum buffers as host (NumPy) copies, wherever they live."""
+        """Momentum buffers as host (NumPy) copies, wherever they live (one flat buffer after
+        steps on flat buffers, as train() makes)."""
         if self.buffers is None:
             return {"buffers": None}
         return {"buffers": [b.copy_to_host() if on_device(b) else b.copy() for b in self.buffers]}
@@ -99,6 +108,31 @@ def check_pairs(params, grads):
             got = tuple(g.shape) if hasattr(g, "shape") else type(g).__name__
             raise ConfigError(f"SGD.step: grads[{i}] has shape {got}, its parameter {tuple(p.shape)}; "
                               f"accepted: one array of its parameter's shape per parameter")
+
+
+def _flat_buffer(arrays):
+    """The flat buffer a list of views covers (see network.FlatViews), or None."""
+    buffer = getattr(arrays, "buffer", None)
+    return buffer() if callable(buffer) else None
+
+
+def _buffers_like(bufs, params):
+    """Momentum buffers shaped as params: as they are, the views of one flat buffer as the
+    parameters' shapes, or several buffers joined into one flat one (steps on per-parameter lists
+    and on flat buffers may alternate; the state is the same numbers either way)."""
+    if len(bufs) == len(params) and all(b.shape == p.shape for b, p in zip(bufs, params)):
+        return bufs
+    if sum(b.size for b in bufs) != sum(p.size for p in params):
+        raise ConfigError(f"SGD.step: the momentum buffers hold {sum(b.size for b in bufs)} numbers but the "
+                          f"parameters {sum(p.size for p in params)}; use one optimizer per set of parameters")
+    if len(bufs) == 1:
+        flat = bufs[0].reshape(-1)
+    elif on_device(bufs[0]):
+        raise ConfigError("SGD.step: cannot join per-parameter device momentum buffers into one")
+    else:
+        flat = np.concatenate([b.ravel() for b in bufs])
+    sizes = np.cumsum([0] + [p.size for p in params])
+    return [flat[a:b].reshape(p.shape) for a, b, p in zip(sizes, sizes[1:], params)]
 
 
 # --------------------------------------------------------------------------- schedules

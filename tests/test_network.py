@@ -123,3 +123,21 @@ def test_bad_inputs_to_forward():
         net.forward(np.zeros((2, 3, 28, 28)))
     with pytest.raises(ConfigError, match="labels must be in 0..9"):
         net.loss_and_grads(np.zeros((2, 1, 28, 28)), np.array([0, 10]))
+
+
+def test_cpu_network_fuses_pools_and_skips_unneeded_buffers():
+    """On the cpu backend conv -> relu -> maxpool runs as one conv op: the pool layers hold no
+    gradient buffer of the conv output's size, the first layer no input gradient; results as on
+    the reference backend."""
+    net = Network.from_spec("small", (1, 28, 28), seed=3, device="cpu")
+    assert [layer.name for layer in net.layers if getattr(layer, "conv_fused", False)] == ["pool1", "pool2"]
+    rng = np.random.default_rng(0)
+    x, y = random_batch(rng, 4, (1, 28, 28), dtype=np.float32)
+    loss, grads = net.loss_and_grads(x, y)
+    names = set(net._ws.bufs)
+    assert ("conv1", "dx") not in names and ("pool1", "dx") not in names and ("pool2", "dx") not in names
+    ref_net = Network.from_spec("small", (1, 28, 28), seed=3, device="numpy")
+    ref_loss, ref_grads = ref_net.loss_and_grads(x, y)
+    assert abs(loss - ref_loss) < 1e-5
+    for u, v in zip(grads, ref_grads):
+        assert np.max(np.abs(u - v)) <= 1e-5 * max(1.0, np.max(np.abs(v)))

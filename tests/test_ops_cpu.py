@@ -6,14 +6,16 @@ float32: cpu.py runs in float32 and is compared with the reference run in float6
 Also: preallocated outputs (pre-filled with NaN, so anything not written shows), need_dx=False,
 bit-identical results between runs and between 1 and 2 threads, and argument checks.
 """
+import contextlib
 import os
 
 import numba
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
-from minicnn.ops import cpu, ref
+from minicnn.ops import blas, cpu, ref
 from tests.strategies import (
     FEW_EXAMPLES,
     JIT_SETTINGS,
@@ -109,7 +111,7 @@ def test_conv2d_workspace_is_filled_by_forward_and_reused_by_backward(dtype, cas
     _, _, _, _, _, _, S, P = case["shape"]
     work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
     for arr in work.values():
-        if isinstance(arr, np.ndarray):
+        if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
             arr.fill(np.nan)                        # anything read before it is written shows
     out = cpu.conv2d_forward(x, w, b, S, P, work=work)
     assert_close(out, ref.conv2d_forward(x64, w64, b64, S, P), dtype)
@@ -122,18 +124,20 @@ def test_conv2d_workspace_is_filled_by_forward_and_reused_by_backward(dtype, cas
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(48, 16, 14, 14, 32, 3, 1, 1),    # above the BLAS split and parallel sizes
-                                   (40, 3, 12, 12, 8, 3, 2, 1)])     # strided, parallel im2col/col2im
-def test_conv2d_large_batches_use_split_products_and_parallel_kernels(dtype, shape):
-    """Shapes past _SPLIT_MIN_MACS / _PARALLEL_MIN: against the reference, and bit-identical with
-    1 and 2 threads (the column blocks do not depend on the thread count)."""
+@pytest.mark.parametrize("shape", [(48, 16, 14, 14, 32, 3, 1, 1),    # many blocks and dW chunks, parallel
+                                   (41, 3, 12, 12, 8, 3, 2, 1),      # strided; 41: the last block is short
+                                   (35, 1, 28, 28, 16, 3, 1, 1)])    # a first layer (C = 1), odd batch
+def test_conv2d_large_batches_use_blocks_and_parallel_kernels(dtype, shape):
+    """Shapes with several image blocks and dW chunks, past _CONV_PARALLEL_MIN_MACS: against the
+    reference, and bit-identical with 1 and 2 threads (the blocks and chunks are fixed by the
+    shapes, not the thread count)."""
     N, C, H, W, F, K, S, P = shape
     rng = np.random.default_rng(5)
     (x, w, b), (x64, w64, b64) = cast(dtype, rng.standard_normal((N, C, H, W)),
                                       rng.standard_normal((F, C, K, K)) * 0.2, rng.standard_normal(F))
     out64 = ref.conv2d_forward(x64, w64, b64, S, P)
-    cols = N * out64.shape[2] * (W + 2 * P if S == 1 else out64.shape[3])
-    assert len(cpu._blocks(cols, F * C * K * K)) == cpu._SPLIT or S > 1
+    _, NB, _, nblocks, chunks, _ = cpu._conv_plan(N, C, H, W, F, K, S, P, np.dtype(dtype).itemsize)
+    assert nblocks >= 4 and chunks >= 4
     dout = rng.standard_normal(out64.shape).astype(dtype)
     expected = [out64, *ref.conv2d_backward(dout.astype(np.float64), x64, w64, S, P)]
     results = []
@@ -148,6 +152,77 @@ def test_conv2d_large_batches_use_split_products_and_parallel_kernels(dtype, sha
         assert_close(got, e, dtype)
     for a, c in zip(results[0], results[-1]):
         np.testing.assert_array_equal(a, c)
+
+
+@contextlib.contextmanager
+def conv_plan(**constants):
+    """Set cpu.py's blocking constants (read when a workspace is made) for the duration."""
+    old = {k: getattr(cpu, k) for k in constants}
+    try:
+        for k, v in constants.items():
+            setattr(cpu, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(cpu, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=conv_case(max_n=11, max_c=4, max_f=6, max_hw=11),
+       block_bytes=st.sampled_from([1, 3000, 1 << 18]), min_blocks=st.sampled_from([1, 3]),
+       chunks=st.sampled_from([1, 2, 16]), parts=st.sampled_from([0, 1 << 40]))
+def test_conv2d_blockings_match_ref_and_each_other(dtype, case, block_bytes, min_blocks, chunks, parts):
+    """Every blocking the plan can choose: several images per block with a short last block, one
+    image per block, dW over 1, 2 or many chunks, a batch of one image split in parts (parts=0
+    forces it when OH >= 2): against the reference, and bit-identical with 1 and 2 threads."""
+    (x, w, b, dout), (x64, w64, b64, dout64) = cast(dtype, case["x"], case["w"], case["b"], case["dout"])
+    N, C, H, W, F, K, S, P = case["shape"]
+    with conv_plan(_BLOCK_BYTES=block_bytes, _MIN_BLOCKS=min_blocks, _DW_CHUNKS=chunks, _PARTS_MIN_MACS=parts,
+                   _CONV_PARALLEL_MIN_MACS=0):
+        work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
+    for arr in work.values():
+        if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+            arr.fill(np.nan)                        # anything read before it is written shows
+    expected = [ref.conv2d_forward(x64, w64, b64, S, P), *ref.conv2d_backward(dout64, x64, w64, S, P)]
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            results.append([cpu.conv2d_forward(x, w, b, S, P, work=work),
+                            *cpu.conv2d_backward(dout, x, w, S, P, work=work)])
+    finally:
+        numba.set_num_threads(before)
+    for got, e in zip(results[0], expected):
+        assert_close(got, e, dtype)
+    for a, c in zip(results[0], results[-1]):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_conv2d_workspace_does_not_grow_with_the_batch():
+    """The blocked convolution keeps no batch-sized buffer: its scratch for batch 512 is the
+    scratch for batch 8 (one block per thread slot, plus the dW partial sums)."""
+    def nbytes(n):
+        work = cpu.conv2d_workspace((n, 32, 16, 16), (64, 32, 3, 3), 1, 1, np.float32)
+        return sum(a.nbytes for a in work.values() if isinstance(a, np.ndarray))
+    assert nbytes(512) == nbytes(64) <= nbytes(8) * 2
+    assert nbytes(512) < 512 * 32 * 16 * 16 * 4          # less than the input itself
+
+
+def test_team_runs_every_slot_and_reraises_a_workers_error():
+    seen = []
+
+    def kernel(out, s, T):
+        out.append((s, T))
+        if s == 1:
+            raise ArithmeticError("slot 1")
+    with pytest.raises(ArithmeticError):
+        cpu._team.run(kernel, (seen,), 2)
+    assert sorted(seen) == [(0, 2), (1, 2)]
+    seen.clear()
+    cpu._team.run(lambda out, s, T: out.append((s, T)), (seen,), 3)     # the team grows; no error left over
+    assert sorted(seen) == [(0, 3), (1, 3), (2, 3)]
 
 
 def test_conv2d_rejects_bad_arguments():
@@ -249,7 +324,7 @@ def test_dense_matches_ref(dtype, case):
 
 
 def test_dense_long_rows():
-    """D = 1568 (a 32x7x7 feature map) exercises the lane-blocked dot product with a tail of 0."""
+    """D = 1568 (a 32x7x7 feature map), the size of the default network's fc layer."""
     x, w, b = normal_array(0, (5, 1568)), normal_array(1, (10, 1568)), normal_array(2, (10,))
     assert_close(cpu.dense_forward(x, w, b), ref.dense_forward(x, w, b), np.float64)
     x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
@@ -389,6 +464,46 @@ def test_conv2d_forward_with_fused_relu_matches_ref_composition(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @JIT_SETTINGS
+@given(case=conv_case(max_n=5, max_hw=11), window=st.integers(1, 3), stride=st.sampled_from(["k", "k+1", "k-1"]),
+       relu=st.booleans(), parts=st.sampled_from([0, 1 << 40]))
+def test_conv2d_with_fused_maxpool_matches_ref_and_the_unfused_ops(dtype, case, window, stride, relu, parts):
+    """conv2d_forward(pool=(k, s)) -> (out, pool_out, argmax) and conv2d_backward(pool=...) of the
+    pooled gradient: against the reference composition (conv, relu, maxpool2d and their backwards),
+    and bit for bit against cpu's own unfused ops; windows that do not overlap (k <= s: pooled in
+    the conv's blocks) and that do (k > s: a second pass). A single image split in parts (parts=0)
+    splits its rows at multiples of s when pooling, so its products have other shapes than the
+    unfused ops' and may differ from them in the last bits: compared with the reference only."""
+    (x, w, b), (x64, w64, b64) = cast(dtype, case["x"], case["w"], case["b"])
+    N, C, H, W, F, K, S, P = case["shape"]
+    OH, OW = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    k = min(window, OH, OW)
+    s = {"k": k, "k+1": k + 1, "k-1": max(1, k - 1)}[stride]
+    out64 = ref.conv2d_forward(x64, w64, b64, S, P, relu=relu)
+    pooled64, argmax64 = ref.maxpool2d_forward(out64, k, s)
+    dpool = normal_array(7, pooled64.shape).astype(dtype)
+    dconv64 = ref.maxpool2d_backward(dpool.astype(np.float64), argmax64, out64.shape,
+                                     relu_pooled=pooled64 if relu else None)
+    expected = [out64, pooled64, *ref.conv2d_backward(dconv64, x64, w64, S, P)]
+    with conv_plan(_PARTS_MIN_MACS=parts, _CONV_PARALLEL_MIN_MACS=0):
+        work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
+    out, pooled, argmax = cpu.conv2d_forward(x, w, b, S, P, relu=relu, pool=(k, s), work=work)
+    grads = cpu.conv2d_backward(dpool, x, w, S, P, pool=(k, s), argmax=argmax, relu_pooled=pooled if relu else None,
+                                work=work)
+    for got, e in zip([out, pooled, *grads], expected):
+        assert_close(got, e, dtype)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(argmax, argmax64)
+    plain = cpu.conv2d_forward(x, w, b, S, P, relu=relu, work=work)
+    plain_pooled, plain_argmax = cpu.maxpool2d_forward(plain, k, s)
+    dconv = cpu.maxpool2d_backward(dpool, plain_argmax, plain.shape, relu_pooled=plain_pooled if relu else None)
+    plain_grads = cpu.conv2d_backward(dconv, x, w, S, P, work=work)
+    if work["plan"][-1] == 1:
+        for a, c in zip([out, pooled, argmax, *grads], [plain, plain_pooled, plain_argmax, *plain_grads]):
+            np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
 @given(case=pool_case())
 def test_maxpool2d_backward_with_fused_relu_matches_ref_composition(dtype, case):
     """relu -> maxpool backward in one pass == ref.relu_backward(ref.maxpool2d_backward(...))."""
@@ -420,16 +535,62 @@ def test_segment_dots_against_reference(dtype):
 def test_threads_option_keeps_the_workqueue_threading_layer():
     """train's --threads calls numba.set_num_threads, which launches Numba's threading layer: it must
     launch the layer minicnn.ops.cpu picks (workqueue), not Numba's default (OpenMP, whose spinning
-    threads slowed B at batch 32 from ~23 to ~31 ms a step)."""
+    threads slowed B at batch 32 from ~23 to ~31 ms a step when minicnn's kernels used prange; they
+    run on minicnn's own thread team now, but a user's prange code would still pay)."""
     import subprocess
     import sys
     code = ("from minicnn.config import set_threads; set_threads(2)\n"
             "import numba, numpy as np\n"
             "from minicnn.ops import cpu\n"
-            "x = np.zeros((1, 1, 1, 1), np.float32)\n"
-            "cpu._rows_to_nchw_kernel(x, np.zeros((1, 3), np.float32), 1, 1, 1, 1, 3, False)\n"
+            "@numba.njit(parallel=True)\n"
+            "def f(x):\n"
+            "    for i in numba.prange(x.size):\n"
+            "        x[i] = 1\n"
+            "f(np.zeros(4))\n"
             "print(numba.threading_layer())\n")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "workqueue"
+
+
+def test_blas_runs_at_one_thread_inside_the_ops_and_the_setting_is_restored():
+    """The conv and dense ops call SciPy's OpenBLAS from inside Numba kernels with its thread count
+    at 1 (minicnn's own threads split the work), and leave the caller's setting as it was."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x, w, b = np.ones((2, 3, 6, 6), np.float32), np.ones((4, 3, 3, 3), np.float32), np.zeros(4, np.float32)
+    cpu.conv2d_forward(x, w, b, 1, 1)                      # loads everything
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+        seen = []
+        for get, _ in blas.find_blas_threads(cpu._one_thread_blas.paths):
+            with cpu._one_thread_blas:
+                seen.append(get())
+        out = cpu.conv2d_forward(x, w, b, 1, 1)
+        cpu.conv2d_backward(out, x, w, 1, 1)
+        cpu.dense_backward(np.ones((2, 5), np.float32), np.ones((2, 7), np.float32), np.ones((5, 7), np.float32))
+        after = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+    assert seen and all(n == 1 for n in seen)
+    assert after == before
+
+
+def test_team_shared_work_is_done_once_and_withdrawn_jobs_leave_the_team_consistent():
+    """With shared=True the caller takes back jobs no worker has picked up yet (its own slot took
+    the units); over many calls, alternating with ordinary ones, every unit runs exactly once and
+    every call returns (no lost or stale hand-off)."""
+    import threading
+    lock = threading.Lock()
+
+    def kernel(counter, done, n, s, T):
+        while True:
+            with lock:
+                u = counter[0]
+                counter[0] += 1
+            if u >= n:
+                return
+            done.append(u)
+
+    for i in range(300):
+        counter, done = [0], []
+        cpu._team.run(kernel, (counter, done, 5), 2, shared=i % 3 != 0)
+        assert sorted(done) == list(range(5))

@@ -81,3 +81,26 @@ def test_steps_after_the_first_allocate_nothing_param_sized(kw):
     finally:
         tracemalloc.stop()
     assert peak < p.nbytes // 10, peak
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(momentum=0.9, nesterov=True, weight_decay=0.01)])
+def test_public_api_steps_run_on_the_flat_buffers_with_the_same_result(kw):
+    """SGD.step(net.params, grads) with loss_and_grads' gradients updates through the flat buffers
+    (one pass, as train() does); the parameters are bit-identical to per-array steps, also when the
+    two kinds of call alternate (the momentum buffers are re-viewed, never lost)."""
+    from minicnn import Network
+    from minicnn.network import FlatViews
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 1, 8, 8)), rng.integers(0, 10, 4)
+    nets = [Network.from_spec("conv2-relu-maxpool2-fc10", (1, 8, 8), seed=1, dtype=np.float64) for _ in range(2)]
+    opts = [SGD(lr=0.1, **kw) for _ in nets]
+    for step in range(4):
+        _, grads = nets[0].loss_and_grads(x, y)
+        assert isinstance(grads, FlatViews) and grads.buffer() is not None
+        opts[0].step(nets[0].params, grads if step != 2 else list(grads))     # step 2: per array
+        _, grads = nets[1].loss_and_grads(x, y)
+        opts[1].step(list(nets[1].params), [g.copy() for g in grads])        # always per array
+        np.testing.assert_array_equal(nets[0].flat_params, nets[1].flat_params)
+    params = nets[0].params
+    params[0] = params[0].copy()                 # a replaced element: the list no longer covers the buffer
+    assert params.buffer() is None

@@ -17,7 +17,10 @@ has. Conventions:
 - Fusions: ``conv2d_forward(relu=True)`` returns relu(conv(x)); ``maxpool2d_backward(relu_pooled=
   out)`` applies the backward of the ReLU before the pool. Every backend accepts both;
   ``FUSES_RELU`` says whether the backend wants the Network to use them (a speed choice only:
-  the results are the same).
+  the results are the same). Likewise ``conv2d_forward(pool=(window, stride))`` also max-pools the
+  (ReLU'd) output, returning (out, pool_out, argmax), and ``conv2d_backward(pool=..., argmax=...,
+  relu_pooled=...)`` takes the pooled output's gradient; ``FUSES_POOL`` says whether the Network
+  should use that for a conv [-> relu] -> maxpool chain whose windows do not overlap.
 - ``need_dx=False`` skips the input gradient (the first layer); dx is then None.
 - ``*_weight_grad_per_sample`` are the weight gradients of ``*_backward`` with the batch axis
   kept (one per sample, a leading N), for the gradient-noise instruments (minicnn.noise).
@@ -65,16 +68,21 @@ class Backend(Protocol):
     """What every backend module provides (shapes in the glossary of ref.py)."""
 
     FUSES_RELU: bool
+    FUSES_POOL: bool
 
     # ---- layers: *_forward / *_backward pairs
     def conv2d_workspace(self, x_shape, w_shape, stride, pad, dtype):
         """Scratch buffers for conv2d on inputs of x_shape, or None when the backend needs none."""
 
-    def conv2d_forward(self, x, w, b, stride, pad, out=None, work=None, relu=False):
-        """x: (N, C, H, W), w: (F, C, K, K), b: (F,) -> out: (N, F, OH, OW)"""
+    def conv2d_forward(self, x, w, b, stride, pad, out=None, work=None, relu=False, pool=None, pool_out=None,
+                       argmax=None):
+        """x: (N, C, H, W), w: (F, C, K, K), b: (F,) -> out: (N, F, OH, OW); with pool=(window,
+        stride) -> (out, pool_out: (N, F, PH, PW), argmax: (N, F, PH, PW) int32)"""
 
-    def conv2d_backward(self, dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
-        """-> (dx: (N, C, H, W) or None, dw: (F, C, K, K), db: (F,))"""
+    def conv2d_backward(self, dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None,
+                        pool=None, argmax=None, relu_pooled=None):
+        """-> (dx: (N, C, H, W) or None, dw: (F, C, K, K), db: (F,)); with pool, dout is the
+        pooled output's gradient (N, F, PH, PW)"""
 
     def conv2d_weight_grad_per_sample(self, dout, x, w, stride, pad, dw=None, db=None, work=None):
         """-> (dw: (N, F, C, K, K), db: (N, F)): conv2d_backward's dw, db before the sum over the

@@ -1,26 +1,30 @@
-"""numpy's OpenBLAS thread count, from Python: for code that calls BLAS or LAPACK on small problems.
+"""The OpenBLAS thread counts, from Python: minicnn's kernels run BLAS at one thread.
 
 OpenBLAS's threads synchronise with busy waits; on a 2-core machine shared with other processes a
 multi-threaded call then waits for the other thread's time slice. Measured (2026-12-01, 2 busy
-cores): the eigen-decomposition of a 56 x 56 matrix took 68 ms with 2 OpenBLAS threads against
-0.4 ms with one, a (56 x 20490) matrix-vector product 7.4 ms against 1.5 ms. cpu.py runs its conv
-products at one thread for the same reason (see _Products there); minicnn.hessian runs Lanczos's
-small linear algebra inside ``single_thread()``.
+cores): a 32x145x28672 product took 3-24 ms with 2 OpenBLAS threads against 5 ms split over 2
+threads with OpenBLAS at 1 thread; the eigen-decomposition of a 56 x 56 matrix 68 ms against
+0.4 ms; a (56 x 20490) matrix-vector product 7.4 ms against 1.5 ms. So cpu.py's kernels (which call
+SciPy's BLAS from inside Numba) run inside ``OneThreadBlas`` and minicnn.hessian runs Lanczos's small
+linear algebra inside ``single_thread()``; the caller's setting is restored after either.
 """
-import contextlib
 import ctypes
 
-_FOUND = []          # [(get, set) or None], filled on first use
 
-
-def find_blas_threads():
-    """(get, set) ctypes functions for the thread count of numpy's OpenBLAS, or None."""
+def openblas_paths():
+    """The OpenBLAS libraries mapped into this process (empty where /proc is missing)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+            return sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
     except OSError:
-        return None
-    for path in paths:
+        return []
+
+
+def find_blas_threads(paths=None):
+    """[(get, set)] ctypes functions for the thread count of the OpenBLAS libraries at ``paths``
+    (default: every OpenBLAS mapped into the process)."""
+    found = []
+    for path in openblas_paths() if paths is None else paths:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
@@ -29,24 +33,46 @@ def find_blas_threads():
             for suffix in ("64_", "", "_64"):
                 get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
                 put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
+                if get is not None and put is not None and not any(get is g for g, _ in found):
                     put.argtypes = [ctypes.c_int]
-                    return get, put
-    return None
+                    found.append((get, put))
+                    break
+            else:
+                continue
+            break
+    return found
 
 
-@contextlib.contextmanager
+class OneThreadBlas:
+    """``with blas:`` runs the block with the OpenBLAS libraries at ``paths`` (set later, e.g. the
+    ones SciPy brought; default every OpenBLAS) at one thread, then restores the caller's setting."""
+
+    def __init__(self, paths=None):
+        self.libs = None
+        self.paths = paths
+        self.saved = []
+
+    def __enter__(self):
+        if self.libs is None:
+            self.libs = find_blas_threads(self.paths)
+        for get, put in self.libs:
+            old = get()
+            if old != 1:
+                put(1)
+                self.saved.append((put, old))
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved:
+            for put, old in self.saved:
+                put(old)
+            self.saved.clear()
+        return False
+
+
+_EVERY = OneThreadBlas()
+
+
 def single_thread():
-    """numpy's OpenBLAS at one thread inside the block, restored after (nothing when numpy's BLAS
-    is not an OpenBLAS this can find)."""
-    if not _FOUND:
-        _FOUND.append(find_blas_threads())
-    funcs = _FOUND[0]
-    old = funcs[0]() if funcs is not None else 1
-    if old != 1:
-        funcs[1](1)
-    try:
-        yield
-    finally:
-        if old != 1:
-            funcs[1](old)
+    """Every OpenBLAS in the process at one thread inside the block, restored after."""
+    return _EVERY

@@ -2,7 +2,8 @@
 
 Every public function is a thin Python wrapper: it checks shapes, allocates any output that was
 not passed in (C-contiguous, dtype of the first input; other inputs are cast to it) and calls
-``@njit`` kernels ``_<name>_kernel(outputs..., inputs..., sizes...)``. Passing preallocated outputs
+``@njit`` kernels ``_<name>_<part>(outputs..., inputs..., sizes...[, s, T])``, the parallel ones
+as T slots on minicnn's thread team (_Team). Passing preallocated outputs
 (``out=``, ``dx=``, ``dw=``, ...) and, for conv2d, a ``work=`` workspace (``conv2d_workspace``) lets
 the training loop run without allocating anything per step.
 
@@ -13,31 +14,35 @@ Dimension glossary (the same as ref.py):
     D  dense input features   O  dense output features   L  classes (logits)
 
 Where the time goes (benchmarks/NOTES.md): almost all FLOPs are in the three conv matrix products
-(forward, dW, dX), which go to numpy's BLAS; the Numba kernels here move data around them
-(im2col, col2im, layout swaps) and do the cheap layers. Each parallel kernel has a serial twin
-used for small work, since a parallel launch costs more than a small kernel.
+(forward, dW, dX), which the conv kernels hand to BLAS (sgemm/dgemm called from inside Numba) one
+cache-sized block of images at a time, between the unfold (im2col), the epilogue (bias, ReLU) and
+the fold (col2im) of the same block. Small work runs on one thread, since handing a slot to
+another thread costs more than a small kernel.
 
 Kernel rules:
 - ``cache=True`` everywhere, so sizes are arguments (module globals would be frozen into the cache).
 - Determinism: every output element is written by exactly one loop iteration, which sums its
-  terms in a fixed serial order; a parallel kernel and its serial twin share one body function.
-  BLAS products are split into column blocks fixed by the shapes (not the thread count), and
-  partial sums over blocks are added in block order. Results are therefore bit-identical between
-  runs and do not depend on the number of threads. ``fastmath`` stays off (no reassociation).
+  terms in a fixed serial order, whichever thread slot runs it. BLAS products run on blocks fixed
+  by the shapes (not the thread count), and partial sums over blocks are added in a fixed order.
+  Results are therefore bit-identical between runs and do not depend on the number of threads.
+  ``fastmath`` stays off (no reassociation).
 - Reductions that would be a serial chain of dependent adds keep one partial sum per lane,
   which vectorises without reassociation; the lanes are added up in a fixed order at the end.
 - Inner loops index 1-D views with the bare loop variable (``acc[q] += a[q]`` on slices).
   Numba wraps negative indices, so an index like ``xs[q + s0]`` costs a select per element and
   stops LLVM from vectorising: measured 10x slower.
 """
-import itertools
 import os
+import threading
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from .blas import find_blas_threads
+from .blas import OneThreadBlas, openblas_paths
 
 # Array helpers and two trace reductions: NumPy does them well on the host.
 # So is the SGD update (element-wise; ref.sgd_update works in place, in arrays kept between steps).
@@ -55,26 +60,32 @@ from .ref import (  # noqa: F401
     zeros,
 )
 
-# Threading layer: Numba's default here is OpenMP, whose worker threads spin after each parallel
-# loop; on a 2-core machine that spin steals the core from the BLAS call that follows and, when
-# other processes share the cores, makes every parallel launch wait for a time slice (measured:
-# im2col 1.8 ms with workqueue against 11.9 ms with OpenMP under load). The workqueue layer
-# sleeps instead. Only set when the user has not chosen one, and it takes effect only if no
+# Threading layer: minicnn's kernels run on its own thread team (_Team below), but the thread count
+# is Numba's (numba.set_num_threads, what `minicnn train --threads` sets), and setting it launches
+# Numba's threading layer. Numba's default here is OpenMP, whose worker threads spin after each
+# parallel loop and stole the cores from everything that followed (measured in earlier versions
+# with prange kernels: B at batch 32, 30-34 ms a step on OpenMP against 21-26 on workqueue). So
+# the workqueue layer, which sleeps, unless the user has chosen one; it takes effect only if no
 # parallel Numba code has run yet in this process and numba.set_num_threads has not been called:
-# import this module before either (minicnn.train.set_threads does). Measured: the benchmark
-# called set_num_threads first and so timed B at batch 32 on OpenMP, 30-34 ms against 21-26.
+# import this module before either (minicnn.train.set_threads does).
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 # Fusions this backend offers the Network: conv2d_forward(relu=True) and
 # maxpool2d_backward(relu_pooled=...) (a ReLU's forward into the conv before it, its backward into
-# the max-pool after it: one pass over the activations less each way).
+# the max-pool after it: one pass over the activations less each way); and conv2d_forward(pool=...)
+# / conv2d_backward(pool=...) (a max-pool after the conv, pooled from each block's output while it
+# is in cache, its backward scattered straight into each block's rows: no pass over the conv's
+# output either way, and no conv-output-sized gradient array).
 FUSES_RELU = True
+FUSES_POOL = True
 
 
 # --------------------------------------------------------------------------- helpers
 def _input(a, dtype=None):
     """A C-contiguous view (a copy only if needed) of an input array, optionally cast to dtype."""
+    if type(a) is np.ndarray and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a                            # the common case, without ascontiguousarray's ~0.5 us
     return np.ascontiguousarray(a, dtype=dtype)
 
 
@@ -98,20 +109,135 @@ def _float_dtype(x):
     return x.dtype
 
 
-# Each parallel kernel has a serial twin (same body function, so bit-identical results): a
-# parallel launch costs 5-10 us on an idle machine and ~65 us when other processes share the
-# cores (measured, workqueue layer), against 0.4 us for a serial call, so small work (batch 1-8)
-# runs serially. _PARALLEL_MIN: elements touched by a call below which it stays serial (about
-# 50-100 us of serial copying).
+# --------------------------------------------------------------------------- the thread team
+# Every kernel is a serial @njit(nogil=True) function of a "slot" s of T: kernel(..., s, T) does
+# its share of the work, and T calls with s = 0..T-1 do all of it: a share fixed by (s, T) and
+# the shapes (the pool and ReLU kernels), or units claimed from a shared counter until none are
+# left (the convolutions: a slot that waits for a time slice then holds nobody back). _Team runs
+# them: slot 0 on the calling thread, slots 1..T-1 on worker threads kept between calls, which
+# wait on a lock (a nogil kernel runs without the GIL, so the slots run at once). No Numba prange:
+# measured under load (~4.5 on 2 cores), handing one slot to a worker and joining costs 7 us
+# (median; 4 us min) against 24 us (14 us min) for a Numba prange launch on the workqueue layer,
+# and with no parallel (parfor) kernels to compile the cold-cache start is shorter
+# (benchmarks/NOTES.md, session 5). Determinism: which thread runs a slot or a unit changes
+# nothing; the results never depend on T (no sum crosses units, or fixed partials are summed in a
+# fixed order; see each kernel).
+#
+# Small work runs on one slot: a hand-off costs 4-10 us, a serial call 0.4 us.
+# _PARALLEL_MIN: elements touched by a call below which it stays on one thread (about 50-100 us of
+# serial copying).
 _PARALLEL_MIN = 1 << 17
 
 
-def _parallel(size):
-    """Whether a kernel touching ``size`` elements should run its parallel version."""
-    return size >= _PARALLEL_MIN and numba.get_num_threads() > 1
+class _Worker:
+    """A thread that runs one slot at a time. ``go`` is released (at most once outstanding) when a
+    job is posted, ``done`` when a job it took has finished; ``state`` guards job/go_released, so
+    the caller can take back a job the worker has not picked up yet (see _Team.run)."""
+
+    def __init__(self):
+        self.go = threading.Lock()
+        self.go.acquire()
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.state = threading.Lock()
+        self.job = None
+        self.go_released = False
+        self.error = None
+        threading.Thread(target=self._loop, daemon=True, name="minicnn-worker").start()
+
+    def post(self, job):
+        with self.state:
+            self.job = job
+            release, self.go_released = not self.go_released, True
+        if release:
+            self.go.release()
+
+    def withdraw(self):
+        """Take back the posted job if the worker has not taken it: True if withdrawn."""
+        with self.state:
+            if self.job is None:
+                return False
+            self.job = None
+            return True
+
+    def _loop(self):
+        while True:
+            self.go.acquire()
+            with self.state:
+                self.go_released = False
+                job, self.job = self.job, None
+            if job is None:                 # withdrawn before this thread got to it
+                continue
+            kernel, args, s, T = job
+            try:
+                kernel(*args, s, T)
+            except BaseException as e:      # re-raised on the calling thread
+                self.error = e
+            self.done.release()
 
 
-@njit(cache=True)
+class _Team:
+    """Runs kernel(*args, s, T) for s = 0..T-1 on T threads (see above). With ``shared``, the
+    kernel's slots take their units of work from a shared counter (_claim), so a slot that never
+    starts loses nothing: the caller, after its own slot, withdraws the jobs no worker has taken
+    yet instead of waiting for a thread that is waiting for a time slice (a loaded machine)."""
+
+    def __init__(self):
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)     # a forked child has none of the threads
+
+    def _reset(self):
+        self.workers = []
+        self.lock = threading.Lock()
+
+    def run(self, kernel, args, T, shared=False):
+        if T <= 1:
+            kernel(*args, 0, 1)
+            return
+        with self.lock:                     # one team call at a time, whichever thread calls
+            while len(self.workers) < T - 1:
+                self.workers.append(_Worker())
+            for s in range(1, T):
+                self.workers[s - 1].post((kernel, args, s, T))
+            error = None
+            try:
+                kernel(*args, 0, T)
+            except BaseException as e:
+                error = e
+            for w in self.workers[:T - 1]:
+                if shared and w.withdraw():
+                    continue
+                w.done.acquire()
+                if w.error is not None:
+                    error, w.error = error or w.error, None
+            if error is not None:
+                raise error
+
+
+_team = _Team()
+
+
+def _num_threads():
+    """numba.get_num_threads() (the thread count users and `minicnn train --threads` set), without
+    its ~1 us of checks on every call: after the first call, Numba's own C getter (0.2 us)."""
+    global _num_threads
+    n = numba.get_num_threads()             # launches Numba's threading layer once
+    try:
+        from numba.np.ufunc.parallel import _get_num_threads
+        if _get_num_threads() == n:
+            _num_threads = _get_num_threads
+    except ImportError:                     # another Numba version: keep the public call
+        _num_threads = numba.get_num_threads
+    return n
+
+
+def _threads(size):
+    """Threads for a kernel touching ``size`` elements: Numba's thread count, or 1 for small work."""
+    return _num_threads() if size >= _PARALLEL_MIN else 1
+
+
+@njit(cache=True, inline="always")
 def _valid_range(u, S, P, size, osize):
     """Indices i in [0, osize) whose target index i*S + u - P lies in [0, size).
 
@@ -129,486 +255,718 @@ def _valid_range(u, S, P, size, osize):
 
 
 
-# --------------------------------------------------------------------------- BLAS products
-# The conv products go to numpy's BLAS (OpenBLAS) from Python. OpenBLAS's own threads synchronise
-# with busy waits; on a 2-core machine shared with other processes one product then waits for the
-# other thread's time slice (measured: a 32x145x28672 product took 3-24 ms with 2 OpenBLAS threads
-# against 5 ms split in two halves over 2 Python threads with OpenBLAS at 1 thread). So each
-# product runs with OpenBLAS at one thread, and a long one is split into _SPLIT fixed column
-# blocks, run on Numba's thread count of Python threads (numpy releases the GIL in matmul).
-# The split does not depend on the thread count, so neither do the results.
-_SPLIT = 2
-_SPLIT_MIN_MACS = 1 << 23         # multiply-adds below which a product is one call (~0.2 ms on one
-                                  # thread at ~50 GFLOP/s; a thread hand-off costs ~20-50 us)
+# --------------------------------------------------------------------------- BLAS
+# Matrix products run on one-thread BLAS: OpenBLAS's own threads synchronise with busy waits, and
+# on a 2-core machine shared with other processes one product then waits for the other thread's
+# time slice (measured: a 32x145x28672 product took 3-24 ms with 2 OpenBLAS threads against 5 ms
+# split over 2 threads with OpenBLAS at 1 thread). The parallelism is minicnn's own: the
+# convolutions call sgemm/dgemm from inside Numba's parallel loops (SciPy's BLAS, through its
+# Cython function pointers: _gemm below), one call per image block; the dense layer calls numpy's
+# matmul from Python. Either way BLAS runs at one thread while minicnn's kernels run.
 
 
-class _Products:
-    """Runs the conv matrix products: OpenBLAS at one thread, long ones split over a thread pool."""
-
-    def __init__(self):
-        self.blas = find_blas_threads()
-        self.pool = None
-
-    def _pool(self):
-        if self.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self.pool = ThreadPoolExecutor(max_workers=_SPLIT - 1, thread_name_prefix="minicnn-blas")
-        return self.pool
-
-    def run(self, calls):
-        """calls: a list of (a, b, out) products out = a @ b, independent of each other."""
-        old = None
-        if self.blas is not None:
-            old = self.blas[0]()
-            if old != 1:
-                self.blas[1](1)
-        try:
-            if len(calls) > 1 and numba.get_num_threads() > 1:
-                err = np.geterr()          # NumPy's error state is per thread: carry the caller's over
-                futures = [self._pool().submit(_matmul_with_errstate, err, a, b, o) for a, b, o in calls[1:]]
-                np.matmul(*calls[0][:2], out=calls[0][2])
-                for fut in futures:
-                    fut.result()
-            else:
-                for a, b, o in calls:
-                    np.matmul(a, b, out=o)
-        finally:
-            if old is not None and old != 1:
-                self.blas[1](old)
+_one_thread_blas = OneThreadBlas()     # the libraries SciPy brought (set by _register_blas)
 
 
-def _matmul_with_errstate(err, a, b, out):
-    with np.errstate(**err):
-        np.matmul(a, b, out=out)
+# SciPy exports its BLAS as Cython function pointers (scipy.linalg.cython_blas, the Fortran
+# interface: every argument by pointer). Their addresses are registered with LLVM under fixed
+# names, and _xgemm declares and calls them by name: the compiled kernels hold the name, not an
+# address, so Numba's on-disk cache stays valid in the next process (which registers again).
+_GEMM_SYMBOLS = {"float32": "minicnn_sgemm", "float64": "minicnn_dgemm"}
 
 
-_products = _Products()
+def _load_cython_blas():
+    """Load scipy.linalg.cython_blas without running scipy.linalg's __init__ (~0.15 s of imports
+    of the rest of scipy.linalg, which minicnn does not use; the extension itself loads in ~25 ms
+    and registers itself under its name, so a later import of it finds the same module). Falls
+    back to the ordinary import."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("scipy")
+        folder = os.path.join(os.path.dirname(spec.origin), "linalg")
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(folder, "cython_blas" + suffix)
+            if os.path.exists(path):
+                loader = importlib.machinery.ExtensionFileLoader(name, path)
+                spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                loader.exec_module(module)
+                return
+    except Exception:                       # any surprise: the ordinary import below
+        sys.modules.pop(name, None)
+    importlib.import_module(name)
 
 
-def _blocks(M, macs_per_col):
-    """Column blocks [(lo, hi)] of a product's long dimension M: _SPLIT of them when the product
-    (M * macs_per_col multiply-adds) is large. Fixed by the shapes, never by the thread count."""
-    if M * macs_per_col < _SPLIT_MIN_MACS:
-        return [(0, M)]
-    edges = [M * k // _SPLIT for k in range(_SPLIT + 1)]
-    return list(itertools.pairwise(edges))
+def _register_blas():
+    import llvmlite.binding as llvm
+    from numba.extending import get_cython_function_address
+    before = set(openblas_paths())
+    _load_cython_blas()
+    for dt, sym in _GEMM_SYMBOLS.items():
+        name = {"float32": "sgemm", "float64": "dgemm"}[dt]
+        llvm.add_symbol(sym, get_cython_function_address("scipy.linalg.cython_blas", name))
+    # SciPy's own OpenBLAS (wheels bundle one beside numpy's); none new: they share one library
+    _one_thread_blas.paths = sorted(set(openblas_paths()) - before) or None
+
+
+_register_blas()
+
+
+@intrinsic
+def _xgemm(typingctx, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Fortran (column-major) ?gemm: c = alpha * op(a) @ op(b) + beta * c, a, b, c arrays of one
+    float dtype (pointers to their first element), transa/transb the characters' codes."""
+    if not all(isinstance(t, types.Array) for t in (a, b, c)):
+        return None
+    dt = c.dtype
+    if a.dtype != dt or b.dtype != dt or str(dt) not in _GEMM_SYMBOLS:
+        return None
+    sig = types.void(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, sig, args):
+        fl = context.get_value_type(dt)
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        fp, ip, cp = fl.as_pointer(), i32.as_pointer(), i8.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [cp, cp, ip, ip, ip, fp, fp, ip, fp, ip, fp, fp, ip])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _GEMM_SYMBOLS[str(dt)])
+        tys = sig.args
+
+        def ref(i, to):          # a scalar argument stored on the stack, by pointer
+            return cgutils.alloca_once_value(builder, context.cast(builder, args[i], tys[i], to))
+
+        def data(i):
+            return context.make_array(tys[i])(context, builder, args[i]).data
+
+        builder.call(fn, [ref(0, types.int8), ref(1, types.int8), ref(2, types.int32), ref(3, types.int32),
+                          ref(4, types.int32), ref(5, dt), data(6), ref(7, types.int32), data(8),
+                          ref(9, types.int32), ref(10, dt), data(11), ref(12, types.int32)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, counter, delta):
+    """counter: an int64 array; atomically counter[0] += delta, returning the old value."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+    sig = types.int64(counter, delta)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", ary.data, context.cast(builder, args[1], sig.args[1], types.int64),
+                                  "seq_cst")
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _claim(counter):
+    # counter: (1,) int64 shared by a team call's slots: the next unit of work, taken by one slot
+    return _fetch_add(counter, 1)
+
+
+@njit(cache=True, inline="always")
+def _gemm(c, a, b, M, N, K, ldc, lda, ldb, TA, TB, beta):
+    # Row-major c (M, N) = op(a) @ op(b) + beta * c; a: (M, K), or (K, M) when TA; b: (K, N), or
+    # (N, K) when TB; ld*: row strides. As column-major that is c.T = op(b).T @ op(a).T.
+    _xgemm(84 if TB else 78, 84 if TA else 78, N, M, K, 1.0, b, ldb, a, lda, beta, c, ldc)
 
 
 # --------------------------------------------------------------------------- conv2d
-# Convolution as matrix products (im2col + BLAS), batch folded into the long dimension:
+# Convolution as matrix products, one block of images at a time (cache-blocked im2col):
 #
-#   cols: (CKK + 1, N*OH*OW)   row r = (c*K + u)*K + v holds xpad[n, c, i*S+u, j*S+v] at column
-#                              n*OH*OW + i*OW + j; the last row is all ones (it carries the bias)
-#   wb:   (F, CKK + 1)         w reshaped to (F, C*K*K), with b as the last column
+#   cols: (CKK + 1, nb*OH*WR)  the block's unfolded input: row r = (c*K + u)*K + v holds
+#                              xpad[n, c, i*S+u, j*S+v] at column nl*OH*WR + i*WR + j (nl: image in
+#                              the block); the last row is all ones (the backward's db)
+#   w2:   (F, CKK)             w reshaped
 #
-#   forward   out (F, N*OH*OW)   = wb @ cols                     then swapped to (N, F, OH, OW)
-#   dW, db    dwb (F, CKK + 1)   = dout (F, N*OH*OW) @ cols.T    (dout swapped from (N, F, ...))
-#   dX        dcols (CKK, N*OH*OW) = w.T @ dout                  then col2im (a gather, below)
+#   forward   prod (F, nb*OH*WR)  = w2 @ cols[:CKK]       then out = relu(prod + b) into (N, F, OH, OW)
+#   dW, db    dwp (F, CKK + 1)   += gt @ cols.T            gt (F, nb*OH*WR): the block's dout
+#   dX        dcols (CKK, nb*OH*WR) = w2.T @ gt            then col2im into the block's images
 #
-# One large product per pass rather than one per image: BLAS runs near its peak on them even at
-# small batches, and the three products are all the FLOPs. The Numba kernels only move data, each
-# output element written by one prange iteration. Determinism: a BLAS product sums each element
-# in an order fixed by the shapes and BLAS's thread count (OpenBLAS splits the rows and columns
-# of the result between threads, never the summed dimension), so results repeat bit for bit.
+# Stride 1 uses "wide" rows (WR = W + 2P): every (c, u, v) row of an image is one contiguous run
+# of its zero-padded plane, so the unfold is K*K long copies per channel and the col2im K*K long
+# adds; the WR - OW extra columns per row are computed and dropped (gt is zero there, so they add
+# nothing to dW and dX). Other strides gather (WR = OW).
 #
-# The caller may pass ``work`` (conv2d_workspace): the cols, product and transposed-gradient
-# buffers, allocated once per batch size. The forward pass fills work["cols"]; a backward pass
-# given the same work reuses them instead of recomputing im2col.
+# Each block's buffers fit in L2 (blocks of _BLOCK_BYTES of cols), so the unfold, the product and
+# the epilogue pass over cache-resident data, and nothing of the batch's size is allocated: no
+# full-size cols kept from forward to backward, no full-size dcols. The blocks are shared out on
+# the thread team (each slot claims the next block), each block calling one-thread BLAS from
+# inside the kernel through _gemm: no Python between the steps.
+#
+# Determinism: each output element of the forward and of dX is computed inside one block by one
+# BLAS call, whose summation order is fixed by the shapes (the block's size is fixed by the layer
+# and batch shapes, never by the thread count). dW sums over all blocks: the blocks are grouped into
+# G fixed chunks, each chunk's partial sum accumulated block by block in order (BLAS beta = 1),
+# and the G partials added in chunk order at the end. So results are bit-identical for any thread
+# count.
+_BLOCK_BYTES = 1 << 15            # bytes of unfolded input per block (cols): one image per block for
+                                  # any image of 32 KB of cols or more (fastest measured, NOTES session 5)
+_MIN_BLOCKS = 4                   # split even a small batch into up to this many blocks (threads)
+_DW_CHUNKS = 16                   # dW partial sums, added in order at the end (parallelism of backward)
+_CONV_PARALLEL_MIN_MACS = 1 << 20  # multiply-adds of a pass below which it runs serially (~20 us
+                                   # on one thread; a parallel launch costs 5-10 us idle)
+# A batch of one image is one block: it is split instead into _PARTS fixed parts, when the image's
+# forward product has at least _PARTS_MIN_MACS multiply-adds (below that a second thread saves
+# less than the hand-off): part p unfolds and computes the output rows [p*OH/_PARTS, (p+1)*OH/_PARTS)
+# in the forward and their partial dW (the partials summed in part order), and the dX of the input
+# channels [p*C/_PARTS, (p+1)*C/_PARTS) from all output rows (col2im would overlap across row
+# ranges). Splitting the filters instead made each part pack the whole unfolded input for BLAS:
+# half the product took 60-85 us of the whole one's 92 (B's conv2, one thread).
+_PARTS = 2
+_PARTS_MIN_MACS = 1 << 21
+
+
+def _conv_plan(N, C, H, W, F, K, S, P, itemsize):
+    """(WR, NB, NC, nblocks, G, PARTS): row width, images per block, columns per block, blocks, dW
+    chunks, parts per block. A function of the shapes only, so results do not depend on the thread
+    count."""
+    OH, OW = conv_out_size(H, K, S, P), conv_out_size(W, K, S, P)
+    WR = W + 2 * P if S == 1 else OW
+    per_image = (C * K * K + 1) * OH * WR * itemsize
+    NB = max(1, min(_BLOCK_BYTES // per_image, -(-N // _MIN_BLOCKS)))
+    nblocks = -(-N // NB)
+    parts = _PARTS if N == 1 and OH >= _PARTS and F * C * K * K * OH * WR >= _PARTS_MIN_MACS else 1
+    return WR, NB, NB * OH * WR, nblocks, (_PARTS if parts > 1 else min(nblocks, _DW_CHUNKS)), parts
+
 
 def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     """Scratch buffers for conv2d_forward/backward on inputs of x_shape (reuse across calls).
 
-    x_shape: (N, C, H, W), w_shape: (F, C, K, K) -> dict of arrays (WR = row width of a product
-    column block: W + 2P for stride 1 (wide rows), OW otherwise; M = N*OH*WR):
-      cols (CKK+1, M), prod (max(F, CKK), M), gt (F, M), wb (F, CKK+1), dwb (_SPLIT, F, CKK+1),
-      xp (N, C, (H+2P)*(W+2P) + K) padded planes (stride 1 only)
+    x_shape: (N, C, H, W), w_shape: (F, C, K, K) -> dict of arrays, one slot per Numba thread
+    (T = numba.config.NUMBA_NUM_THREADS; only the slots of threads that run touch memory), each
+    sized for one block of images (NC = images per block * OH * WR columns):
+      cols (T, CKK+1, NC), prod (T, max(F, CKK), NC), gt (T, F, NC), xp (T, (H+2P)*(W+2P) + K)
+      padded plane, dwp (G, F, CKK+1) dW partial sums, next (1,) int64 the slots' work counter;
+      "plan": the blocking (_conv_plan), "sizes": the checked sizes. Nothing in it carries data
+      between calls: layers may share these buffers (but for "next").
     """
-    N, C, H, W = x_shape
-    F, _, K, _ = w_shape
-    OH, OW = conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad)
-    WR = W + 2 * pad if stride == 1 else OW
-    CKK, M = C * K * K, N * OH * WR
-    xp_len = (H + 2 * pad) * (W + 2 * pad) + K if stride == 1 else 0
-    return {"cols": np.empty((CKK + 1, M), dtype), "prod": np.empty((max(F, CKK), M), dtype),
-            "gt": np.empty((F, M), dtype), "wb": np.empty((F, CKK + 1), dtype),
-            "dwb": np.empty((_SPLIT, F, CKK + 1), dtype), "xp": np.empty((N, C, xp_len), dtype),
-            "key": (tuple(x_shape), tuple(w_shape), stride, pad)}
-
-
-@njit(parallel=True, cache=True)
-def _im2col_kernel(cols, x, N, C, H, W, K, S, P, OH, OW):
-    # cols: (C*K*K + 1, N*OH*OW), x: (N, C, H, W)
-    # cols[(c*K+u)*K+v, n*OH*OW + i*OW + j] = x[n, c, i*S+u-P, j*S+v-P] (0 outside); last row = 1.
-    M = OH * OW
+    x_shape, w_shape = tuple(x_shape), tuple(w_shape)
+    sizes = _conv_sizes(x_shape, w_shape, w_shape[:1], stride, pad)
+    N, C, H, W, F, K, _, _, stride, pad = sizes
+    dtype = np.dtype(dtype)
+    WR, NB, NC, nblocks, G, parts = plan = _conv_plan(N, C, H, W, F, K, stride, pad, dtype.itemsize)
+    T = max(1, numba.config.NUMBA_NUM_THREADS)
     CKK = C * K * K
-    for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        if c == 0:
-            ones = cols[CKK, n * M:(n + 1) * M]
-            for q in range(M):
-                ones[q] = 1
-        for u in range(K):
-            i_lo, i_hi = _valid_range(u, S, P, H, OH)
-            for v in range(K):
-                j_lo, j_hi = _valid_range(v, S, P, W, OW)
-                row = cols[(c * K + u) * K + v, n * M:(n + 1) * M]
-                for i in range(OH):
-                    dst = row[i * OW:(i + 1) * OW]
-                    if i < i_lo or i >= i_hi:
-                        for j in range(OW):
-                            dst[j] = 0
-                        continue
-                    src = x[n, c, i * S + u - P]
-                    for j in range(j_lo):
-                        dst[j] = 0
-                    if S == 1:
-                        L = j_hi - j_lo
-                        if L > 0:
-                            _copy_run(dst[j_lo:j_hi], src[j_lo + v - P:j_hi + v - P], L)
-                    else:
-                        for j in range(j_lo, j_hi):
-                            dst[j] = src[j * S + v - P]
-                    for j in range(max(j_hi, j_lo), OW):
-                        dst[j] = 0
+    xp_len = (H + 2 * pad) * (W + 2 * pad) + K if stride == 1 else 1
+    return {"cols": np.empty((T, CKK + 1, NC), dtype), "prod": np.empty((T, max(F, CKK), NC), dtype),
+            "gt": np.empty((T, F, NC), dtype), "xp": np.empty((T, xp_len), dtype),
+            "dwp": np.empty((G, F, CKK + 1), dtype), "next": np.zeros(1, np.int64), "plan": plan,
+            "key": (x_shape, w_shape, stride, pad), "sizes": sizes}
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _copy_run(dst, src, L):
     # dst, src: (L,)
     for q in range(L):
         dst[q] = src[q]
 
 
-@njit(parallel=True, cache=True)
-def _col2im_kernel(dx, dcols, N, C, H, W, K, S, P, OH, OW):
-    # dx: (N, C, H, W), dcols: (C*K*K, N*OH*OW)
-    # dx[n,c,h,w] = sum over taps (u, v) in order of dcols[(c*K+u)*K+v, n, i, j] where h = i*S+u-P,
-    # w = j*S+v-P (a gather: each dx element is summed by one iteration in a fixed order).
-    M = OH * OW
-    for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        for h in range(H):
-            dst = dx[n, c, h]
-            for w in range(W):
-                dst[w] = 0
-            for u in range(K):
-                a = h + P - u                     # = i*S
-                if a < 0 or a % S != 0 or a // S >= OH:
-                    continue
-                i = a // S
-                for v in range(K):
-                    row = dcols[(c * K + u) * K + v, n * M + i * OW:n * M + (i + 1) * OW]
-                    if S == 1:
-                        j_lo, j_hi = _valid_range(v, 1, P, W, OW)   # j with 0 <= j+v-P < W
-                        L = j_hi - j_lo
-                        if L > 0:
-                            _add_into(dst[j_lo + v - P:j_hi + v - P], row[j_lo:j_hi], L)
-                    else:
-                        for w in range(W):
-                            bb = w + P - v
-                            if bb >= 0 and bb % S == 0 and bb // S < OW:
-                                dst[w] += row[bb // S]
-
-
-@njit(cache=True)
-def _mul_add(acc, a, b, L):
-    # acc, a, b: (L,);  acc += a * b elementwise
+@njit(cache=True, inline="always")
+def _zero_run(dst, L):
+    # dst: (L,)
     for q in range(L):
-        acc[q] += a[q] * b[q]
+        dst[q] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _fill_run(dst, value, L):
+    # dst: (L,)
+    for q in range(L):
+        dst[q] = value
+
+
+@njit(cache=True, inline="always")
 def _add_into(acc, a, L):
     # acc, a: (L,);  acc += a elementwise
     for q in range(L):
         acc[q] += a[q]
 
 
-@njit(cache=True)
-def _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc):
-    # Stride 1. cols: (C*K*K + 1, N*OH*Wp), xp: (N, C, Hp*Wp + K) scratch, x: (N, C, H, W)
-    # xp[n, c] is the zero-padded plane (plus K zeros of tail); then row (c, u, v) of image n is
-    # the run xp[n, c, u*Wp + v : u*Wp + v + OH*Wp]: column i*Wp + j holds xpad[i+u, j+v] for
-    # j < OW (the "wide" columns OW <= j < Wp hold neighbours and are dropped later). Last row = 1.
-    # one iteration (nc) of the loop in _im2col_wide_kernel / _im2col_wide_serial
+@njit(cache=True, inline="always")
+def _unfold_wide(cols, xp, x, n0, nb, i0, i1, C, H, W, K, P):
+    # Stride 1, output rows i0 <= i < i1 of images n0..n0+nb-1. cols: (>= C*K*K, >= nb*(i1-i0)*Wp) a
+    # slot's block, xp: (Hp*Wp + K,) plane scratch, x: (N, C, H, W). Image n0 + nl, channel c: xp
+    # is its zero-padded plane (plus K zeros of tail), then row (c, u, v) of the image is the run
+    # xp[u*Wp + v + i0*Wp : u*Wp + v + i1*Wp] (columns nl*(i1-i0)*Wp + (i-i0)*Wp + j).
+    Hp, Wp = H + 2 * P, W + 2 * P
+    Mw = (i1 - i0) * Wp
+    _zero_run(xp[:P * Wp + P], P * Wp + P)                   # top rows and the first left margin
+    for nl in range(nb):
+        for c in range(C):
+            for h in range(H):
+                o = (h + P) * Wp + P
+                _copy_run(xp[o:o + W], x[n0 + nl, c, h], W)
+                _zero_run(xp[o + W:o + W + 2 * P], 2 * P)    # right margin and the next left one
+            o = (H + P) * Wp + P
+            _zero_run(xp[o - P:], Hp * Wp + K - (o - P))     # bottom rows and the tail
+            for u in range(K):
+                for v in range(K):
+                    s0 = (u + i0) * Wp + v
+                    _copy_run(cols[(c * K + u) * K + v, nl * Mw:(nl + 1) * Mw], xp[s0:s0 + Mw], Mw)
+
+
+@njit(cache=True, inline="always")
+def _unfold_strided(cols, x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW):
+    # Any stride, output rows i0 <= i < i1. cols: (>= C*K*K, >= nb*(i1-i0)*OW) a slot's block,
+    # x: (N, C, H, W); cols[(c*K+u)*K+v, nl*(i1-i0)*OW + (i-i0)*OW + j] = x[n0+nl, c, i*S+u-P, j*S+v-P]
+    # (0 outside).
+    M = (i1 - i0) * OW
+    for nl in range(nb):
+        n = n0 + nl
+        for c in range(C):
+            for u in range(K):
+                i_lo, i_hi = _valid_range(u, S, P, H, OH)
+                for v in range(K):
+                    j_lo, j_hi = _valid_range(v, S, P, W, OW)
+                    row = cols[(c * K + u) * K + v, nl * M:(nl + 1) * M]
+                    for i in range(i0, i1):
+                        dst = row[(i - i0) * OW:(i - i0 + 1) * OW]
+                        if i < i_lo or i >= i_hi:
+                            _zero_run(dst, OW)
+                            continue
+                        src = x[n, c, i * S + u - P]
+                        for j in range(j_lo):
+                            dst[j] = 0
+                        for j in range(j_lo, j_hi):
+                            dst[j] = src[j * S + v - P]
+                        for j in range(max(j_hi, j_lo), OW):
+                            dst[j] = 0
+
+
+@njit(cache=True, inline="always")
+def _fold_wide(dx, xp, dcols, n0, nb, c0, c1, H, W, K, P, OH):
+    # Stride 1, the transpose of _unfold_wide, for channels c0 <= c < c1. dx: (N, C, H, W),
+    # xp: (Hp*Wp + K,) plane scratch, dcols: (>= (c1-c0)*K*K, >= nb*OH*Wp) zero in the wide columns,
+    # row ((c-c0)*K + u)*K + v. For image n0 + nl, channel c: xp[u*Wp + v + q] += dcols[(c, u, v),
+    # nl, q] over taps (u, v) in order, then cropped into dx.
     Hp, Wp = H + 2 * P, W + 2 * P
     Mw = OH * Wp
-    CKK = C * K * K
-    n = nc // C
-    c = nc % C
-    plane = xp[n, c]
-    for q in range(Hp * Wp + K):
-        plane[q] = 0
-    for h in range(H):
-        _copy_run(plane[(h + P) * Wp + P:(h + P) * Wp + P + W], x[n, c, h], W)
-    if c == 0:
-        ones = cols[CKK, n * Mw:(n + 1) * Mw]
-        for q in range(Mw):
-            ones[q] = 1
-    for u in range(K):
-        for v in range(K):
-            s0 = u * Wp + v
-            _copy_run(cols[(c * K + u) * K + v, n * Mw:(n + 1) * Mw], plane[s0:s0 + Mw], Mw)
+    L = Hp * Wp + K
+    for nl in range(nb):
+        for c in range(c0, c1):
+            r = (c - c0) * K * K
+            _copy_run(xp[:Mw], dcols[r, nl * Mw:(nl + 1) * Mw], Mw)    # tap (0, 0)
+            _zero_run(xp[Mw:], L - Mw)
+            for u in range(K):
+                for v in range(K):
+                    if u == 0 and v == 0:
+                        continue
+                    s0 = u * Wp + v
+                    _add_into(xp[s0:s0 + Mw], dcols[r + u * K + v, nl * Mw:(nl + 1) * Mw], Mw)
+            for h in range(H):
+                o = (h + P) * Wp + P
+                _copy_run(dx[n0 + nl, c, h], xp[o:o + W], W)
 
 
-@njit(parallel=True, cache=True)
-def _im2col_wide_kernel(cols, xp, x, N, C, H, W, K, P, OH):
-    for nc in prange(N * C):
-        _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc)
+@njit(cache=True, inline="always")
+def _fold_strided(dx, dcols, n0, nb, c0, c1, H, W, K, S, P, OH, OW):
+    # Any stride, the transpose of _unfold_strided, for channels c0 <= c < c1: dx: (N, C, H, W),
+    # dcols: (>= (c1-c0)*K*K, >= nb*OH*OW), row ((c-c0)*K + u)*K + v.
+    # dx[n,c,h,w] = sum over taps (u, v) in order of dcols[(c*K+u)*K+v, nl, i, j] where h = i*S+u-P,
+    # w = j*S+v-P (a gather: each dx element summed in one place, in a fixed order).
+    M = OH * OW
+    for nl in range(nb):
+        n = n0 + nl
+        for c in range(c0, c1):
+            for h in range(H):
+                dst = dx[n, c, h]
+                _zero_run(dst, W)
+                for u in range(K):
+                    a = h + P - u                     # = i*S
+                    if a < 0 or a % S != 0 or a // S >= OH:
+                        continue
+                    i = a // S
+                    for v in range(K):
+                        row = dcols[((c - c0) * K + u) * K + v, nl * M + i * OW:nl * M + (i + 1) * OW]
+                        for w in range(W):
+                            bb = w + P - v
+                            if bb >= 0 and bb % S == 0 and bb // S < OW:
+                                dst[w] += row[bb // S]
 
 
-@njit(cache=True)
-def _im2col_wide_serial(cols, xp, x, N, C, H, W, K, P, OH):
-    for nc in range(N * C):
-        _im2col_wide_body(cols, xp, x, N, C, H, W, K, P, OH, nc)
+@njit(cache=True, inline="always")
+def _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU):
+    # out: (N, F, OH, OW), prod: (>= F, >= nb*(i1-i0)*WR), b: (F,);  output rows i0 <= i < i1:
+    # out[n0+nl, f, i, j] = prod[f, nl*(i1-i0)*WR + (i-i0)*WR + j] + b[f], through ReLU when RELU
+    # ('v < 0 -> 0', as relu_forward: the ReLU layer fused into this pass)
+    for nl in range(nb):
+        for f in range(F):
+            bf = b[f]
+            base = nl * (i1 - i0) * WR - i0 * WR
+            for i in range(i0, i1):
+                src = prod[f, base + i * WR:base + i * WR + OW]
+                dst = out[n0 + nl, f, i]
+                if RELU:
+                    for j in range(OW):
+                        v = src[j] + bf
+                        dst[j] = 0 if v < 0 else v
+                else:
+                    for j in range(OW):
+                        dst[j] = src[j] + bf
 
 
-@njit(cache=True)
-def _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc):
-    # Stride 1, the transpose of _im2col_wide_kernel. dx: (N, C, H, W), dxp: (N, C, Hp*Wp + K)
-    # scratch, dcols: (C*K*K, N*OH*Wp), zero in the wide columns.
-    # dxp[n, c, u*Wp + v + q] += dcols[(c, u, v), n, q] over taps (u, v) in order, then cropped.
-    # one iteration (nc) of the loop in _col2im_wide_kernel / _col2im_wide_serial
-    Hp, Wp = H + 2 * P, W + 2 * P
-    Mw = OH * Wp
-    n = nc // C
-    c = nc % C
-    plane = dxp[n, c]
-    for q in range(Hp * Wp + K):
-        plane[q] = 0
-    for u in range(K):
-        for v in range(K):
-            s0 = u * Wp + v
-            _add_into(plane[s0:s0 + Mw], dcols[(c * K + u) * K + v, n * Mw:(n + 1) * Mw], Mw)
-    for h in range(H):
-        _copy_run(dx[n, c, h], plane[(h + P) * Wp + P:(h + P) * Wp + P + W], W)
-
-
-@njit(parallel=True, cache=True)
-def _col2im_wide_kernel(dx, dxp, dcols, N, C, H, W, K, P, OH):
-    for nc in prange(N * C):
-        _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc)
-
-
-@njit(cache=True)
-def _col2im_wide_serial(dx, dxp, dcols, N, C, H, W, K, P, OH):
-    for nc in range(N * C):
-        _col2im_wide_body(dx, dxp, dcols, N, C, H, W, K, P, OH, nc)
-
-
-@njit(cache=True)
-def _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf):
-    # out: (N, F, OH, OW), prod: (F, N*OH*WR);  out[n, f, i, j] = prod[f, n, i, j] for j < OW,
-    # through ReLU when RELU (the ReLU layer fused into this pass: 'v < 0 -> 0', as relu_forward)
-    # one iteration (nf) of the loop in _rows_to_nchw_kernel / _rows_to_nchw_serial
-    n = nf // F
-    f = nf % F
-    base = n * OH * WR
-    for i in range(OH):
-        if RELU:
-            _relu_run(out[n, f, i], prod[f, base + i * WR:base + i * WR + OW], OW)
-        else:
-            _copy_run(out[n, f, i], prod[f, base + i * WR:base + i * WR + OW], OW)
-
-
-@njit(cache=True)
-def _relu_run(dst, src, L):
-    # dst, src: (L,);  dst = relu(src)
-    for q in range(L):
-        v = src[q]
-        dst[q] = 0 if v < 0 else v
-
-
-@njit(parallel=True, cache=True)
-def _rows_to_nchw_kernel(out, prod, N, F, OH, OW, WR, RELU):
-    for nf in prange(N * F):
-        _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf)
-
-
-@njit(cache=True)
-def _rows_to_nchw_serial(out, prod, N, F, OH, OW, WR, RELU):
-    for nf in range(N * F):
-        _rows_to_nchw_body(out, prod, N, F, OH, OW, WR, RELU, nf)
-
-
-@njit(cache=True)
-def _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf):
-    # gt: (F, N*OH*WR), dout: (N, F, OH, OW);  gt[f, n, i, j] = dout[n, f, i, j], 0 for j >= OW
-    # one iteration (nf) of the loop in _nchw_to_rows_kernel / _nchw_to_rows_serial
-    n = nf // F
-    f = nf % F
-    base = n * OH * WR
-    for i in range(OH):
-        row = gt[f, base + i * WR:base + (i + 1) * WR]
-        _copy_run(row, dout[n, f, i], OW)
-        for j in range(OW, WR):
-            row[j] = 0
-
-
-@njit(parallel=True, cache=True)
-def _nchw_to_rows_kernel(gt, dout, N, F, OH, OW, WR):
-    for nf in prange(N * F):
-        _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf)
-
-
-@njit(cache=True)
-def _nchw_to_rows_serial(gt, dout, N, F, OH, OW, WR):
-    for nf in range(N * F):
-        _nchw_to_rows_body(gt, dout, N, F, OH, OW, WR, nf)
-
-
-@njit(cache=True)
-def _pack_wb_kernel(wb, w2, b, F, CKK):
-    # wb: (F, CKK+1), w2: (F, CKK), b: (F,);  wb = [w2 | b]
+@njit(cache=True, inline="always")
+def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
+    # gt: (>= F, >= nb*OH*WR), dout: (N, F, OH, OW);  gt[f, nl*OH*WR + i*WR + j] = dout[n0+nl, f, i, j],
+    # 0 for OW <= j < WR
     for f in range(F):
-        for r in range(CKK):
-            wb[f, r] = w2[f, r]
-        wb[f, CKK] = b[f]
+        for nl in range(nb):
+            base = nl * OH * WR
+            for i in range(OH):
+                row = gt[f, base + i * WR:base + (i + 1) * WR]
+                _copy_run(row, dout[n0 + nl, f, i], OW)
+                _zero_run(row[OW:], WR - OW)
+
+
+# The slots' work. A forward unit (a block of images, or with PARTS > 1 a part of the one image) is
+# (n0, nb, i0, i1): output rows i0 <= i < i1 of images n0..n0+nb-1. A backward unit adds the
+# [dW | db] of its rows into its chunk's dwp[g] (the chunk's first unit overwrites it) and computes
+# dx of input channels c0 <= c < c1 of its images; a chunk's units run in order on one thread.
+# The slots claim forward units, or backward chunks, from a shared counter (_claim): a thread that
+# waits for a time slice holds nobody back, and which thread did a unit changes no result (each
+# unit's results, and each chunk's sum, are computed the same way by any slot, in the slot's own
+# scratch). With PARTS > 1 (N = 1), part p has the output rows [b_p, b_(p+1)),
+# b_p = p*OH/PARTS rounded down to a multiple of ALIGN (the fused max-pool's stride, so that no
+# pooling window straddles two parts), its own chunk, and the input channels [p*C/PARTS,
+# (p+1)*C/PARTS).
+# The kernels come in two copies, wide (stride 1) and strided, so that each compiles only its own
+# unfold and fold (a flag argument compiled both: ~2-3 s more of a cold start; Numba's literal
+# dispatch re-typed every call, ~40 ms).
+@njit(cache=True, inline="always")
+def _part_rows(p, OH, PARTS, ALIGN):
+    lo = 0 if p == 0 else p * OH // PARTS // ALIGN * ALIGN
+    hi = OH if p == PARTS - 1 else (p + 1) * OH // PARTS // ALIGN * ALIGN
+    return lo, hi
+
+
+@njit(cache=True, inline="always")
+def _forward_unit(u, N, OH, NB, PARTS, ALIGN):
+    # Forward unit u (a block, or with PARTS > 1 a part) -> (n0, nb, i0, i1)
+    if PARTS > 1:
+        i0, i1 = _part_rows(u, OH, PARTS, ALIGN)
+        return 0, 1, i0, i1
+    n0 = u * NB
+    return n0, min(NB, N - n0), 0, OH
+
+
+@njit(cache=True, inline="always")
+def _chunk_blocks(g, N, NB, PARTS, G):
+    # The units of backward chunk g: blocks [lo, hi), summed in order into dwp[g]; with PARTS > 1
+    # chunk g is part g alone (unit g).
+    if PARTS > 1:
+        return g, g + 1
+    nblocks = -(-N // NB)
+    return g * nblocks // G, (g + 1) * nblocks // G
+
+
+@njit(cache=True, inline="always")
+def _backward_unit(u, N, C, OH, NB, PARTS, ALIGN):
+    # Backward unit u -> (n0, nb, i0, i1, c0, c1)
+    if PARTS > 1:
+        i0, i1 = _part_rows(u, OH, PARTS, ALIGN)
+        return 0, 1, i0, i1, u * C // PARTS, (u + 1) * C // PARTS
+    n0 = u * NB
+    return n0, min(NB, N - n0), 0, OH, 0, C
+
+
+@njit(cache=True, inline="always")
+def _conv_product(out, pool_out, argmax, cols, prod, w2, b, n0, nb, i0, i1, F, CKK, OH, OW, WR, RELU, POOL, PK, PS,
+                  PH, PW):
+    # The forward of a block whose cols are unfolded: prod = w2 @ cols, the epilogue (bias, ReLU)
+    # into out, and with POOL the max-pool (window PK, stride PS <= ... see conv2d_forward) of the
+    # rows just written into pool_out and argmax (PH x PW pooled planes), while they are in cache.
+    # out: (N, F, OH, OW), pool_out, argmax: (N, F, PH, PW), cols: (>= CKK, NC), prod: (>= F, NC),
+    # w2: (F, CKK), b: (F,)
+    NC = cols.shape[1]
+    _gemm(prod, w2, cols, F, nb * (i1 - i0) * WR, CKK, NC, CKK, NC, False, False, 0.0)
+    _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU)
+    if POOL:
+        p0 = -(-i0 // PS)
+        p1 = PH if i1 == OH else max(p0, min(PH, (i1 - PK) // PS + 1))
+        for nl in range(nb):
+            for f in range(F):
+                _maxpool_rows(pool_out, argmax, out, n0 + nl, f, p0, p1, OW, PK, PS, PW)
+
+
+@njit(cache=True, nogil=True)
+def _conv_forward_wide(out, pool_out, argmax, cols, prod, xp, nxt, x, w2, b, N, C, H, W, F, K, P, OH, OW, WR, NB,
+                       PARTS, RELU, POOL, PK, PS, PH, PW, s, T):
+    # Stride 1. out: (N, F, OH, OW), pool_out, argmax: (N, F, PH, PW) (with POOL), cols: (>T, CKK+1,
+    # NC), prod: (>T, >= F, NC), xp: (>T, Hp*Wp+K) scratch, x: (N, C, H, W), w2: (F, CKK), b: (F,).
+    # Slot s of T (see the slots' work above).
+    U = PARTS if PARTS > 1 else -(-N // NB)
+    u = _claim(nxt)
+    while u < U:
+        n0, nb, i0, i1 = _forward_unit(u, N, OH, NB, PARTS, PS if POOL else 1)
+        _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
+        _conv_product(out, pool_out, argmax, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OH, OW, WR, RELU,
+                      POOL, PK, PS, PH, PW)
+        u = _claim(nxt)
+
+
+@njit(cache=True, nogil=True)
+def _conv_forward_strided(out, pool_out, argmax, cols, prod, nxt, x, w2, b, N, C, H, W, F, K, S, P, OH, OW, NB,
+                          PARTS, RELU, POOL, PK, PS, PH, PW, s, T):
+    # Any stride; as _conv_forward_wide without the plane scratch (WR = OW).
+    U = PARTS if PARTS > 1 else -(-N // NB)
+    u = _claim(nxt)
+    while u < U:
+        n0, nb, i0, i1 = _forward_unit(u, N, OH, NB, PARTS, PS if POOL else 1)
+        _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
+        _conv_product(out, pool_out, argmax, cols[s], prod[s], w2, b, n0, nb, i0, i1, F, C * K * K, OH, OW, OW, RELU,
+                      POOL, PK, PS, PH, PW)
+        u = _claim(nxt)
+
+
+@njit(cache=True, inline="always")
+def _unpool_rows(gt, dpool, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, PW, MASK):
+    # The max-pool's backward straight into the block's rows: gt: (>= F, >= nb*OH*WR) zeroed, then
+    # gt[f, nl*OH*WR + h*WR + w] += dpool[n, f, i, j] (times pooled > 0 when MASK: the ReLU before
+    # the pool) at the winner (h, w) of window (i, j), windows in row-major order, as
+    # maxpool2d_backward. dpool, argmax, pooled: (N, F, PH, PW); argmax: flat index h*OW + w.
+    for f in range(F):
+        for nl in range(nb):
+            n = n0 + nl
+            base = nl * OH * WR
+            _zero_run(gt[f, base:base + OH * WR], OH * WR)
+            for i in range(PH):
+                drow = dpool[n, f, i]
+                arow = argmax[n, f, i]
+                prow = pooled[n, f, i]
+                for j in range(PW):
+                    g = drow[j]
+                    if MASK:
+                        g = g * (prow[j] > 0)
+                    k = arow[j] - (i * PS * OW + j * PS)        # within the window: dh*OW + dw
+                    dh = 0
+                    for _ in range(PK - 1):                     # selects: the winner's row is data
+                        t = k >= OW
+                        dh = dh + 1 if t else dh
+                        k = k - OW if t else k
+                    gt[f, base + (i * PS + dh) * WR + j * PS + k] += g
+
+
+@njit(cache=True, inline="always")
+def _conv_grad_products(dwp, cols, prod, gt, dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F, CKK, KK, OH, OW,
+                        WR, BETA, NEED_DX, POOL, MASK, PK, PS, PH, PW):
+    # The backward of a block whose cols are unfolded (output rows i0..i1; a row range only with
+    # nb = 1): gt = the block's output gradient (every row: dout's, or with POOL the max-pool's
+    # backward of dout), dwp (F, CKK+1) = BETA * dwp + gt[rows] @ cols.T (the ones row gives db),
+    # and when NEED_DX prod[:(c1-c0)*KK] = w2[:, channels c0..c1].T @ gt.
+    # cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), dout: (N, F, OH, OW) or with POOL
+    # (N, F, PH, PW) as argmax and pooled, w2: (F, CKK)
+    NC = cols.shape[1]
+    R = i1 - i0
+    _fill_run(cols[CKK], 1, nb * R * WR)
+    if POOL:
+        _unpool_rows(gt, dout, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, PW, MASK)
+    else:
+        _gather_dout(gt, dout, n0, nb, F, OH, OW, WR)
+    _gemm(dwp, gt.reshape(F * NC)[i0 * WR:], cols, F, CKK + 1, nb * R * WR, CKK + 1, NC, NC, False, True, BETA)
+    if NEED_DX and c1 > c0:
+        _gemm(prod, w2.reshape(F * CKK)[c0 * KK:], gt, (c1 - c0) * KK, nb * OH * WR, F, NC, CKK, NC, True, False,
+              0.0)
+
+
+@njit(cache=True, nogil=True)
+def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, nxt, dout, argmax, pooled, x, w2, N, C, H, W, F, K, P, OH, OW,
+                        WR, NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
+    # Stride 1. dx: (N, C, H, W), dwp: (G, F, CKK+1) partial [dW | db] sums, cols: (>T, CKK+1, NC),
+    # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW), or
+    # with POOL the pooled output's gradient (N, F, PH, PW) as argmax and pooled, x: (N, C, H, W),
+    # w2: (F, CKK).  Slot s of T (see the slots' work above); chunk g's units are summed in order
+    # into dwp[g].
+    G = dwp.shape[0]
+    g = _claim(nxt)
+    while g < G:
+        lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
+        for u in range(lo, hi):
+            n0, nb, i0, i1, c0, c1 = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1)
+            _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
+            _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1,
+                                F, C * K * K, K * K, OH, OW, WR, 0.0 if u == lo else 1.0, NEED_DX, POOL, MASK, PK, PS,
+                                PH, PW)
+            if NEED_DX and c1 > c0:
+                _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
+        g = _claim(nxt)
+
+
+@njit(cache=True, nogil=True)
+def _conv_backward_strided(dx, dwp, cols, prod, gt, nxt, dout, argmax, pooled, x, w2, N, C, H, W, F, K, S, P, OH,
+                           OW, NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
+    # Any stride; as _conv_backward_wide without the plane scratch (WR = OW).
+    G = dwp.shape[0]
+    g = _claim(nxt)
+    while g < G:
+        lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
+        for u in range(lo, hi):
+            n0, nb, i0, i1, c0, c1 = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1)
+            _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
+            _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1,
+                                F, C * K * K, K * K, OH, OW, OW, 0.0 if u == lo else 1.0, NEED_DX, POOL, MASK, PK, PS,
+                                PH, PW)
+            if NEED_DX and c1 > c0:
+                _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
+        g = _claim(nxt)
 
 
 @njit(cache=True)
-def _unpack_wb_kernel(dw2, db, dwb, F, CKK, B):
-    # dw2: (F, CKK), db: (F,), dwb: (>= B, F, CKK+1) partial sums;  [dw2 | db] = sum_k dwb[k], k in order
+def _sum_chunks(dw2, db, dwp, F, CKK):
+    # dw2: (F, CKK), db: (F,), dwp: (G, F, CKK+1) partial sums;  [dw2 | db] = sum_g dwp[g], g in order
+    G = dwp.shape[0]
     for f in range(F):
-        for r in range(CKK):
-            s = dwb[0, f, r]
-            for k in range(1, B):
-                s += dwb[k, f, r]
-            dw2[f, r] = s
-        s = dwb[0, f, CKK]
-        for k in range(1, B):
-            s += dwb[k, f, CKK]
-        db[f] = s
+        for r in range(CKK + 1):
+            s = dwp[0, f, r]
+            for g in range(1, G):
+                s += dwp[g, f, r]
+            if r < CKK:
+                dw2[f, r] = s
+            else:
+                db[f] = s
 
 
 def _conv_work(work, x_shape, w_shape, stride, pad, dt):
+    """The workspace for these shapes: ``work`` checked, or a new one (then the shapes are checked)."""
     if work is None:
         return conv2d_workspace(x_shape, w_shape, stride, pad, dt)
-    if work["key"] != (tuple(x_shape), tuple(w_shape), stride, pad) or work["cols"].dtype != dt:
+    if work["key"] != (x_shape, w_shape, stride, pad) or work["cols"].dtype != dt:
         raise ValueError(f"conv2d: work was made for {work['key']} {work['cols'].dtype}, "
                          f"not {(tuple(x_shape), tuple(w_shape), stride, pad)} {np.dtype(dt)}")
     return work
 
 
-def _im2col(work, x, N, C, H, W, K, S, P, OH, OW):
-    if S == 1:
-        kernel = _im2col_wide_kernel if _parallel(work["cols"].size) else _im2col_wide_serial
-        kernel(work["cols"], work["xp"], x, N, C, H, W, K, P, OH)
-    else:
-        _im2col_kernel(work["cols"], x, N, C, H, W, K, S, P, OH, OW)
+def _conv_slots(work, units, macs):
+    """Thread slots for a conv pass: Numba's thread count when there are several units of work
+    (blocks, chunks or parts) and enough multiply-adds, else 1."""
+    if macs < _CONV_PARALLEL_MIN_MACS:
+        return 1
+    return max(1, min(_num_threads(), units, work["cols"].shape[0]))
 
 
-def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
+_NO_ARGMAX = np.zeros((1, 1, 1, 1), np.int32)      # stands in for argmax when no max-pool is fused
+
+
+def _pool_sizes(pool, OH, OW, work):
+    """(PK, PS, PH, PW) of a max-pool (window, stride) on an OH x OW conv output (kept in work)."""
+    key = ("pool", pool)
+    if key in work:
+        return work[key]
+    PK, PS = (int(v) for v in pool)
+    PH, PW = conv_out_size(OH, PK, PS, 0), conv_out_size(OW, PK, PS, 0)
+    if PK < 1 or PS < 1 or PH < 1 or PW < 1:
+        raise ValueError(f"conv2d: max-pool window {PK} stride {PS} does not fit the conv output {OH}x{OW}")
+    work[key] = PK, PS, PH, PW
+    return work[key]
+
+
+def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False, pool=None, pool_out=None, argmax=None):
     """out[n,f,i,j] = b[f] + sum_{c,u,v} w[f,c,u,v] * xpad[n,c,i*S+u,j*S+v]
 
     x: (N, C, H, W), w: (F, C, K, K), b: (F,)  ->  out: (N, F, OH, OW)
-    work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype); its cols are left filled.
+    work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype) (scratch only).
     relu: return relu_forward(out) instead (a following ReLU layer fused into the output pass).
+    pool: (window, stride) of a max-pool applied to the (ReLU'd) output, fused in: returns
+    (out, pool_out, argmax) = (out, *maxpool2d_forward(out, window, stride)), pool_out and argmax
+    (N, F, PH, PW) written into the given buffers. Pooled while each block's output is in cache
+    when window <= stride (no window straddles two blocks), else in a second pass.
     """
     x = _input(x)
     dt = _float_dtype(x)
     w, b = _input(w, dt), _input(b, dt)
-    N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, b.shape, stride, pad)
+    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)      # shapes checked once per workspace
+    N, C, H, W, F, K, OH, OW, stride, pad = work["sizes"]
+    if b.shape != (F,):
+        raise ValueError(f"conv2d: shapes do not match: w {w.shape}, b {b.shape}")
     out = _output(out, (N, F, OH, OW), dt, "out")
-    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
+    WR, NB, _, nblocks, _, parts = work["plan"]
     CKK = C * K * K
-    WR = W + 2 * pad if stride == 1 else OW
-    _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
-    _pack_wb_kernel(work["wb"], w.reshape(F, CKK), b, F, CKK)
-    prod, cols, wb = work["prod"][:F], work["cols"], work["wb"]
-    blocks = _blocks(cols.shape[1], F * (CKK + 1))
-    _products.run([(wb, cols[:, lo:hi], prod[:, lo:hi]) for lo, hi in blocks])   # (F, N*OH*WR)
-    (_rows_to_nchw_kernel if _parallel(prod.size) else _rows_to_nchw_serial)(out, prod, N, F, OH, OW, WR, bool(relu))
-    return out
+    fuse = pool is not None
+    if fuse:
+        PK, PS, PH, PW = _pool_sizes(tuple(pool), OH, OW, work)
+        pool_out = _output(pool_out, (N, F, PH, PW), dt, "pool_out")
+        argmax = _output(argmax, (N, F, PH, PW), np.int32, "argmax")
+        fuse = PK <= PS
+    if not fuse:
+        PK, PS, PH, PW = 1, 1, 1, 1
+    po, am = (pool_out, argmax) if fuse else (out, _NO_ARGMAX)
+    T = _conv_slots(work, max(nblocks, parts), N * OH * WR * F * CKK)
+    w2, relu = w.reshape(F, CKK), bool(relu)
+    nxt = work["next"]
+    nxt[0] = 0
+    with _one_thread_blas:
+        if stride == 1:
+            _team.run(_conv_forward_wide, (out, po, am, work["cols"], work["prod"], work["xp"], nxt, x, w2, b, N, C, H,
+                                           W, F, K, pad, OH, OW, WR, NB, parts, relu, fuse, PK, PS, PH, PW), T, True)
+        else:
+            _team.run(_conv_forward_strided, (out, po, am, work["cols"], work["prod"], nxt, x, w2, b, N, C, H, W, F,
+                                              K, stride, pad, OH, OW, NB, parts, relu, fuse, PK, PS, PH, PW), T, True)
+    if pool is None:
+        return out
+    if not fuse:                             # overlapping windows: pooled in a second pass
+        maxpool2d_forward(out, pool[0], pool[1], out=pool_out, argmax=argmax)
+    return out, pool_out, argmax
 
 
-def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
+def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None, pool=None,
+                    argmax=None, relu_pooled=None):
     """Gradients of conv2d_forward; with need_dx=False (first layer) dx is skipped and None.
 
     dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K)
     -> dx: (N, C, H, W) or None, dw: (F, C, K, K), db: (F,)
-    work: the workspace that the forward pass of this same x filled (its cols are reused);
-    without it the cols are recomputed.
+    work: optional conv2d_workspace(x.shape, w.shape, S, P, dtype) (scratch only).
+    pool: the forward's fused max-pool (window, stride): dout is then the gradient of its output
+    (N, F, PH, PW), argmax the forward's, and relu_pooled the forward's pool_out when the ReLU was
+    fused too: the gradients of conv2d(...) of maxpool2d_backward(dout, argmax, ..., relu_pooled),
+    the pool's backward scattered straight into each block's rows (no conv-output-sized gradient).
     """
     x = _input(x)
     dt = _float_dtype(x)
     dout, w = _input(dout, dt), _input(w, dt)
-    N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, (w.shape[0],), stride, pad)
-    if dout.shape != (N, F, OH, OW):
-        raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
+    work = _conv_work(work, x.shape, w.shape, stride, pad, dt)      # shapes checked once per workspace
+    N, C, H, W, F, K, OH, OW, stride, pad = work["sizes"]
+    fuse = pool is not None
+    if fuse:
+        PK, PS, PH, PW = _pool_sizes(tuple(pool), OH, OW, work)
+        argmax = _input(argmax, np.int32)
+        pooled = dout if relu_pooled is None else _input(relu_pooled, dt)
+        if dout.shape != (N, F, PH, PW) or argmax.shape != dout.shape or pooled.shape != dout.shape:
+            raise ValueError(f"conv2d_backward: pooled gradient {dout.shape}, argmax {argmax.shape}, relu_pooled "
+                             f"{pooled.shape}: expected {(N, F, PH, PW)}")
+        if PK > PS:                          # overlapping windows: the pool's backward in a pass of its own
+            dout = maxpool2d_backward(dout, argmax, (N, F, OH, OW), relu_pooled=relu_pooled)
+            fuse = False
+    if not fuse:
+        PK, PS, PH, PW = 1, 1, 1, 1
+        argmax, pooled = _NO_ARGMAX, dout
+        if dout.shape != (N, F, OH, OW):
+            raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
     dw = _output(dw, (F, C, K, K), dt, "dw")
     db = _output(db, (F,), dt, "db")
+    WR, NB, _, nblocks, G, parts = work["plan"]
     CKK = C * K * K
-    WR = W + 2 * pad if stride == 1 else OW
-    if work is None:
-        work = _conv_work(None, x.shape, w.shape, stride, pad, dt)
-        _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
-    else:
-        work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
-    gt, dwb, cols = work["gt"], work["dwb"], work["cols"]
-    to_rows = _nchw_to_rows_kernel if _parallel(gt.size) else _nchw_to_rows_serial
-    to_rows(gt, dout, N, F, OH, OW, WR)                            # (F, N*OH*WR), 0 in wide columns
-    blocks = _blocks(cols.shape[1], F * (CKK + 1))                # partial [dW | db] per block,
-    _products.run([(gt[:, lo:hi], cols[:, lo:hi].T, dwb[k]) for k, (lo, hi) in enumerate(blocks)])
-    _unpack_wb_kernel(dw.reshape(F, CKK), db, dwb, F, CKK, len(blocks))   # summed in block order
-    if not need_dx:
-        return None, dw, db
-    dx = _output(dx, (N, C, H, W), dt, "dx")
-    dcols = work["prod"][:CKK]
-    wt = w.reshape(F, CKK).T
-    _products.run([(wt, gt[:, lo:hi], dcols[:, lo:hi]) for lo, hi in _blocks(gt.shape[1], F * CKK)])  # (CKK, N*OH*WR)
-    if stride == 1:
-        kernel = _col2im_wide_kernel if _parallel(dcols.size) else _col2im_wide_serial
-        kernel(dx, work["xp"], dcols, N, C, H, W, K, pad, OH)
-    else:
-        _col2im_kernel(dx, dcols, N, C, H, W, K, stride, pad, OH, OW)
+    dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
+    T = _conv_slots(work, max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1))
+    dxa, w2, need_dx, mask = dx if need_dx else x, w.reshape(F, CKK), bool(need_dx), relu_pooled is not None
+    nxt = work["next"]
+    nxt[0] = 0
+    with _one_thread_blas:
+        if stride == 1:
+            _team.run(_conv_backward_wide, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], work["xp"], nxt,
+                                            dout, argmax, pooled, x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts,
+                                            need_dx, fuse, mask, PK, PS, PH, PW), T, True)
+        else:
+            _team.run(_conv_backward_strided, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], nxt, dout,
+                                               argmax, pooled, x, w2, N, C, H, W, F, K, stride, pad, OH, OW, NB, parts,
+                                               need_dx, fuse, mask, PK, PS, PH, PW), T, True)
+    _sum_chunks(dw.reshape(F, CKK), db, work["dwp"], F, CKK)
     return dx, dw, db
-
-
-# Per-sample weight gradients (the gradient-noise instruments): the dW product of conv2d_backward
-# with the batch kept apart. Image n owns the columns n*Mn .. (n+1)*Mn of gt and cols (Mn = OH*WR),
-# so its [dW | db] is gt[:, block n] @ cols[:, block n].T, an (F, Mn) x (Mn, CKK+1) product: a stack
-# of N products, one BLAS call each (numpy's matmul over the stacked strided views), the stack split
-# into the _blocks fixed by the shapes and run as the conv products are (_Products: OpenBLAS at one
-# thread, the blocks on a thread pool). The same multiply-adds as the batch dW product. Measured
-# (A's conv2 at batch 32, float32, busy machine): 2.7 ms, against 67 ms for a Numba kernel of
-# lane-blocked dot products over the same runs (prange over images) and 210 ms for one stacked
-# matmul with OpenBLAS's own two threads.
-def conv2d_weight_grad_per_sample(dout, x, w, stride, pad, dw=None, db=None, work=None):
-    """Per-sample weight gradients of conv2d: conv2d_backward's dw, db before the sum over the batch.
-
-    dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K) (only its shape is used)
-    -> dw: (N, F, C, K, K), db: (N, F)
-    work: the workspace that the forward pass of this same x filled (its cols are reused; its
-    transient gt is overwritten); without it the cols are recomputed.
-    """
-    x = _input(x)
-    dt = _float_dtype(x)
-    dout = _input(dout, dt)
-    N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, (w.shape[0],), stride, pad)
-    if dout.shape != (N, F, OH, OW):
-        raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
-    dw = _output(dw, (N, F, C, K, K), dt, "dw")
-    db = _output(db, (N, F), dt, "db")
-    CKK = C * K * K
-    WR = W + 2 * pad if stride == 1 else OW
-    if work is None:
-        work = _conv_work(None, x.shape, w.shape, stride, pad, dt)
-        _im2col(work, x, N, C, H, W, K, stride, pad, OH, OW)
-    else:
-        work = _conv_work(work, x.shape, w.shape, stride, pad, dt)
-    gt, cols = work["gt"], work["cols"]
-    (_nchw_to_rows_kernel if _parallel(gt.size) else _nchw_to_rows_serial)(gt, dout, N, F, OH, OW, WR)
-    Mn = OH * WR
-    a = gt.reshape(F, N, Mn).transpose(1, 0, 2)                    # (N, F, Mn): image n's dout rows
-    b = cols.reshape(CKK + 1, N, Mn).transpose(1, 2, 0)            # (N, Mn, CKK+1): its im2col, transposed
-    dwb = np.empty((N, F, CKK + 1), dt)                            # [dW | db] per image
-    _products.run([(a[lo:hi], b[lo:hi], dwb[lo:hi]) for lo, hi in _blocks(N, F * (CKK + 1) * Mn)])
-    dw.reshape(N, F, CKK)[...] = dwb[:, :, :CKK]
-    db[...] = dwb[:, :, CKK]
-    return dw, db
 
 
 def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
@@ -628,34 +986,34 @@ def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
 
 
 # --------------------------------------------------------------------------- max-pool
-@njit(cache=True)
-def _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc):
-    # out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32, x: (N, C, H, W)
-    # Strict '>' while scanning the window row-major: on ties the first element wins.
-    # One iteration (nc) of the loop in _maxpool2d_forward_kernel / _maxpool2d_forward_serial.
-    # Indexing 1-D row views (not x[n, c, h, w]) and a 2x2 special case: 2-3x faster (NOTES.md).
-    n = nc // C
-    c = nc % C
-    for i in range(OH):
+@njit(cache=True, inline="always")
+def _maxpool_rows(out, argmax, x, n, c, i0, i1, W, K, S, OW):
+    # Pooled rows i0 <= i < i1 of plane (n, c). out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32,
+    # x: (N, C, H, W). Strict '>' while scanning the window row-major: on ties the first element
+    # wins. Indexing 1-D row views (not x[n, c, h, w]) and a 2x2 special case: 2-3x faster (NOTES.md).
+    for i in range(i0, i1):
         h0 = i * S
         orow = out[n, c, i]
         arow = argmax[n, c, i]
         if K == 2:
             r0 = x[n, c, h0]
             r1 = x[n, c, h0 + 1]
-            for j in range(OW):
+            for j in range(OW):          # selects, not branches: 1.4x (mispredicted on real data)
                 w0 = j * S
                 best = r0[w0]
                 k = 0
-                if r0[w0 + 1] > best:
-                    best = r0[w0 + 1]
-                    k = 1
-                if r1[w0] > best:
-                    best = r1[w0]
-                    k = W
-                if r1[w0 + 1] > best:
-                    best = r1[w0 + 1]
-                    k = W + 1
+                v = r0[w0 + 1]
+                t = v > best
+                best = v if t else best
+                k = 1 if t else k
+                v = r1[w0]
+                t = v > best
+                best = v if t else best
+                k = W if t else k
+                v = r1[w0 + 1]
+                t = v > best
+                best = v if t else best
+                k = W + 1 if t else k
                 orow[j] = best
                 arow[j] = h0 * W + w0 + k
         else:
@@ -674,25 +1032,21 @@ def _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc):
                 arow[j] = best_idx
 
 
-@njit(parallel=True, cache=True)
-def _maxpool2d_forward_kernel(out, argmax, x, N, C, H, W, K, S, OH, OW):
-    for nc in prange(N * C):
-        _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc)
+@njit(cache=True, nogil=True)
+def _maxpool2d_forward_slot(out, argmax, x, N, C, H, W, K, S, OH, OW, s, T):
+    # out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32, x: (N, C, H, W);
+    # slot s of T: planes [s*N*C//T, (s+1)*N*C//T)
+    for nc in range(s * N * C // T, (s + 1) * N * C // T):
+        _maxpool_rows(out, argmax, x, nc // C, nc % C, 0, OH, W, K, S, OW)
 
 
-@njit(cache=True)
-def _maxpool2d_forward_serial(out, argmax, x, N, C, H, W, K, S, OH, OW):
-    for nc in range(N * C):
-        _maxpool2d_forward_body(out, argmax, x, N, C, H, W, K, S, OH, OW, nc)
-
-
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc):
     # dx: (N, C, H, W), dout: (N, C, OH, OW), argmax: (N, C, OH, OW), pooled: (N, C, OH, OW)
     # One iteration per plane (n, c); overlapping windows add up in row-major output order.
     # MASK: the input came from a ReLU; its backward is fused in: a gradient reaches the winner
     # only where the pooled value (= the ReLU's output there) is > 0, as relu_backward.
-    # one iteration (nc) of the loop in _maxpool2d_backward_kernel / _maxpool2d_backward_serial
+    # one plane (nc) of _maxpool2d_backward_slot
     n = nc // C
     c = nc % C
     plane = dx[n, c].reshape(H * W)
@@ -710,15 +1064,10 @@ def _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK,
                 plane[arow[j]] += drow[j]
 
 
-@njit(parallel=True, cache=True)
-def _maxpool2d_backward_kernel(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK):
-    for nc in prange(N * C):
-        _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc)
-
-
-@njit(cache=True)
-def _maxpool2d_backward_serial(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK):
-    for nc in range(N * C):
+@njit(cache=True, nogil=True)
+def _maxpool2d_backward_slot(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, s, T):
+    # slot s of T: planes [s*N*C//T, (s+1)*N*C//T)
+    for nc in range(s * N * C // T, (s + 1) * N * C // T):
         _maxpool2d_backward_body(dx, dout, argmax, pooled, N, C, H, W, OH, OW, MASK, nc)
 
 
@@ -739,8 +1088,7 @@ def maxpool2d_forward(x, k, stride, out=None, argmax=None):
         raise ValueError(f"maxpool2d: window {k} does not fit input {H}x{W}")
     out = _output(out, (N, C, OH, OW), dt, "out")
     argmax = _output(argmax, (N, C, OH, OW), np.int32, "argmax")
-    kernel = _maxpool2d_forward_kernel if _parallel(x.size) else _maxpool2d_forward_serial
-    kernel(out, argmax, x, N, C, H, W, k, stride, OH, OW)
+    _team.run(_maxpool2d_forward_slot, (out, argmax, x, N, C, H, W, k, stride, OH, OW), min(_threads(x.size), N * C))
     return out, argmax
 
 
@@ -761,44 +1109,29 @@ def maxpool2d_backward(dout, argmax, x_shape, dx=None, relu_pooled=None, k=None,
                          f"do not match x {tuple(x_shape)}")
     _, _, OH, OW = dout.shape
     dx = _output(dx, (N, C, H, W), dt, "dx")
-    kernel = _maxpool2d_backward_kernel if _parallel(dx.size) else _maxpool2d_backward_serial
     mask = relu_pooled is not None
     pooled = _input(relu_pooled, dt) if mask else dout
     if pooled.shape != dout.shape:
         raise ValueError(f"maxpool2d_backward: relu_pooled {pooled.shape} does not match dout {dout.shape}")
-    kernel(dx, dout, argmax, pooled, N, C, H, W, OH, OW, mask)
+    _team.run(_maxpool2d_backward_slot, (dx, dout, argmax, pooled, N, C, H, W, OH, OW, mask),
+              min(_threads(dx.size), N * C))
     return dx
 
 
 # --------------------------------------------------------------------------- ReLU
-@njit(parallel=True, cache=True)
-def _relu_forward_kernel(out, x, size):
-    # out: (size,), x: (size,)  (flat views of any shape)
+@njit(cache=True, nogil=True)
+def _relu_forward_slot(out, x, size, s, T):
+    # out: (size,), x: (size,)  (flat views of any shape); slot s of T: [s*size//T, (s+1)*size//T)
     # 'x < 0' rather than 'x > 0' so that NaN and -0.0 pass through, as np.maximum(x, 0) does.
-    for p in prange(size):
+    for p in range(s * size // T, (s + 1) * size // T):
         v = x[p]
         out[p] = 0 if v < 0 else v
 
 
-@njit(cache=True)
-def _relu_forward_serial(out, x, size):
-    # out: (size,), x: (size,);  the serial twin of _relu_forward_kernel
-    for p in range(size):
-        v = x[p]
-        out[p] = 0 if v < 0 else v
-
-
-@njit(parallel=True, cache=True)
-def _relu_backward_kernel(dx, dout, out, size):
-    # dx: (size,), dout: (size,), out: (size,)  (flat views of any shape)
-    for p in prange(size):
-        dx[p] = dout[p] * (out[p] > 0)
-
-
-@njit(cache=True)
-def _relu_backward_serial(dx, dout, out, size):
-    # dx: (size,), dout: (size,), out: (size,);  the serial twin of _relu_backward_kernel
-    for p in range(size):
+@njit(cache=True, nogil=True)
+def _relu_backward_slot(dx, dout, out, size, s, T):
+    # dx: (size,), dout: (size,), out: (size,)  (flat views of any shape); slot s of T as above
+    for p in range(s * size // T, (s + 1) * size // T):
         dx[p] = dout[p] * (out[p] > 0)
 
 
@@ -807,8 +1140,7 @@ def relu_forward(x, out=None):
     x = _input(x)
     dt = _float_dtype(x)
     out = _output(out, x.shape, dt, "out")
-    kernel = _relu_forward_kernel if _parallel(x.size) else _relu_forward_serial
-    kernel(out.reshape(-1), x.reshape(-1), x.size)
+    _team.run(_relu_forward_slot, (out.reshape(-1), x.reshape(-1), x.size), _threads(x.size))
     return out
 
 
@@ -820,89 +1152,35 @@ def relu_backward(dout, out, dx=None):
     if out.shape != dout.shape:
         raise ValueError(f"relu_backward: dout {dout.shape} and out {out.shape} differ")
     dx = _output(dx, dout.shape, dt, "dx")
-    kernel = _relu_backward_kernel if _parallel(dout.size) else _relu_backward_serial
-    kernel(dx.reshape(-1), dout.reshape(-1), out.reshape(-1), dout.size)
+    _team.run(_relu_backward_slot, (dx.reshape(-1), dout.reshape(-1), out.reshape(-1), dout.size), _threads(dout.size))
     return dx
 
 
 # --------------------------------------------------------------------------- dense
-# Large products run on one-thread BLAS, as the convolutions' (see _Products): one call per
-# product, so each element's sum runs in an order fixed by the shapes. The Numba loops below were
-# 4-5x slower than sgemm there (B's fc at batch 32, x: 32 x 4096, w: 10 x 4096: forward and
-# backward 1.49 ms against 0.34 ms), but they win on tiny products, where a BLAS call's fixed cost
-# dominates (A's fc at batch 1: 0.028 against 0.10 ms). _BLAS_MIN: N*D*O from which BLAS is used.
-_BLAS_MIN = 1 << 16
-#
-# A dot product summed one term after another is a chain of dependent adds that cannot be
-# vectorised without reassociation (fastmath). Instead each dot keeps LANES partial sums (lane l
-# takes d = LANES*k + l), added up in lane order at the end: fixed order, vectorisable.
-# LANES is passed in at run time on purpose: as a literal, LLVM unrolls the lane loop fully and
-# then fails to vectorise it (measured 2-4x slower).
-_DOT_LANES = 32
+# The products run on one-thread BLAS through _gemm (one call per product, so each element's sum
+# runs in an order fixed by the shapes). Called from inside Numba, a BLAS call costs ~1 us: it beat
+# the lane-blocked Numba dot loops kept here before even at batch 1 (A's fc, forward and backward:
+# 15 us against 27; B's: 22 against 63), so those are gone.
 
 
 @njit(cache=True)
-def _dense_forward_body(out, x, w, b, N, D, O, LANES, n):
-    # out: (N, O), x: (N, D), w: (O, D), b: (O,);   out[n,o] = dot(x[n], w[o]) + b[o]
-    # one iteration (n) of the loop in _dense_forward_serial
-    DL = D - D % LANES
-    acc = np.empty(LANES, dtype=out.dtype)
-    xr = x[n, :DL].reshape((DL // LANES, LANES))
-    for o in range(O):
-        wr = w[o, :DL].reshape((DL // LANES, LANES))
-        acc[:] = 0
-        for k in range(DL // LANES):
-            _mul_add(acc, xr[k], wr[k], LANES)
-        s = acc[0]
-        for lane in range(1, LANES):
-            s += acc[lane]
-        for d in range(DL, D):
-            s += x[n, d] * w[o, d]
-        out[n, o] = s + b[o]
-
-
-@njit(cache=True)
-def _dense_forward_serial(out, x, w, b, N, D, O, LANES):
+def _dense_forward_blas(out, x, w, b, N, D, O):
+    # out: (N, O), x: (N, D), w: (O, D), b: (O,);   out = x @ w.T + b
+    _gemm(out, x, w, N, O, D, O, D, D, False, True, 0.0)
     for n in range(N):
-        _dense_forward_body(out, x, w, b, N, D, O, LANES, n)
+        _add_into(out[n], b, O)
 
 
 @njit(cache=True)
-def _dense_backward_dx_body(dx, dout, w, N, D, O, n):
-    # dx: (N, D), dout: (N, O), w: (O, D);   dx[n] = sum_o dout[n,o] * w[o], in o order.
-    # one iteration (n) of the loop in _dense_backward_dx_serial
-    for d in range(D):
-        dx[n, d] = 0
-    for o in range(O):
-        g = dout[n, o]
-        for d in range(D):
-            dx[n, d] += g * w[o, d]
-
-
-@njit(cache=True)
-def _dense_backward_dx_serial(dx, dout, w, N, D, O):
-    for n in range(N):
-        _dense_backward_dx_body(dx, dout, w, N, D, O, n)
-
-
-@njit(cache=True)
-def _dense_backward_dw_body(dw, db, dout, x, N, D, O, o):
-    # dw: (O, D), db: (O,), dout: (N, O), x: (N, D);   dw[o] = sum_n dout[n,o] * x[n], in n order.
-    # one iteration (o) of the loop in _dense_backward_dw_serial
-    db[o] = 0
-    for d in range(D):
-        dw[o, d] = 0
-    for n in range(N):
-        g = dout[n, o]
-        db[o] += g
-        for d in range(D):
-            dw[o, d] += g * x[n, d]
-
-
-@njit(cache=True)
-def _dense_backward_dw_serial(dw, db, dout, x, N, D, O):
-    for o in range(O):
-        _dense_backward_dw_body(dw, db, dout, x, N, D, O, o)
+def _dense_backward_blas(dx, dw, db, dout, x, w, N, D, O, NEED_DX):
+    # dx: (N, D) (not written unless NEED_DX), dw: (O, D), db: (O,), dout: (N, O), x: (N, D), w: (O, D)
+    # dw = dout.T @ x, db = sum of dout's rows in n order, dx = dout @ w
+    _gemm(dw, dout, x, O, D, N, D, O, D, True, False, 0.0)
+    _copy_run(db, dout[0], O)
+    for n in range(1, N):
+        _add_into(db, dout[n], O)
+    if NEED_DX:
+        _gemm(dx, dout, w, N, D, O, D, O, D, False, False, 0.0)
 
 
 def dense_forward(x, w, b, out=None):
@@ -912,11 +1190,8 @@ def dense_forward(x, w, b, out=None):
     w, b = _input(w, dt), _input(b, dt)
     N, D, O = _dense_sizes(x.shape, w.shape, b.shape)
     out = _output(out, (N, O), dt, "out")
-    if N * D * O < _BLAS_MIN:
-        _dense_forward_serial(out, x, w, b, N, D, O, _DOT_LANES)
-        return out
-    _products.run([(x, w.T, out)])
-    out += b
+    with _one_thread_blas:
+        _dense_forward_blas(out, x, w, b, N, D, O)
     return out
 
 
@@ -930,65 +1205,10 @@ def dense_backward(dout, x, w, dx=None, dw=None, db=None, need_dx=True):
         raise ValueError(f"dense_backward: expected dout of shape {(N, O)}, got {dout.shape}")
     dw = _output(dw, (O, D), dt, "dw")
     db = _output(db, (O,), dt, "db")
-    small = N * D * O < _BLAS_MIN
-    if small:
-        _dense_backward_dw_serial(dw, db, dout, x, N, D, O)
-    else:
-        _products.run([(dout.T, x, dw)])
-        np.sum(dout, axis=0, out=db)
-    if not need_dx:
-        return None, dw, db
-    dx = _output(dx, (N, D), dt, "dx")
-    if small:
-        _dense_backward_dx_serial(dx, dout, w, N, D, O)
-    else:
-        _products.run([(dout, w, dx)])
+    dx = _output(dx, (N, D), dt, "dx") if need_dx else None
+    with _one_thread_blas:
+        _dense_backward_blas(dx if need_dx else x, dw, db, dout, x, w, N, D, O, need_dx)
     return dx, dw, db
-
-
-@njit(cache=True)
-def _dense_weight_grad_per_sample_body(dw, db, dout, x, N, D, O, n):
-    # dw: (N, O, D), db: (N, O), dout: (N, O), x: (N, D);  dw[n, o] = dout[n, o] * x[n], db[n] = dout[n]
-    # one iteration (n) of the loop in _dense_weight_grad_per_sample_kernel / _serial
-    for o in range(O):
-        g = dout[n, o]
-        db[n, o] = g
-        row = dw[n, o]
-        xr = x[n]
-        for d in range(D):
-            row[d] = g * xr[d]
-
-
-@njit(parallel=True, cache=True)
-def _dense_weight_grad_per_sample_kernel(dw, db, dout, x, N, D, O):
-    for n in prange(N):
-        _dense_weight_grad_per_sample_body(dw, db, dout, x, N, D, O, n)
-
-
-@njit(cache=True)
-def _dense_weight_grad_per_sample_serial(dw, db, dout, x, N, D, O):
-    for n in range(N):
-        _dense_weight_grad_per_sample_body(dw, db, dout, x, N, D, O, n)
-
-
-def dense_weight_grad_per_sample(dout, x, dw=None, db=None):
-    """Per-sample weight gradients of the dense layer: dense_backward's dw, db before the batch sum.
-
-    dout: (N, O), x: (N, D) -> dw: (N, O, D) with dw[n] = outer(dout[n], x[n]), db: (N, O) = dout
-    """
-    x = _input(x)
-    dt = _float_dtype(x)
-    dout = _input(dout, dt)
-    if x.ndim != 2 or dout.ndim != 2 or dout.shape[0] != x.shape[0]:
-        raise ValueError(f"dense_weight_grad_per_sample: dout {dout.shape} and x {x.shape} do not match")
-    N, D = x.shape
-    O = dout.shape[1]
-    dw = _output(dw, (N, O, D), dt, "dw")
-    db = _output(db, (N, O), dt, "db")
-    kernel = (_dense_weight_grad_per_sample_kernel if _parallel(dw.size)
-              else _dense_weight_grad_per_sample_serial)
-    kernel(dw, db, dout, x, N, D, O)
-    return dw, db
 
 
 def _dense_sizes(x_shape, w_shape, b_shape):
@@ -1096,3 +1316,47 @@ def segment_dots(pairs, bounds):
     for i, (a, b) in enumerate(pairs):
         _segment_dots_kernel(out, i, a, b, bounds)
     return out
+
+
+# --------------------------------------------------------------------------- per-sample weight gradients
+# The gradient-noise instruments (minicnn.noise) need each image's own weight gradient. For a conv,
+# image n's is exactly conv2d_backward's dw, db on a batch of that one image: the same kernels (and
+# the same blocked products), one image at a time, without the input gradient. For a dense layer it
+# is an outer product (no sum: every element is one multiplication, so numpy computes it exactly).
+def conv2d_weight_grad_per_sample(dout, x, w, stride, pad, dw=None, db=None, work=None):
+    """Per-sample weight gradients of conv2d: conv2d_backward's dw, db before the sum over the batch.
+
+    dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K) -> dw: (N, F, C, K, K), db: (N, F)
+    work: not used (each image gets a workspace of its own size).
+    """
+    x = _input(x)
+    dt = _float_dtype(x)
+    dout, w = _input(dout, dt), _input(w, dt)
+    N, C, H, W, F, K, OH, OW, stride, pad = _conv_sizes(x.shape, w.shape, (w.shape[0],), stride, pad)
+    if dout.shape != (N, F, OH, OW):
+        raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
+    dw = _output(dw, (N, F, C, K, K), dt, "dw")
+    db = _output(db, (N, F), dt, "db")
+    one = conv2d_workspace((1, C, H, W), w.shape, stride, pad, dt)
+    for n in range(N):
+        conv2d_backward(dout[n:n + 1], x[n:n + 1], w, stride, pad, dw=dw[n], db=db[n], need_dx=False, work=one)
+    return dw, db
+
+
+def dense_weight_grad_per_sample(dout, x, dw=None, db=None):
+    """Per-sample weight gradients of the dense layer: dense_backward's dw, db before the batch sum.
+
+    dout: (N, O), x: (N, D) -> dw: (N, O, D) with dw[n] = outer(dout[n], x[n]), db: (N, O) = dout
+    """
+    x = _input(x)
+    dt = _float_dtype(x)
+    dout = _input(dout, dt)
+    if x.ndim != 2 or dout.ndim != 2 or dout.shape[0] != x.shape[0]:
+        raise ValueError(f"dense_weight_grad_per_sample: dout {dout.shape} and x {x.shape} do not match")
+    N, D = x.shape
+    O = dout.shape[1]
+    dw = _output(dw, (N, O, D), dt, "dw")
+    db = _output(db, (N, O), dt, "db")
+    np.multiply(dout[:, :, None], x[:, None, :], out=dw)
+    db[...] = dout
+    return dw, db

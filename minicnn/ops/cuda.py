@@ -50,6 +50,7 @@ from .ref import conv_out_size
 
 # The Network applies ReLUs as their own kernels (the fused forms are accepted, for the contract).
 FUSES_RELU = False
+FUSES_POOL = False           # conv2d_forward(pool=...) runs the pool as a second kernel
 
 # --------------------------------------------------------------------------- launch configuration
 # The only place launch sizes are chosen. The kernels read their block size from cuda.blockDim, so
@@ -713,9 +714,14 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     return None
 
 
-def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
+def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False, pool=None, pool_out=None, argmax=None):
     """x: (N, C, H, W), w: (F, C, K, K), b: (F,) -> out: (N, F, OH, OW) (device arrays).
-    relu: return relu(out) (applied in place after the product; FUSES_RELU is False here)."""
+    relu: return relu(out) (applied in place after the product; FUSES_RELU is False here).
+    pool: (window, stride): also max-pool it, -> (out, pool_out, argmax) (a second kernel here;
+    FUSES_POOL is False)."""
+    if pool is not None:
+        res = conv2d_forward(x, w, b, stride, pad, out=out, relu=relu)
+        return (res, *maxpool2d_forward(res, pool[0], pool[1], out=pool_out, argmax=argmax))
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     OH, OW = conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad)
@@ -729,9 +735,17 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     return out
 
 
-def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
+def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None, pool=None,
+                    argmax=None, relu_pooled=None):
     """dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K)
-    -> dx: (N, C, H, W) (None when need_dx is False), dw: (F, C, K, K), db: (F,)."""
+    -> dx: (N, C, H, W) (None when need_dx is False), dw: (F, C, K, K), db: (F,).
+    pool: the forward's max-pool (window, stride): dout is the pooled output's gradient, taken
+    back through maxpool2d_backward first (into a temporary conv-output-sized array)."""
+    if pool is not None:
+        N, _, H, W = x.shape
+        F, _, K, _ = w.shape
+        shape = (N, F, conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad))
+        dout = maxpool2d_backward(dout, argmax, shape, relu_pooled=relu_pooled, k=pool[0], stride=pool[1])
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     _, _, OH, OW = dout.shape

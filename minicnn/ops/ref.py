@@ -21,6 +21,7 @@ import numpy as np
 
 # The reference computes every layer on its own: the Network does not fuse ReLUs into it.
 FUSES_RELU = False
+FUSES_POOL = False
 
 
 def _into(buf, value):
@@ -44,12 +45,17 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     return None
 
 
-def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
+def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False, pool=None, pool_out=None, argmax=None):
     """out[n,f,i,j] = b[f] + sum_{c,u,v} w[f,c,u,v] * xpad[n,c,i*S+u,j*S+v]
 
     x: (N, C, H, W), w: (F, C, K, K), b: (F,)  ->  out: (N, F, OH, OW)
     relu: return relu_forward(out) instead.
+    pool: (window, stride): also max-pool the result, returning (out, pool_out, argmax) as
+    (out, *maxpool2d_forward(out, window, stride, out=pool_out, argmax=argmax)).
     """
+    if pool is not None:
+        res = conv2d_forward(x, w, b, stride, pad, out=out, relu=relu)
+        return (res, *maxpool2d_forward(res, pool[0], pool[1], out=pool_out, argmax=argmax))
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     OH, OW = conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad)
@@ -62,12 +68,20 @@ def conv2d_forward(x, w, b, stride, pad, out=None, work=None, relu=False):
     return _into(out, relu_forward(res) if relu else res)
 
 
-def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None):
+def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=True, work=None, pool=None,
+                    argmax=None, relu_pooled=None):
     """Gradients of conv2d_forward.
 
     dout: (N, F, OH, OW), x: (N, C, H, W), w: (F, C, K, K)
     -> dx: (N, C, H, W) (None when need_dx is False), dw: (F, C, K, K), db: (F,)
+    pool: the forward's fused max-pool (window, stride): dout is the gradient of the pooled
+    output, and the conv's is maxpool2d_backward(dout, argmax, ..., relu_pooled=relu_pooled).
     """
+    if pool is not None:
+        N, _, H, W = x.shape
+        F, _, K, _ = w.shape
+        shape = (N, F, conv_out_size(H, K, stride, pad), conv_out_size(W, K, stride, pad))
+        dout = maxpool2d_backward(dout, argmax, shape, relu_pooled=relu_pooled, k=pool[0], stride=pool[1])
     N, C, H, W = x.shape
     F, _, K, _ = w.shape
     _, _, OH, OW = dout.shape
