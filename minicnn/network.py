@@ -372,12 +372,12 @@ class FlatViews(list):
         made this several us slower, and loss_and_grads calls it every step)."""
         views = cls([flat[a:b].reshape(s) for a, b, s in layout])
         views.flat_buffer = flat
-        views._views = tuple(views)
+        views.originals = tuple(views)          # the views as made (see buffer)
         return views
 
     def buffer(self):
         """flat_buffer, or None when an element was replaced since (then it no longer covers the list)."""
-        if len(self) != len(self._views) or not all(map(operator.is_, self, self._views)):
+        if len(self) != len(self.originals) or not all(map(operator.is_, self, self.originals)):
             return None
         return self.flat_buffer
 
