@@ -37,9 +37,10 @@ def inspect_command(run_dir, at_step, context, plot, max_events, verify, verify_
     run = load_run(run_dir)
     d = diagnose(run)
     cfg = run.config.get("config", {})
-    click.echo(f"run: {run.path}  ({run.config.get('spec', '?')}, lr {cfg.get('lr')}, "
+    click.echo(f"run: {run.path}  ({run.config.get('spec') or run.config.get('model', '?')}, lr {cfg.get('lr')}, "
                f"{len(run.steps.get('step', []))} steps, "
                f"{run.summary.get('status', 'no summary: still running or killed')})")
+    echo_source(run)
     click.echo("diagnosis: " + d.text)
     echo_events(d.events, max_events)
     if at_step is not None:
@@ -66,6 +67,17 @@ def inspect_command(run_dir, at_step, context, plot, max_events, verify, verify_
         click.echo(v.text)
         if v.png:
             click.echo(f"figure: {v.png}")
+
+
+def echo_source(run):
+    """For a run recorded outside minicnn: by what, and what it could not measure."""
+    source = run.config.get("source")
+    if not source:
+        return
+    opt = run.config.get("optimizer", {}).get("class")
+    click.echo(f"recorded by {source}" + (f" ({run.config.get('model')}, {opt})" if opt else ""))
+    for what, why in run.config.get("unavailable", {}).items():
+        click.echo(f"  not measured: {what}: {why}")
 
 
 def echo_events(events, max_rows):
