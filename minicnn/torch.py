@@ -40,6 +40,7 @@ import numpy as np
 
 from minicnn.errors import ConfigError
 from minicnn.network import Network
+from minicnn.ops.ref import logit_stats
 
 ACCEPTED_LAYERS = "Conv2d, ReLU, MaxPool2d, Flatten, Linear"
 ACCEPTED_DICTS = ("a state_dict saved with torch.save(model.state_dict(), path) from the same nn.Sequential "
@@ -403,7 +404,7 @@ STATS_SAMPLES = 2000
 LOSS_MATCH_RTOL = 1e-4
 # a validation set given as an (x, y) pair is evaluated in batches of this many samples (as Network.evaluate)
 EVAL_BATCH = 500
-# the dot products of the step's vectors: a pair of rows of the step buffer each (see StepVectors)
+# the rows of the step buffer (see StepVectors)
 ROW = {"g": 0, "w": 1, "d": 2, "p": 3, "x": 4}
 
 
@@ -454,29 +455,29 @@ def torch_layers(model, optimizer):
 
 
 class StepVectors:
-    """One step's vectors in a (5, P) buffer where the parameters live: g (the gradient the optimizer
-    used), w (the weights before the step), d (the update), p (the previous step's gradient), x
-    (scratch); per-segment dot products of pairs of rows in float64 (torch.segment_reduce: each
-    segment summed on its own). Segments: the trace's layers, then the other parameters.
+    """One step's vectors as the rows of a float64 (5, P) buffer where the parameters live: g (the
+    gradient the optimizer used), w (the weights before the step), d (the update), p (the previous
+    step's gradient), x (scratch). Per segment (the trace's layers, then the other parameters) one
+    matrix product of the rows g, w, d, p with themselves gives every dot product the trace needs
+    (the Gram matrix: <g,g>, <w,w>, <d,d>, <g,p>, <p,p>, <g,d>), each segment summed on its own.
 
         vec.before()          # optimizer pre-step hook: copies g and w
         vec.after()           # post-step hook: d = w_after - w
-        vec.dots(("gg", "ww", "dd", "gp"))   # {pair: (S,) float64 array}
+        vec.dots()            # {"gg": (S,) float64 array, "ww", "dd", "gp", "pp", "gd"}
         vec.remember_gradient()
     """
 
     def __init__(self, params, lengths):
         torch = _import_torch()
         self.torch, self.params = torch, list(params)
-        ref = self.params[0]
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        self.buf = torch.zeros(len(ROW), sum(lengths), dtype=dtype, device=ref.device)
-        self.lengths = torch.tensor(lengths, device=ref.device)
-        self.zeros = [torch.zeros(p.numel(), dtype=dtype, device=ref.device) for p in self.params]
-        self.index = {}
+        device = self.params[0].device
+        self.buf = torch.zeros(len(ROW), sum(lengths), dtype=torch.float64, device=device)
+        self.zeros = [torch.zeros(p.numel(), dtype=torch.float64, device=device) for p in self.params]
+        edges = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+        self.segments = [self.buf[:ROW["x"], a:b] for a, b in zip(edges[:-1], edges[1:])]    # (4, n_s) views
 
     def flat(self, tensors, row):
-        """Copy tensors (None: zeros) into a row, in parameter order."""
+        """Copy tensors (None: zeros) into a row, in parameter order, as float64."""
         parts = [z if t is None else (t.to_dense() if t.is_sparse else t).detach().reshape(-1)
                  for t, z in zip(tensors, self.zeros)]
         self.torch.cat(parts, out=self.buf[ROW[row]])
@@ -492,22 +493,15 @@ class StepVectors:
     def remember_gradient(self):
         self.buf[ROW["p"]].copy_(self.buf[ROW["g"]])
 
-    def dots(self, names):
-        """{name: (S,) float64 per-segment sums of row a * row b} for names like "gd" (a, b rows)."""
-        torch = self.torch
-        if names not in self.index:
-            left = torch.tensor([ROW[n[0]] for n in names], device=self.buf.device)
-            right = torch.tensor([ROW[n[1]] for n in names], device=self.buf.device)
-            self.index[names] = (left, right, self.lengths.expand(len(names), -1).contiguous())
-        left, right, lengths = self.index[names]
-        prod = self.buf[left].double() * self.buf[right].double()
-        out = torch.segment_reduce(prod, "sum", lengths=lengths, axis=1).cpu().numpy()
-        return dict(zip(names, out))
+    def dots(self):
+        """{pair: (S,) float64 per-segment dot products}, pairs gg ww dd gp pp gd (one transfer)."""
+        gram = self.torch.stack([v @ v.T for v in self.segments]).cpu().numpy()      # (S, 4, 4)
+        return {a + b: gram[:, ROW[a], ROW[b]] for a, b in ("gg", "ww", "dd", "gp", "pp", "gd")}
 
     def dot_update(self, grads):
         """<grads, d> over all parameters, in float64 (grads: one per parameter, None for zero)."""
         self.flat(grads, "x")
-        return float(self.buf[ROW["x"]].double() @ self.buf[ROW["d"]].double())
+        return float(self.buf[ROW["x"]] @ self.buf[ROW["d"]])
 
 
 class _Capture:
@@ -588,7 +582,7 @@ class Recorder:
         self.buffers = list(model.buffers())
         self.train_seen, self.probe_seen, self.slot, self.mode = _Capture(), _Capture(), None, None
         self.step_count, self.optimizer_steps, self.stepped, self.prepared = 0, 0, False, -1
-        self.lr, self.probed, self.prev_gg, self.layout, self.steps_log = None, {}, None, None, None
+        self.lr, self.probed, self.remembered, self.layout, self.steps_log = None, {}, False, None, None
         self.input_shape, self.num_classes, self.net, self.unavailable = None, None, None, {}
         self.stats = {"n": 0, "count": 0, "sum": 0.0, "sumsq": 0.0, "min": math.inf, "max": -math.inf,
                       "labels": np.zeros(0, np.int64)}
@@ -630,7 +624,7 @@ class Recorder:
     def on_relu(self, module, args, output):
         if self.slot is not None and self.torch.is_tensor(output) and output.dim() > 0 and len(output):
             a = output.detach().reshape(output.shape[0], -1)
-            self.slot.relus.append((a.amax(0).count_nonzero(), a.shape[1]))     # ReLU outputs are >= 0
+            self.slot.relus.append((a.sum(0).count_nonzero(), a.shape[1]))   # >= 0: alive iff its sum > 0
 
     def on_forward_end(self, module, args, output):
         if self.slot is not None:
@@ -697,12 +691,10 @@ class Recorder:
         rec.update(self.dead(self.train_seen, "dead."))
         if not (self.stepped and self.vectors is not None):
             return rec
-        names = ("gg", "ww", "dd", "gp") + (("gd",) if self.level == "full" else ())
-        dots = self.vectors.dots(names)
-        dots["pp"] = self.prev_gg if self.prev_gg is not None else np.zeros_like(dots["gg"])
-        rec.update(step_norms(self.layout, dots, cos=self.prev_gg is not None))
-        self.prev_gg = dots["gg"]
+        dots = self.vectors.dots()
+        rec.update(step_norms(self.layout, dots, cos=self.remembered))
         self.vectors.remember_gradient()
+        self.remembered = True
         if self.level == "full" and "loss_after" not in self.unavailable:
             rec.update(self.same_batch(loss, inputs, targets, float(dots["gd"].sum())))
         return rec
@@ -761,20 +753,19 @@ class Recorder:
 
     def logit_stats(self, logits, targets):
         """Largest |logit|, mean softmax entropy, share predicted as the top class and (for class-index
-        targets) accuracy of a batch's (N, L) logits, as minicnn's ops.logit_stats; one transfer."""
+        targets) accuracy of a batch's (N, L) logits: minicnn's ops.ref.logit_stats on a float64 host copy."""
         torch = self.torch
         if logits.dim() != 2 or not len(logits):
             return {}
-        z = logits.double()
-        logp = torch.log_softmax(z, 1)
-        pred = z.argmax(1)
-        vals = [z.abs().max(), -(logp.exp() * logp).sum(1).mean(),
-                torch.bincount(pred, minlength=z.shape[1]).max().double() / len(z)]
-        keys = ["logit_max", "entropy", "top_class_share"]
-        if _class_indices(torch, targets, len(z)):
-            vals.append((pred == targets.to(pred.device)).double().mean())
-            keys.append("batch_acc")
-        return dict(zip(keys, torch.stack(vals).tolist()))
+        z = logits.detach().to("cpu", torch.float64).numpy()
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        labelled = _class_indices(torch, targets, len(z))
+        y = targets.detach().cpu().numpy() if labelled else np.full(len(z), -1)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            rec = logit_stats(z, e / e.sum(axis=1, keepdims=True), y)
+        if not labelled:
+            del rec["batch_acc"]
+        return rec
 
     def dead(self, seen, prefix):
         """{prefix + relu<i>: share of units zero on every sample} of a capture's ReLU calls."""
@@ -989,10 +980,11 @@ class Recorder:
         if st["n"] >= STATS_SAMPLES or not torch.is_tensor(inputs) or not inputs.is_floating_point():
             return
         x = inputs.detach()
-        lo, hi, s, s2 = torch.stack([x.min().double(), x.max().double(), x.double().sum(),
-                                     x.double().square().sum()]).tolist()
-        st.update(min=min(st["min"], lo), max=max(st["max"], hi), sum=st["sum"] + s, sumsq=st["sumsq"] + s2,
-                  count=st["count"] + x.numel(), n=st["n"] + len(x))
+        var, mean = torch.var_mean(x, correction=0)
+        lo, hi, var, mean = torch.stack([*torch.aminmax(x), var, mean]).tolist()
+        n = x.numel()
+        st.update(min=min(st["min"], lo), max=max(st["max"], hi), sum=st["sum"] + mean * n,
+                  sumsq=st["sumsq"] + (var + mean * mean) * n, count=st["count"] + n, n=st["n"] + len(x))
         if _class_indices(torch, targets, len(x)):
             c = torch.bincount(targets.detach().cpu()).numpy()
             n = max(len(c), len(st["labels"]))

@@ -76,6 +76,11 @@ def lr_spike(s, T):
     if T is None or T == 0:
         return None
     lr = s.t("lr")
+    if not s.onset_is_a_step:          # T marks a period (learned, then worse): the first jump in it, if any
+        with np.errstate(invalid="ignore"):
+            ups = np.flatnonzero(lr[T:][1:] > lr[T:][:-1]) + T + 1
+        jumps = [j for j in ups if lr[j] >= LR_SPIKE_FACTOR * s.median_before("lr", j)]
+        T = int(jumps[0]) if jumps else T
     before = s.median_before("lr", T)
     if not (np.isfinite(before) and before > 0 and lr[T] >= LR_SPIKE_FACTOR * before):
         return None
@@ -120,8 +125,8 @@ def init_scale(s, T):
     ev = [f"largest |logit| at step 0: {logit:.4g} (a fresh network with PyTorch's init gives O(1))"]
     if np.isfinite(first):
         ev.append(f"first loss {first:.4g} against ln {s.classes} = {math.log(s.classes):.3f}")
-    scale = s.cfg.get("init_scale", 1.0)
-    return Cause("init_scale", f"an initialisation far too large (init scale {scale:g})", ev,
+    scale = f" (init scale {s.cfg['init_scale']:g})" if "init_scale" in s.cfg else ""
+    return Cause("init_scale", f"an initialisation far too large{scale}", ev,
                  "initialise at PyTorch's default scale (--init torch --init-scale 1)",
                  {"kind": "restart", "config": {"init": "torch", "init_scale": 1.0}})
 
@@ -255,6 +260,6 @@ def find_cause(lv, verdict, T, config, onset_is_a_step=True):
     s = Signs(lv, config, onset_is_a_step)
     for test in CANDIDATES.get(verdict, ()):
         cause = test(s, T)
-        if cause is not None:
+        if cause is not None and cause.evidence:      # a cause the record shows nothing of is not named
             return cause
     return NO_CAUSE
