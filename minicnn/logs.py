@@ -351,16 +351,18 @@ def evidence_gaps(run):
     recorded PyTorch loop), and what a full trace would add. Empty when nothing the diagnosis
     reads is missing."""
     cols, ev = set(run.steps), run.evals
-    lines = []
+    trace = []
     if not any(c.startswith("update_ratio.") for c in cols):
-        lines.append("no per-layer gradient, weight and update sizes: the decisive step is read from the loss "
+        trace.append("no per-layer gradient, weight and update sizes: the decisive step is read from the loss "
                      "alone, and a learning rate too high or too low cannot be told from the size of the steps")
     if "loss_after" not in cols:
-        lines.append("no loss after each step on its own batch: an overshooting step shows only when the next "
+        trace.append("no loss after each step on its own batch: an overshooting step shows only when the next "
                      "batches' losses spike")
-    if not any(c.startswith("probe_") for c in cols):
-        lines.append("no dead units or predictions on held-out images: a collapse onto a plateau (dead ReLUs, a "
+    probed = any(c.startswith("probe_") for c in cols)
+    if not probed:
+        trace.append("no dead units or predictions on held-out images: a collapse onto a plateau (dead ReLUs, a "
                      "constant prediction) cannot be told apart from instability or slow learning")
+    lines = list(trace)
     if "lr" not in cols:
         lines.append("no learning rate: a jump in the schedule cannot be named as the cause")
     if not len(ev.get("val_loss", [])) or not np.isfinite(ev["val_loss"]).any():
@@ -369,13 +371,13 @@ def evidence_gaps(run):
     if not math.isfinite(h):
         lines.append("the number of classes is unknown (--classes K): a loss at ln K, a constant prediction's, "
                      "is not recognised")
-    elif len(run.steps.get("loss", [])):
+    elif not probed and len(run.steps.get("loss", [])):
         tail = run.steps["loss"][-COLLAPSE_MIN_STEPS:]
         tail = tail[np.isfinite(tail)]
         if len(tail) and abs(float(np.median(tail)) - h) < COLLAPSE_LOSS_TOL:
             lines.append(f"the loss ended at {np.median(tail):.3g}, near ln {math.exp(h):.0f} = {h:.3g}, a constant "
                          f"prediction's loss: possibly a collapse, which only held-out predictions can confirm")
-    if lines:
+    if trace:
         lines.append("a full trace adds the missing per-step evidence: record the loop with minicnn.torch.Recorder("
                      "model, optimizer, out=DIR, level='full', probe=(x_val[:256], y_val[:256])), then minicnn "
                      "inspect DIR")

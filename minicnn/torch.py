@@ -473,6 +473,7 @@ class StepVectors:
         device = self.params[0].device
         self.buf = torch.zeros(len(ROW), sum(lengths), dtype=torch.float64, device=device)
         self.zeros = [torch.zeros(p.numel(), dtype=torch.float64, device=device) for p in self.params]
+        self.views = None
         edges = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
         self.segments = [self.buf[:ROW["x"], a:b] for a, b in zip(edges[:-1], edges[1:])]    # (4, n_s) views
 
@@ -482,12 +483,23 @@ class StepVectors:
                  for t, z in zip(tensors, self.zeros)]
         self.torch.cat(parts, out=self.buf[ROW[row]])
 
+    def weights(self, row):
+        """Copy the parameters into a row (through flat views of their storage, made once and
+        remade when a parameter's storage changed, e.g. after model.to())."""
+        if self.views is None or any(v.data_ptr() != p.data_ptr() for v, p in zip(self.views, self.params)):
+            self.views = ([p.detach().reshape(-1) for p in self.params]
+                          if all(p.is_contiguous() for p in self.params) else None)
+        if self.views is None:
+            self.flat(self.params, row)
+        else:
+            self.torch.cat(self.views, out=self.buf[ROW[row]])
+
     def before(self):
         self.flat([p.grad for p in self.params], "g")
-        self.flat(self.params, "w")
+        self.weights("w")
 
     def after(self):
-        self.flat(self.params, "x")
+        self.weights("x")
         self.torch.sub(self.buf[ROW["x"]], self.buf[ROW["w"]], out=self.buf[ROW["d"]])
 
     def remember_gradient(self):
@@ -576,6 +588,7 @@ class Recorder:
                                                                               if others else [])
         self.vectors = StepVectors(params, lengths) if level != "off" and params else None
         self.device = params[0].device if params else torch.device("cpu")
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.probe_x, self.probe_y = self.on_device(probe) if probe is not None else (None, None)
         self.weight_modules = [m for m in model.modules()
                                if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear))]
@@ -583,7 +596,7 @@ class Recorder:
         self.train_seen, self.probe_seen, self.slot, self.mode = _Capture(), _Capture(), None, None
         self.step_count, self.optimizer_steps, self.stepped, self.prepared = 0, 0, False, -1
         self.lr, self.probed, self.remembered, self.layout, self.steps_log = None, {}, False, None, None
-        self.input_shape, self.num_classes, self.net, self.unavailable = None, None, None, {}
+        self.input_shape, self.num_classes, self.net, self.unavailable, self.batch_size = None, None, None, {}, None
         self.stats = {"n": 0, "count": 0, "sum": 0.0, "sumsq": 0.0, "min": math.inf, "max": -math.inf,
                       "labels": np.zeros(0, np.int64)}
         self.since_eval, self.eval_records, self.last_eval, self.nonfinite, self.last_loss = [], [], None, None, None
@@ -884,8 +897,8 @@ class Recorder:
         """(x, y) tensors (NumPy arrays converted) on the model's device, x in the parameters' dtype."""
         torch = self.torch
         x, y = (torch.as_tensor(v) for v in pair)
-        if x.is_floating_point() and self.vectors is not None:
-            x = x.to(self.vectors.params[0].dtype)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
         return x.to(self.device), y.to(self.device)
 
     # ------------------------------------------------------------------ checkpoints
@@ -936,7 +949,7 @@ class Recorder:
         from .rundir import environment, label_entropy
         torch, opt = self.torch, self.optimizer
         g = opt.param_groups[0]
-        cfg = {"lr": self.lr, "batch_size": getattr(self, "batch_size", None), "trace": self.level,
+        cfg = {"lr": self.lr, "batch_size": self.batch_size, "trace": self.level,
                "probe_every": self.probe_every if self.probe_x is not None else 0,
                "probe_size": len(self.probe_y) if self.probe_y is not None else 0,
                "checkpoint_every": self.checkpoint_every, "eval_every": self.eval_every}

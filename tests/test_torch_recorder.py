@@ -7,6 +7,8 @@ an injected one-step lr jump in a torch loop must be diagnosed at that step; and
 do with a recorded run (replay it) must be said in one line.
 """
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -247,3 +249,18 @@ def test_bad_input_is_one_line(tmp_path, shapes):
     rec = mt.Recorder(model, opt, out=tmp_path / "scaled", level="full", checkpoint_every=0)
     with pytest.raises(ConfigError, match="loss_fn"):
         rec.step(2 * torch_step(model, opt, x, y), x, y)  # not the loss the full trace would recompute
+
+
+def test_without_torch_the_recorder_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)                   # import torch now raises ImportError
+    with pytest.raises(ConfigError, match=r"^PyTorch is not installed; pip install 'minicnn\[torch\]'$"):
+        mt.Recorder(None, None, out=tmp_path)
+
+
+def test_plain_logs_and_inspect_need_no_torch(tmp_path):
+    (tmp_path / "log.csv").write_text("step,loss\n" + "".join(f"{s},{2.3 - s / 100}\n" for s in range(100)))
+    code = ("import sys; from minicnn.logs import load_log; from minicnn.diagnose import diagnose; "
+            f"d = diagnose(load_log([{str(tmp_path / 'log.csv')!r}])); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(d.verdict)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "healthy"

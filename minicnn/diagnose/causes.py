@@ -56,6 +56,7 @@ class Signs:
         self.lv, self.t = lv, lv.t
         self.onset_is_a_step = onset_is_a_step       # False: the verdict's step marks a period, not one step
         self.cfg = config.get("config", {})
+        self.foreign = bool(config.get("source"))     # recorded outside minicnn: no minicnn options to name
         self.inputs = config.get("input_stats") or {}
         self.classes = config.get("num_classes", 10)
 
@@ -92,7 +93,8 @@ def lr_spike(s, T):
     return Cause("lr_spike", f"an outsized learning rate at {where}: {lr[T]:g}, {lr[T] / before:.0f}x the "
                  f"{before:g} of the steps before",
                  [f"lr {lr[T]:g} at step {steps[0]} against a median {before:g} over the 50 steps before"],
-                 f"keep the lr at {before:g} at {where} (remove the jump from --lr-schedule)",
+                 f"keep the lr at {before:g} at {where} (remove the jump from "
+                 f"{'the schedule' if s.foreign else '--lr-schedule'})",
                  {"kind": "lr_at", "steps": steps, "lr": before, "from_step": steps[0]})
 
 
@@ -127,7 +129,7 @@ def init_scale(s, T):
         ev.append(f"first loss {first:.4g} against ln {s.classes} = {math.log(s.classes):.3f}")
     scale = f" (init scale {s.cfg['init_scale']:g})" if "init_scale" in s.cfg else ""
     return Cause("init_scale", f"an initialisation far too large{scale}", ev,
-                 "initialise at PyTorch's default scale (--init torch --init-scale 1)",
+                 "initialise at PyTorch's default scale" + ("" if s.foreign else " (--init torch --init-scale 1)"),
                  {"kind": "restart", "config": {"init": "torch", "init_scale": 1.0}})
 
 
@@ -142,7 +144,8 @@ def dead_init(s, T):
         return None
     ev = [f"{k}: {100 * v:.0f}% of units dead {s.t.where()} at step 0" for k, v in dead.items()]
     return Cause("dead_init", "an initialisation that leaves the ReLUs dead (negative biases / pre-activations)", ev,
-                 "initialise so that units start alive (--init he or torch; no large negative biases)",
+                 "initialise so that units start alive (" + ("He or PyTorch's default" if s.foreign else
+                                                               "--init he or torch") + "; no large negative biases)",
                  {"kind": "restart", "config": {"init": "he"}})
 
 
