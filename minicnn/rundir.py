@@ -307,6 +307,30 @@ def mismatch_reason(run, data_description):
             "since the run was recorded")
 
 
+def not_replayable(run, step=None):
+    """Why minicnn cannot replay ``run``, in one line, with what can be done instead -- or None for a
+    run minicnn trained. A run recorded elsewhere (config.json "source", e.g. a PyTorch loop recorded
+    by minicnn.torch.Recorder) has no data order minicnn could repeat; its checkpoints (step_*.pt,
+    the weights before that step) start ``minicnn debug`` on the user's own data when its model
+    converts (config.json "spec")."""
+    source = run.config.get("source")
+    if not source:
+        return None
+    why = (f"{run.path} was recorded by {source}, not trained by minicnn: its steps cannot be replayed "
+           f"(the data and the loop that made them are not in the run)")
+    spec = run.config.get("spec")
+    if not spec:
+        reason = run.config.get("unavailable", {}).get("minicnn network", "its model does not convert to minicnn")
+        return f"{why}; {reason}; minicnn inspect reads the run"
+    ckpts = [(k, p[:-len(".npz")] + ".pt") for k, p in list_checkpoints(run.path) if step is None or k <= step]
+    if not ckpts:
+        return f"{why}; it has no checkpoints to start from; minicnn inspect reads the run"
+    k, pt = ckpts[-1]
+    lr = run.config.get("config", {}).get("lr")
+    return (f"{why}; to step through its network from the weights before step {k}: minicnn debug --arch {spec} "
+            f"--init-from {pt}" + (f" --lr {lr:g}" if lr is not None else "") + " --data YOUR_DATA.npz")
+
+
 def load_run(path):
     """Load config, per-step trace, evaluations and summary of a run directory. What does not add
     up (a cut last row, a summary that counts more steps than the trace holds) is in ``warnings``."""

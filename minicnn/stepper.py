@@ -27,7 +27,15 @@ from . import trace as tr
 from .config import TrainConfig, sharpness_batch
 from .errors import ConfigError, DataError, MinicnnError
 from .ops.ref import dead_fraction
-from .rundir import label_entropy, list_checkpoints, load_run, make_writable_dir, mismatch_reason, os_reason
+from .rundir import (
+    label_entropy,
+    list_checkpoints,
+    load_run,
+    make_writable_dir,
+    mismatch_reason,
+    not_replayable,
+    os_reason,
+)
 from .trainer import Trainer
 
 # Steps `back` can rewind: each costs ~3 copies of the parameters (weights, momentum, previous
@@ -373,6 +381,8 @@ class Stepper:
         bit), the first step that differs and by how much, and the likely reason. ``back`` can
         then rewind as far as the checkpoint the replay started from (at most ``history`` steps)."""
         run = load_run(run_dir)
+        if not_replayable(run, step):
+            raise ConfigError(not_replayable(run, step))
         steps = run.steps.get("step")
         if steps is None or not len(steps):
             raise MinicnnError(f"{run_dir}: no steps recorded")

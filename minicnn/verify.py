@@ -19,7 +19,7 @@ import numpy as np
 from .config import TrainConfig
 from .diagnose import diagnose
 from .errors import ConfigError
-from .rundir import Run, list_checkpoints, load_run, mismatch_reason
+from .rundir import Run, list_checkpoints, load_run, mismatch_reason, not_replayable
 from .series import smooth
 from .trainer import Trainer
 
@@ -78,6 +78,8 @@ class Verification:
 def verify(run_dir, steps=VERIFY_STEPS, png=None):
     """Replay ``run_dir`` to its decisive step and train ``steps`` steps both ways; see the module docstring."""
     run = load_run(run_dir)
+    if not_replayable(run):
+        raise ConfigError(not_replayable(run))
     d = diagnose(run)
     change = d.cause.change
     if d.verdict in ("healthy", "empty"):

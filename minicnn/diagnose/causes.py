@@ -56,6 +56,7 @@ class Signs:
         self.lv, self.t = lv, lv.t
         self.onset_is_a_step = onset_is_a_step       # False: the verdict's step marks a period, not one step
         self.cfg = config.get("config", {})
+        self.foreign = bool(config.get("source"))     # recorded outside minicnn: no minicnn options to name
         self.inputs = config.get("input_stats") or {}
         self.classes = config.get("num_classes", 10)
 
@@ -76,6 +77,11 @@ def lr_spike(s, T):
     if T is None or T == 0:
         return None
     lr = s.t("lr")
+    if not s.onset_is_a_step:          # T marks a period (learned, then worse): the first jump in it, if any
+        with np.errstate(invalid="ignore"):
+            ups = np.flatnonzero(lr[T:][1:] > lr[T:][:-1]) + T + 1
+        jumps = [j for j in ups if lr[j] >= LR_SPIKE_FACTOR * s.median_before("lr", j)]
+        T = int(jumps[0]) if jumps else T
     before = s.median_before("lr", T)
     if not (np.isfinite(before) and before > 0 and lr[T] >= LR_SPIKE_FACTOR * before):
         return None
@@ -87,7 +93,8 @@ def lr_spike(s, T):
     return Cause("lr_spike", f"an outsized learning rate at {where}: {lr[T]:g}, {lr[T] / before:.0f}x the "
                  f"{before:g} of the steps before",
                  [f"lr {lr[T]:g} at step {steps[0]} against a median {before:g} over the 50 steps before"],
-                 f"keep the lr at {before:g} at {where} (remove the jump from --lr-schedule)",
+                 f"keep the lr at {before:g} at {where} (remove the jump from "
+                 f"{'the schedule' if s.foreign else '--lr-schedule'})",
                  {"kind": "lr_at", "steps": steps, "lr": before, "from_step": steps[0]})
 
 
@@ -120,9 +127,9 @@ def init_scale(s, T):
     ev = [f"largest |logit| at step 0: {logit:.4g} (a fresh network with PyTorch's init gives O(1))"]
     if np.isfinite(first):
         ev.append(f"first loss {first:.4g} against ln {s.classes} = {math.log(s.classes):.3f}")
-    scale = s.cfg.get("init_scale", 1.0)
-    return Cause("init_scale", f"an initialisation far too large (init scale {scale:g})", ev,
-                 "initialise at PyTorch's default scale (--init torch --init-scale 1)",
+    scale = f" (init scale {s.cfg['init_scale']:g})" if "init_scale" in s.cfg else ""
+    return Cause("init_scale", f"an initialisation far too large{scale}", ev,
+                 "initialise at PyTorch's default scale" + ("" if s.foreign else " (--init torch --init-scale 1)"),
                  {"kind": "restart", "config": {"init": "torch", "init_scale": 1.0}})
 
 
@@ -137,7 +144,8 @@ def dead_init(s, T):
         return None
     ev = [f"{k}: {100 * v:.0f}% of units dead {s.t.where()} at step 0" for k, v in dead.items()]
     return Cause("dead_init", "an initialisation that leaves the ReLUs dead (negative biases / pre-activations)", ev,
-                 "initialise so that units start alive (--init he or torch; no large negative biases)",
+                 "initialise so that units start alive (" + ("He or PyTorch's default" if s.foreign else
+                                                               "--init he or torch") + "; no large negative biases)",
                  {"kind": "restart", "config": {"init": "he"}})
 
 
@@ -255,6 +263,6 @@ def find_cause(lv, verdict, T, config, onset_is_a_step=True):
     s = Signs(lv, config, onset_is_a_step)
     for test in CANDIDATES.get(verdict, ()):
         cause = test(s, T)
-        if cause is not None:
+        if cause is not None and cause.evidence:      # a cause the record shows nothing of is not named
             return cause
     return NO_CAUSE

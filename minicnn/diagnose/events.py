@@ -240,7 +240,9 @@ class Spike:
         return t.cached("spike median", lambda: trailing_median(t("loss"), SPIKE_WINDOW))
 
     def evidence(self, t, i):
-        return f"loss {t('loss')[i]:.4g} vs recent median {self.median(t)[i]:.3g}, lr {t('lr')[i]:g}"
+        lr = t("lr")[i]
+        return f"loss {t('loss')[i]:.4g} vs recent median {self.median(t)[i]:.3g}" + (f", lr {lr:g}" if np.isfinite(lr)
+                                                                                    else "")
 
     def events(self, t):
         return episodes(self.kind, t, self.flags(t), lambda i: self.evidence(t, i), SPIKE_GAP)
@@ -435,7 +437,10 @@ def overfit_events(evals):
     """Validation loss OVERFIT_REL above its minimum at the end while the training loss kept falling."""
     if len(evals.get("step", [])) < 3:
         return []
-    vl, tl = np.asarray(evals["val_loss"]), np.asarray(evals["train_loss"])
+    vl = np.asarray(evals.get("val_loss", []), dtype=np.float64)
+    tl = np.asarray(evals.get("train_loss", np.full(len(vl), np.nan)), dtype=np.float64)
+    if not np.isfinite(vl).any():
+        return []
     j = int(np.nanargmin(vl))
     k = len(vl) - 1
     if j < k and vl[k] > vl[j] * (1 + OVERFIT_REL) and tl[k] < tl[j]:

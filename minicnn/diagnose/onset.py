@@ -1,6 +1,7 @@
 """The decisive step of a run that went wrong: the onset of the outsized move that did it."""
 import numpy as np
 
+from .events import Spike
 from .thresholds import ONSET_FACTOR, ONSET_WINDOW, OUTSIZED_UPDATE
 
 
@@ -21,7 +22,9 @@ def onset(t, lo, hi):
     """The index of the decisive step in [lo, hi): the largest step there, walked back to the first
     of the run of outsized steps that ends at it (see ONSET_FACTOR): a step is outsized when it
     moved the weights ONSET_FACTOR times the median update of the ONSET_WINDOW steps before the
-    largest (or OUTSIZED_UPDATE of a layer's norm), or ran at ONSET_FACTOR times their median lr."""
+    largest (or OUTSIZED_UPDATE of a layer's norm), or ran at ONSET_FACTOR times their median lr.
+    With the batch loss alone (a plain log, trace off) the walk goes back over loss spikes and
+    non-finite losses."""
     hi = max(hi, lo + 1)
     size, by_update = step_sizes(t, slice(lo, hi))
     k = int(np.argmax(size))
@@ -39,5 +42,9 @@ def onset(t, lo, hi):
             big_lr = np.isfinite(lr_usual) and lr_usual > 0 and lr[lo + j] >= ONSET_FACTOR * lr_usual
             return big_update or big_lr
         while k > 0 and outsized(k - 1):
+            k -= 1
+    elif not t.has("loss_after"):      # the batch loss alone: back to the first of the spikes that led here
+        flagged = Spike().flags(t) | ~np.isfinite(t("loss"))
+        while k > 0 and flagged[lo + k - 1]:
             k -= 1
     return lo + k

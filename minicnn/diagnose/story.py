@@ -26,7 +26,7 @@ def step_story(t, i):
     if np.isfinite(after):
         parts.append(f"the same-batch loss went {loss:.3g} -> {after:.3g}")
     else:
-        parts.append(f"batch loss {loss:.3g} at lr {lr:g}")
+        parts.append(f"batch loss {loss:.3g}" + (f" at lr {lr:g}" if np.isfinite(lr) else ""))
     return "; ".join(parts)
 
 

@@ -152,7 +152,17 @@ def diagnose(run):
     if d.verdict != "healthy":
         T = lv.index(d.decisive_step) if d.decisive_step is not None else None
         d.cause = find_cause(lv, d.verdict, T, run.config, onset_is_a_step=not d.title.startswith("unstable after"))
+    if not measured(t):
+        d.lines = [line.replace("mechanism:", "likely mechanism (nothing in this record measures it):", 1)
+                   for line in d.lines]
     return d
+
+
+def measured(t):
+    """Whether the trace holds any measurement of the steps themselves (update sizes, the loss after
+    a step, the probe) rather than the loss (and lr) alone."""
+    return (any(t.has(f"update_ratio.{name}") for name in t.param_layers()) or t.has("loss_after")
+            or t.probed)
 
 
 def _diverged(lv):
@@ -319,10 +329,11 @@ def _overfitting(lv):
 def _slow(lv):
     if lv.learned:
         return None
+    small = ("no instability: the steps are simply small; a larger lr or more steps would help"
+             if measured(lv.t) else "no instability in the loss; the size of the steps is not in this record, so "
+             "a learning rate too small cannot be told from a network that cannot learn")
     return Diagnosis("slow", f"learning slowly: loss {lv.start:.3f} -> {lv.final:.3f} (best {lv.best:.3f})", None,
-                     [f"step 0: {step_story(lv.t, 0)}",
-                      "no instability: the steps are simply small; a larger lr or more steps would help"],
-                     lv.events)
+                     [f"step 0: {step_story(lv.t, 0)}", small], lv.events)
 
 
 def _recovered_lines(lv):
@@ -344,7 +355,7 @@ def _recovered_lines(lv):
 
 def _healthy(lv):
     t = lv.t
-    lines = ["no same-batch test (trace light/off)"]
+    lines = ["no same-batch test in this record (trace light or off, or a plain log)"]
     if np.isfinite(lv.over_share):
         loss, after = t("loss"), t("loss_after")
         rise = np.where(np.isfinite(after), after - loss, -np.inf)
