@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .errors import ConfigError
-from .trace import TRACE_LEVELS
+from .trace import TRACE_LEVELS, parse_sharpness
 
 DTYPES = ("float32", "float64")
 # "auto" trace: full when the run is small enough that doubling a step's cost is cheap
@@ -63,6 +63,8 @@ class TrainConfig:
     device: str = "cpu"
     trace: str = "auto"
     sharpness_every: int = 0
+    sharpness: str = "lambda_max"  # what a sharpness measurement measures (trace.SHARPNESS_MEASURES)
+    noise_every: int = 0          # steps between gradient-noise measurements on the training batch (0: none)
     threads: int = None
     split: float = None
     image_size: int = None
@@ -98,6 +100,11 @@ class TrainConfig:
         need(self.trace in TRACE_LEVELS + ("auto",),
              f"--trace must be one of auto, {', '.join(TRACE_LEVELS)}, got {self.trace}")
         need(self.sharpness_every >= 0, f"--sharpness-every must be >= 0, got {self.sharpness_every}")
+        parse_sharpness(self.sharpness)            # raises ConfigError naming what is accepted
+        need(self.noise_every >= 0, f"--noise-every must be >= 0, got {self.noise_every}")
+        need(not self.noise_every or self.batch_size >= 2,
+             f"--noise-every needs --batch-size >= 2 (the noise is the spread of a batch's per-sample "
+             f"gradients), got {self.batch_size}")
         need(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.probe_every >= 0, f"--probe-every must be >= 0, got {self.probe_every}")
