@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .thresholds import COLLAPSE_LOSS_TOL, DEAD_LAYER, EARLY_STEPS
+from .thresholds import COLLAPSE_LOSS_TOL, DEAD_LAYER, EARLY_STEPS, EOS_RATIO
 
 
 def step_story(t, i):
@@ -70,3 +70,48 @@ def _level_line(t, level, steps_since, share):
     if np.isfinite(share).any():
         msg += f"; {100 * np.nanmedian(share):.0f}% of the {t.images()} get the same class"
     return msg
+
+
+def layer_crossing_lines(t, i):
+    """Which parameter layer's own lambda_max (its block of the Hessian, ``--sharpness layers``)
+    crossed 2/lr first, by step index i (the decisive step) or, if none had by then, later; [] when
+    the trace has no per-layer lambda_max. A block's lambda_max is at most the whole Hessian's, so
+    the whole network crosses first or with it; the layer that crosses is where the sharp curvature
+    sits."""
+    layers = [k[len("lambda_max."):] for k in t.steps if k.startswith("lambda_max.") and t.has(k)]
+    if not layers:
+        return []
+    lr = t("lr")
+    ratio = {n: lr * t(f"lambda_max.{n}") for n in layers}
+    first = {}
+    for n, r in ratio.items():
+        at = np.flatnonzero(np.isfinite(r) & (r >= EOS_RATIO))
+        if len(at):
+            first[n] = int(at[0])
+    if not first:
+        n = max(layers, key=lambda k: np.nanmax(ratio[k]))
+        j = int(np.nanargmax(ratio[n]))
+        return [f"no layer's own lambda_max crossed 2/lr (the largest: {n}, lr x lambda_max = {ratio[n][j]:.2f} at "
+                f"step {int(t.step[j])})" + _whole(t, lr)]
+    order = sorted(first, key=lambda k: (first[k], -ratio[k][first[k]]))
+    n, j = order[0], first[order[0]]
+    when = "before" if j < i else ("at" if j == i else "after")
+    line = (f"{n} crossed 2/lr first: its own lr x lambda_max = {ratio[n][j]:.2f} at step {int(t.step[j])} "
+            f"({when} the decisive step {int(t.step[i])})")
+    others = [f"{k} at step {int(t.step[first[k]])}" for k in order[1:]]
+    never = [k for k in layers if k not in first]
+    if others:
+        line += "; then " + ", ".join(others)
+    if never:
+        line += "; never: " + ", ".join(never)
+    return [line]
+
+
+def _whole(t, lr):
+    """Whether the whole network's lambda_max crossed when no layer's own did (curvature between layers)."""
+    lam = t("lambda_max")
+    at = np.flatnonzero(np.isfinite(lam) & (lr * lam >= EOS_RATIO))
+    if not len(at):
+        return ", nor did the whole network's"
+    return (f"; the whole network's did at step {int(t.step[at[0]])} (lr x lambda_max {lr[at[0]] * lam[at[0]]:.2f}): "
+            f"the sharp direction spans layers")
