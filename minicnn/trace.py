@@ -367,8 +367,10 @@ class Sharpness:
         return rec["lambda_max"], rec["grad_evals"]
 
     def state(self):
-        """The warm-start vectors, as checkpoint arrays: {"sharp_v": (k, P), "sharp_v.<layer>": (1, P_l)}."""
-        return {("sharp_v" + (f".{key}" if key else "")): v.copy() for key, v in self.warm.items()}
+        """The warm-start vectors, as checkpoint arrays: {"sharp_v": (k, P), "sharp_v.<layer>": (1, P_l)}.
+        Not copies: a measurement replaces these arrays and never writes into them, so the debugger's
+        per-step snapshots share them."""
+        return {("sharp_v" + (f".{key}" if key else "")): v for key, v in self.warm.items()}
 
     def load_state(self, arrays):
         """Restore ``state()``'s vectors (other keys are ignored; a (P,) vector of older checkpoints
