@@ -322,11 +322,17 @@ class Sharpness:
         return np.random.default_rng([self.seed, SHARPNESS_VECTORS, int(step)])
 
     def _top(self, op, key, k, step):
-        """Lanczos' top k of op, warm-started from the previous vectors of ``key`` (their sum)."""
+        """Lanczos' top k of op, warm-started from the previous vectors of ``key``: their sum plus an
+        equal random part (unit vectors both), so that a direction that was not among the top before
+        still has a component to grow from -- Lanczos' residual test cannot see an eigenvalue its
+        start vector misses."""
         from .hessian import top_eigenvalues
         prev = self.warm.get(key)
         prev = prev if prev is not None and prev.shape[1] == op.size else None
-        v0 = prev.sum(axis=0) if prev is not None else self._rng(step).standard_normal(op.size)
+        v0 = self._rng(step).standard_normal(op.size)
+        if prev is not None and np.linalg.norm(prev.sum(axis=0)) > 0:
+            w = prev.sum(axis=0)
+            v0 = w / np.linalg.norm(w) + v0 / np.linalg.norm(v0)
         res = top_eigenvalues(op, k=k, tol=SHARPNESS_TOL, v0=v0)
         if np.isfinite(res.vectors).all():
             self.warm[key] = res.vectors.copy()

@@ -59,9 +59,9 @@ def test_lambda_max_matches_dense_hessian(spec):
     lam, evals = sharp()
     assert abs(lam - top) <= 0.01 * abs(top), (lam, top)
     assert evals >= EXACT_HVP_GRAD_EQUIV and evals % EXACT_HVP_GRAD_EQUIV == 0
-    # the next measurement starts from the last top eigenvector: at the same weights it converges at once
+    # the next measurement starts half from the last top eigenvector: at the same weights it converges sooner
     lam2, evals2 = sharp()
-    assert lam2 == pytest.approx(lam, rel=1e-6) and evals2 < evals
+    assert abs(lam2 - top) <= 0.01 * abs(top) and evals2 < evals, (lam2, evals2, evals)
 
 
 # ------------------------------------------------------------------ engineered runs
