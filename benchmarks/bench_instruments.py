@@ -30,9 +30,9 @@ at its initial weights (seed 1) on a batch of the built-in shapes data.
      SLQ density       hessian.spectral_density, one run of --slq-steps steps
    with the cost in Hessian-vector products and gradient evaluations (minicnn's) beside it.
 3. The trace's instruments in a run (--trace-steps; 0 skips): a Trainer step of network A (batch
-   64, light trace) with and without --noise-every 1, and one measurement of each --sharpness
-   choice on the fixed batch (config.SHARPNESS_SAMPLES images) after --trace-steps steps at lr 0.1,
-   cold and warm-started from a measurement 10 steps before.
+   64, light trace) with and without --noise-every 1, and each --sharpness choice on the fixed batch
+   (config.SHARPNESS_SAMPLES images) every 10 steps from --trace-steps steps at lr 0.1 on, warm-
+   started as in a run, beside lambda_max from a cold start (medians of --reps + 2 measurements).
 Prints the validation, then the table; writes JSON to --out. PyTorch is needed for the side-by-side
 columns and the validation (without it only minicnn's times are printed). Timing on a shared
 machine is noisy: compare ratios measured in the same run.
@@ -406,9 +406,10 @@ def time_algorithms(b, rows):
 # --------------------------------------------------------------------------- 3. the trace's measurements
 def trace_costs(args):
     """What the trace's instruments cost in a run: Trainer steps of network A (batch 64, light
-    trace) with and without --noise-every 1, then each --sharpness measure on the fixed batch of
-    SHARPNESS_SAMPLES images after ``--trace-steps`` steps of lr 0.1, warm-started from a
-    measurement 10 steps before (as with --sharpness-every 10). -> rows, the plain step's time."""
+    trace) with and without --noise-every 1, then each --sharpness choice measured on the fixed batch
+    of SHARPNESS_SAMPLES images every 10 steps from step ``--trace-steps`` on (lr 0.1), each
+    warm-started from its own previous measurement as in a run, and lambda_max from a cold (random)
+    start at the same weights: medians over --reps + 2 measurements. -> rows, the plain step's time."""
     from minicnn.config import SHARPNESS_SAMPLES
     from minicnn.trainer import Trainer
     kw = dict(arch=SPEC, lr=0.1, batch_size=64, n_train=4000, n_val=500, trace="light", steps=10 ** 6,
@@ -418,23 +419,26 @@ def trace_costs(args):
     rows = [("trace light, batch 64: a step", t["plain"], None, None, "train step + light trace"),
             ("  with --noise-every 1 (that step)", t["noise"], None, None,
              f"+{t['noise'] / t['plain'] - 1:.0%}: per-sample backward + stats")]
-    sharp = Trainer(**kw, sharpness_every=10 ** 6, sharpness="lambda_max,topk,trace,layers")
+    run = Trainer(**kw, sharpness_every=10 ** 6)
     for _ in range(max(0, args.trace_steps - 10)):
-        sharp.step(record=False, sharpness=False)
-    sharp.sharp.load_state({})                        # cold: no warm start
-    first = sharp.sharp.measure(sharp.step_count, measures={"lambda_max": None})
-    for _ in range(10):
-        sharp.step(record=False, sharpness=False)
-    state = sharp.sharp.state()
-    label = f"{SHARPNESS_SAMPLES} images, step {sharp.step_count}"
-    rows.append((f"lambda_max cold ({label})", first["sharpness_s"], None, None,
-                 f"{first['hvp_evals']} HVPs = {first['grad_evals']} gradients"))
-    for measures in ({"lambda_max": None}, {"topk": 3}, {"trace": 20}, {"layers": None}):
-        sharp.sharp.load_state(state)
-        rec = sharp.sharp.measure(sharp.step_count, measures={"lambda_max": None, **measures})
-        name = "+".join(measures)
-        rows.append((f"--sharpness {name} (warm, 10 steps on)", rec["sharpness_s"], None, None,
-                     f"{rec['hvp_evals']} HVPs = {rec['grad_evals']} gradients, lambda_max {rec['lambda_max']:.5g}"))
+        run.step(record=False, sharpness=False)
+    choices = {"cold": None, "lambda_max": {}, "topk": {"topk": 3}, "trace": {"trace": 20}, "layers": {"layers": None}}
+    warm = {name: {} for name in choices}
+    got = {name: [] for name in choices}
+    for _ in range(args.reps + 2):
+        for _ in range(10):
+            run.step(record=False, sharpness=False)
+        for name, extra in choices.items():
+            run.sharp.load_state(warm[name] if extra is not None else {})
+            got[name].append(run.sharp.measure(run.step_count, measures={"lambda_max": None, **(extra or {})}))
+            warm[name] = run.sharp.state()
+    steps = f"steps {args.trace_steps}-{run.step_count}"
+    for name, recs in got.items():
+        label = "lambda_max, cold start" if name == "cold" else f"--sharpness {name}, every 10 steps"
+        hv, ge = (statistics.median(r[k] for r in recs) for k in ("hvp_evals", "grad_evals"))
+        rows.append((label, statistics.median(r["sharpness_s"] for r in recs), None, None,
+                     f"median {hv:g} HVPs = {ge:g} gradients ({SHARPNESS_SAMPLES} images, {steps}; "
+                     f"HVPs {', '.join(str(r['hvp_evals']) for r in recs)})"))
     return rows, t["plain"]
 
 
