@@ -237,13 +237,13 @@ def alpha_from_step(f0, f1, df0, df1):
 # evaluations, minicnn.hessian.EXACT_HVP_GRAD_EQUIV each) and sharpness_s (seconds).
 SHARPNESS_MEASURES = ("lambda_max", "topk", "trace", "layers")
 # topk's default K: 3 eigenvalues tell an isolated top (lambda_1 >> lambda_2) from a cluster, at
-# ~1.5-2x the products of lambda_max alone (Lanczos converges on the top 3 nearly as fast as on the
-# top 1: 14 against 12 products on network A after 100 steps, benchmarks/NOTES.md session 5).
+# ~1.4x the products of lambda_max alone (Lanczos converges on the top 3 nearly as fast as on the
+# top 1: a median 11 against 8 products on network A, steps 100-140, benchmarks/NOTES.md session 5).
 SHARPNESS_TOPK = 3
 # trace's default sample count: Hutchinson's standard error falls as 1/sqrt(samples) and its
 # variance is ~2 |H|_F^2, large for these Hessians (20 samples: +-27% on network A at its initial
-# weights), so a precise trace costs hundreds of products; 20 products cost about as much as
-# lambda_max and follow the trace's changes by factors over training, the standard error beside it.
+# weights), so a precise trace costs hundreds of products; 20 products (2.5x lambda_max's) follow
+# the trace's changes by factors over training, the standard error beside it.
 SHARPNESS_TRACE_SAMPLES = 20
 # Lanczos tolerance of the trace's measurements (minicnn.hessian.LANCZOS_TOL's meaning: residual
 # relative to |lambda_max|): the eigenvalue error is at most the residual and typically its square

@@ -164,6 +164,9 @@ def test_which_layer_crossed_2_over_lr_first():
             "then conv1 at step 140; never: fc2") in d.text
     low = {k: v / 20 if k != "lambda_max" else v for k, v in cols.items()}
     d = diagnose(synthetic_run(collapse_trace(**low), 32))
-    assert ("no layer's own lambda_max crossed 2/lr (the largest: fc1, lr x lambda_max = 0.12 at step 100); the "
-            "whole network's did at step 100 (lr x lambda_max 2.50): the sharp direction spans layers") in d.text
+    assert ("no layer's own lambda_max had crossed 2/lr by the decisive step 150 (the largest: fc1, lr x lambda_max "
+            "= 0.12 at step 100); the whole network's had, at step 100 (lr x lambda_max 2.50): the sharp direction "
+            "spans layers") in d.text
+    late = dict(low, **{"lambda_max.fc2": np.where(every, np.where(step >= 200, 30.0, 0.5), np.nan)})
+    assert "; later fc2's did, at step 200" in diagnose(synthetic_run(collapse_trace(**late), 32)).text
     assert "crossed 2/lr" not in diagnose(synthetic_run(collapse_trace(), 32)).text
