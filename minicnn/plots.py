@@ -126,6 +126,15 @@ def _measured(steps, col):
     return steps[ok], v[ok]
 
 
+# The sharpness panel's log axis starts this far below 2/lr: a dead layer's block reads ~1e-30, which
+# would squash everything that matters (the values near 2/lr) into a sliver.
+SHARPNESS_AXIS_DECADES = 4
+# B_noise of one batch is the ratio of two noisy estimates (at batch 5 single readings spread over
+# four decades); the panel draws the ratio of their moving averages over this many measurements,
+# as McCandlish et al. average numerator and denominator, with the single readings faint behind.
+NOISE_PLOT_WINDOW = 10
+
+
 def draw_sharpness(ax, s):
     """lambda_max (and each layer's own lambda_max.<layer>, when measured) against 2/lr, log y."""
     steps = s.get("step", np.array([]))
@@ -141,8 +150,11 @@ def draw_sharpness(ax, s):
             x, lam = _measured(steps, s[k])
             label = f"{k[len('lambda_max.'):]} (its block)"
             ax.plot(x, np.where(lam > 0, lam, np.nan), "o-", ms=2, lw=0.8, label=label)
-    ax.plot(steps, 2.0 / np.maximum(s["lr"], 1e-30), "k--", lw=0.8, label="2 / lr")
+    limit = 2.0 / np.maximum(s["lr"], 1e-30)
+    ax.plot(steps, limit, "k--", lw=0.8, label="2 / lr")
     ax.set_yscale("log")
+    if np.isfinite(limit).any():
+        ax.set_ylim(bottom=float(np.nanmin(limit)) * 10.0 ** -SHARPNESS_AXIS_DECADES)
     ax.set_ylabel("sharpness")
 
 
@@ -150,11 +162,17 @@ def draw_noise(ax, s, batch_size):
     """The gradient noise scale B_noise (all parameters and each layer), log y, against the batch
     size: above it the batch gradient is mostly noise."""
     steps = s.get("step", np.array([]))
-    for k in ["b_noise"] + [k for k in s if k.startswith("b_noise.")]:
-        x, bn = _measured(steps, s[k])
-        label = "B_noise" if k == "b_noise" else k[len("b_noise."):]
-        ax.plot(x, np.where(bn > 0, bn, np.nan), "o-" if k == "b_noise" else ".-", ms=3 if k == "b_noise" else 2,
-                lw=1.2 if k == "b_noise" else 0.7, color="black" if k == "b_noise" else None, label=label)
+    x, raw = _measured(steps, s["b_noise"])
+    ax.plot(x, np.where(raw > 0, raw, np.nan), ".", color="black", alpha=0.25, ms=3, label="B_noise (one batch)")
+    for suffix in [""] + [k[len("tr_sigma"):] for k in s if k.startswith("tr_sigma.")]:
+        if f"grad_sq_unbiased{suffix}" not in s:
+            continue
+        x, num = _measured(steps, s[f"tr_sigma{suffix}"])
+        _, den = _measured(steps, s[f"grad_sq_unbiased{suffix}"])
+        num, den = smooth(num, NOISE_PLOT_WINDOW), smooth(den, NOISE_PLOT_WINDOW)
+        bn = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+        ax.plot(x, bn, "-", color="black" if not suffix else None, lw=1.4 if not suffix else 0.8,
+                label=f"B_noise ({NOISE_PLOT_WINDOW}-reading average)" if not suffix else suffix[1:])
     if batch_size:
         ax.axhline(batch_size, color="tab:red", ls="--", lw=1, label=f"batch size {batch_size}")
     ax.set_yscale("log")
