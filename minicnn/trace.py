@@ -26,6 +26,10 @@ import time
 
 import numpy as np
 
+from .errors import ConfigError
+from .hessian import HessianOperator, hutchinson_trace, top_eigenvalues
+from .noise import noise_stats
+
 TRACE_LEVELS = ("off", "light", "full")      # documented above
 
 
@@ -112,7 +116,6 @@ def noise_backward(net):
     """The backward pass of the last ``net.loss`` call as ``per_sample_backward`` (flat_grads bit
     for bit what ``backward`` writes) and the noise columns of its per-sample gradients, with
     noise_s the seconds of both. The batch needs >= 2 samples."""
-    from .noise import noise_stats
     t0 = time.perf_counter()
     rec = noise_record(noise_stats(net.per_sample_backward(), net.param_layers()))
     rec["noise_s"] = time.perf_counter() - t0
@@ -259,7 +262,6 @@ SHARPNESS_VECTORS = 1 << 22
 def parse_sharpness(text):
     """'lambda_max', 'topk', 'topk:5', 'trace:50', 'layers' or a comma list of them -> {measure: its
     number or None}, in SHARPNESS_MEASURES order with lambda_max always in. Raises ConfigError."""
-    from .errors import ConfigError
     out = {"lambda_max": None}
     for item in str(text or "lambda_max").replace("+", ",").split(","):
         name, _, num = item.strip().partition(":")
@@ -307,12 +309,12 @@ class Sharpness:
     (lambda_max 23.5 against the exact 3.95 on network A at batch 8). Eigenvalues by Lanczos
     (hessian.top_eigenvalues, tolerance SHARPNESS_TOL), which returns the most positive eigenvalue
     directly, negative ones or not; each warm-started from the previous measurement's top
-    eigenvector(s), which is the only state (``state`` / ``load_state``: a checkpoint carries it, so
-    a replay reproduces the recorded numbers bit for bit). Random vectors come from (seed, step).
+    eigenvector(s) plus an equal random part, the vectors being the only state (``state`` /
+    ``load_state``: a checkpoint carries them, so a replay reproduces the recorded numbers bit for
+    bit). Random vectors come from (seed, step).
     """
 
     def __init__(self, net, x, y, seed=0, measures="lambda_max"):
-        from .hessian import HessianOperator
         self.net, self.seed = net, seed
         self.measures = parse_sharpness(measures) if isinstance(measures, str) else dict(measures)
         self.op = HessianOperator(net, x, y)
@@ -326,7 +328,6 @@ class Sharpness:
         equal random part (unit vectors both), so that a direction that was not among the top before
         still has a component to grow from -- Lanczos' residual test cannot see an eigenvalue its
         start vector misses."""
-        from .hessian import top_eigenvalues
         prev = self.warm.get(key)
         prev = prev if prev is not None and prev.shape[1] == op.size else None
         v0 = self._rng(step).standard_normal(op.size)
@@ -342,7 +343,6 @@ class Sharpness:
         """One measurement at the given (default: the network's current) weights -> the trace
         record's sharpness columns (sharpness_columns); ``lr`` adds two_over_lr = 2/lr; measures:
         a parse_sharpness dict instead of the instrument's own."""
-        from .hessian import hutchinson_trace
         op, m = self.op, self.measures if measures is None else measures
         op.set_weights(self.net.get_flat_params() if flat_params is None else flat_params)
         t0 = time.perf_counter()
