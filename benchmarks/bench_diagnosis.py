@@ -6,9 +6,10 @@
 
 Each recipe is a training config and its label: the verdict, the cause and, where the recipe
 injects it, the onset step (a one-step lr jump at a step the script draws). Where the outcome is
-chance (tiny-batch collapse, momentum 0.99) the expected verdict is read from the run's held-out
-accuracy, independently of the diagnosis: collapse when the final validation accuracy is at chance,
-unstable when it ended DEGRADED_DROP below its best, else healthy.
+chance (tiny-batch collapse, small batches far below the noise scale, momentum 0.99) the expected
+verdict is read from the run's held-out accuracy, independently of the diagnosis: collapse when the
+final validation accuracy is at chance, unstable when it ended DEGRADED_DROP below its best, else
+healthy.
 
 Printed per class and overall: verdict accuracy, cause accuracy, onset error in steps, false
 alarms on the healthy runs, and the diagnosis's own cost (seconds per run). A CSV of every run is
@@ -35,6 +36,12 @@ JUMP_NET = "conv8k5-relu-maxpool2-conv16k3-relu-fc32-relu-fc10"
 NARROW = "conv4k3p1-relu-maxpool2-conv8k3p1-relu-maxpool2-fc10"
 SHAPES = dict(data="shapes", n_train=4000, n_val=500)
 BASE = dict(steps=400, batch_size=32, trace="light", eval_every=50, checkpoint_every=100, lr=0.1)
+# The instruments (issue 18) on some recipes: gradient noise every 10 steps on the tiny- and small-batch
+# runs (and one lr-too-high run, which must keep its cause), lambda_max every 250 steps beside it (the
+# noise cause is ruled out where lr x lambda_max >= 2 before the onset); per-layer lambda_max on one
+# lr-too-high run (which layer crossed 2/lr first). Cost: see benchmarks/NOTES.md, session 5.
+NOISE = dict(noise_every=10, sharpness_every=250)
+LAYER_SHARPNESS = dict(sharpness_every=50, sharpness="layers")
 CHANCE_ACC = 0.15          # outcome labels: "at chance" at the end (10 classes)
 DEGRADED_DROP = 0.15       # ... "degraded": the final accuracy this far below the best
 
@@ -75,9 +82,10 @@ def recipes(mnist, shuffled_npz, offset=0):
 def faults(add, rng, mnist, shuffled_npz):
     """The recipes that go wrong by construction (see recipes)."""
     high = dict(cause="lr_too_high", onset=None)
-    for s in (0, 1):
-        add(f"lrhigh-linear-s{s}", dict(high, verdict="unstable"), arch="linear", lr=5.0, seed=s)
-    add("lrhigh-mlp", dict(high, verdict="collapse"), arch="mlp", lr=2.0)
+    for s in (0, 1):     # s0 measures the gradient noise too: it must not take the cause from the lr
+        add(f"lrhigh-linear-s{s}", dict(high, verdict="unstable"), arch="linear", lr=5.0, seed=s,
+            noise_every=10 if s == 0 else 0)
+    add("lrhigh-mlp", dict(high, verdict="collapse"), arch="mlp", lr=2.0, **LAYER_SHARPNESS)
     add("lrhigh-small", dict(high, verdict="collapse"), arch="small", lr=1.0)
     add("lrlow-small", dict(verdict="slow", cause="lr_too_low", onset=None), arch="small", lr=1e-4)
     add("lrlow-tiny", dict(verdict="slow", cause="lr_too_low", onset=None), arch="tiny", lr=3e-5)
@@ -103,7 +111,10 @@ def faults(add, rng, mnist, shuffled_npz):
             input_scale=255)
     for s in (0, 1, 2):
         add(f"tinybatch-s{s}", dict(verdict="outcome", cause="tiny_batch", onset=None), arch=NARROW, input_scale=3,
-            batch_size=2, steps=3000, eval_every=100, n_train=12000, seed=s)
+            batch_size=2, steps=3000, eval_every=100, n_train=12000, seed=s, **NOISE)
+    for s in (0, 1):     # just above tiny: the measured noise scale, not one image, is the cause
+        add(f"noise-b5-s{s}", dict(verdict="outcome", cause="gradient_noise", onset=None), arch=NARROW,
+            input_scale=3, batch_size=5, lr=0.15, steps=3000, eval_every=100, n_train=12000, seed=s, **NOISE)
     for net in ("small", "mlp"):
         add(f"labels-shuffled-{net}", dict(verdict="overfitting", cause="labels", onset=None), arch=net, lr=0.05,
             data=shuffled_npz, n_train=None, n_val=None, steps=1500, eval_every=150)

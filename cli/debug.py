@@ -1,5 +1,5 @@
 """``minicnn debug``: a pdb-like REPL over minicnn.Stepper (step, until, show, layer, whatif,
-slice, sharpness, back, save, quit).
+slice, sharpness, spectrum, noise, back, save, quit).
 
 Interactive on a terminal (``help`` and tab completion from ``cmd.Cmd``); with ``--commands FILE``
 or piped standard input it runs the commands one by one, echoing each after the prompt, so a
@@ -19,7 +19,7 @@ from minicnn.config import SHARPNESS_SAMPLES
 from minicnn.diagnose import COLLAPSE_MIN_STEPS, DEAD_LAYER, EOS_RATIO, STEP_EVENTS
 from minicnn.plots import text_hist, text_plot
 from minicnn.rundir import os_reason
-from minicnn.stepper import HISTORY
+from minicnn.stepper import HISTORY, SPECTRUM_K
 
 from .options import config_from_options, training_options
 
@@ -67,6 +67,17 @@ def step_line(rec):
     if ev:
         parts.append("events: " + ", ".join(ev))
     return "  ".join(parts)
+
+
+def _stability(ratio):
+    """lr * lambda against the stability limit 2 of gradient descent on a quadratic."""
+    if not math.isfinite(ratio):
+        return "(not finite)"
+    return ">= 2: past the edge of stability" if ratio >= EOS_RATIO else "< 2: stable on a quadratic"
+
+
+def _cost(hvps, grad_evals, seconds):
+    return f"{hvps} Hessian-vector products = {grad_evals} gradient evaluations, {seconds:.2f} s"
 
 
 def _parse_lrs(arg):
@@ -265,12 +276,59 @@ class DebugShell(cmd.Cmd):
 
     def do_sharpness(self, arg):
         # docstring set below the class (the size of the fixed batch)
-        sh = self.s.sharpness()
+        flag = arg.strip()
+        if flag not in ("", "--per-layer", "per-layer"):
+            raise click.UsageError(f"sharpness takes --per-layer or nothing, got '{flag}'")
+        sh = self.s.sharpness(per_layer=bool(flag))
         ratio = sh["lr_times_lambda"]
-        verdict = ">= 2: past the edge of stability" if ratio >= 2 else "< 2: stable on a quadratic"
         click.echo(f"step {sh['step']}: lambda_max {sh['lambda_max']:.5g}, lr {sh['lr']:g}, "
-                   f"2/lr {sh['two_over_lr']:.5g}; "
-                   f"lr*lambda_max {ratio:.4g} {verdict} ({sh['hvp_evals']} gradient evaluations)")
+                   f"2/lr {sh['two_over_lr']:.5g}; lr*lambda_max {ratio:.4g} {_stability(ratio)} "
+                   f"({_cost(sh['hvp_evals'], sh['grad_evals'], sh['seconds'])})")
+        if "layers" in sh:
+            click.echo(f"  {'layer':<10}{'lambda_max':>12}{'lr*lambda':>11}  each layer's own block of the Hessian")
+            for name, r in sh["layers"].items():
+                click.echo(f"  {name:<10}{_g(r['lambda_max'], 5):>12}{_g(r['lr_times_lambda'], 4):>11}  "
+                           f"{_stability(r['lr_times_lambda'])}")
+
+    def do_spectrum(self, arg):
+        """spectrum [K] [PNG]: the Hessian's spectrum now, on the fixed sharpness batch: the top K
+        eigenvalues (default 5, Lanczos), the trace (Hutchinson, with its standard error, and
+        each layer's block trace) and the eigenvalue density (stochastic Lanczos quadrature), drawn
+        with a log y axis as PyHessian draws it."""
+        words = arg.split()
+        k = _int_arg(words[0], SPECTRUM_K, "spectrum") if words and words[0].isdigit() else SPECTRUM_K
+        rest = words[1:] if words and words[0].isdigit() else words
+        png = rest[0] if rest else os.path.join(self.out_dir, f"spectrum_step{self.s.step_count}.png")
+        sp = self.s.spectrum(k=k, png=png)
+        lr = sp["lr"]
+        click.echo(f"step {sp['step']}: top {len(sp['top'])} eigenvalues: " + ", ".join(_g(v, 5) for v in sp["top"])
+                   + f"  (lr*lambda_1 {lr * sp['top'][0]:.4g} against 2)")
+        click.echo(f"trace (Hutchinson, {sp['samples']} samples): {sp['trace']:.5g} +- {sp['trace_se']:.2g}; "
+                   "per layer: " + ", ".join(f"{n} {_g(t, 4)}" for n, (t, _) in sp["layer_traces"].items()))
+        d = sp["density"]
+        click.echo(f"density: {d.ritz_values.shape[1]} Lanczos steps, Ritz values {d.ritz_values.min():.4g} .. "
+                   f"{d.ritz_values.max():.4g}; figure: {sp['png']}")
+        click.echo(f"cost: {_cost(sp['hvps'], sp['grad_evals'], sp['seconds'])}")
+
+    def do_noise(self, arg):
+        """noise: gradient noise on the batch the next step will use, from its per-sample gradients:
+        per layer and in all, the noise scale B_noise = tr(Sigma)/|g|^2 (the batch size beyond which
+        larger batches stop paying off), |g|^2 (unbiased) and tr(Sigma), the SNR B/B_noise and
+        Cockpit's norm test (the batch is large enough when it is below ~0.5-0.9)."""
+        r = self.s.noise()
+        rep, B = r["report"], r["batch_size"]
+        click.echo(f"step {r['step']}: gradient noise on the next batch ({B} images), per-sample gradients")
+        click.echo(f"  {'block':<10}{'B_noise':>10}{'|g|^2':>11}{'tr(Sigma)':>11}{'SNR':>9}{'norm test':>11}")
+        for name, st in [("all", rep.total)] + list(rep.layers.items()):
+            click.echo(f"  {name:<10}{_g(st.b_noise, 4):>10}{_g(st.grad_sq_unbiased, 4):>11}{_g(st.tr_sigma, 4):>11}"
+                       f"{_g(st.snr, 3):>9}{_g(st.norm_test, 3):>11}")
+        bn = rep.total.b_noise
+        if math.isfinite(bn) and bn > 0:
+            side = "mostly noise" if B < bn else "mostly signal"
+            click.echo(f"batch {B} against B_noise {bn:.3g}: the batch gradient is {side} (SNR {B / bn:.3g})")
+        else:
+            click.echo(f"B_noise {_g(bn)}: the noise swamps the estimated signal on this batch")
+        click.echo(f"cost: {r['seconds']:.3g} s")
 
     def do_back(self, arg):
         """back [N]: restore the state N steps ago (default 1); a bounded history is kept."""
@@ -310,8 +368,9 @@ DebugShell.do_step.__doc__ = (
     f"step [N]: take N SGD steps (default 1, at most the run's length), one line each as they go (for N > "
     f"{STEP_LINES}:\n        every k-th step, k = N / {STEP_LINES}, and the last): lr, the loss on the step's "
     f"batch before ->\n        after the step, the gradient norm, events. Ctrl-C stops after the current step.")
-DebugShell.do_sharpness.__doc__ = (f"sharpness: lambda_max of the loss Hessian now (fixed batch of "
-                                   f"{SHARPNESS_SAMPLES}), against 2/lr.")
+DebugShell.do_sharpness.__doc__ = (f"sharpness [--per-layer]: lambda_max of the loss Hessian now (fixed batch of "
+                                   f"{SHARPNESS_SAMPLES}), against 2/lr;\n        --per-layer: also each parameter "
+                                   f"layer's own lambda_max (its block of the Hessian).")
 
 
 @click.command("debug")
@@ -325,9 +384,10 @@ DebugShell.do_sharpness.__doc__ = (f"sharpness: lambda_max of the loss Hessian n
 @click.option("--history", type=click.IntRange(1), default=None,
               help=f"Steps 'back' can undo (default {HISTORY}).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder for slice figures (default: the --from run directory, else the current one).")
+              help="Folder for slice and spectrum figures (default: the --from run directory, else the current one).")
 def debug_command(from_run, at_step, commands, history, out, **kw):
-    """Step through SGD like pdb: step, until EVENT, show, layer, whatif, slice, sharpness, back.
+    """Step through SGD like pdb: step, until EVENT, show, layer, whatif, slice, sharpness, spectrum,
+    noise, back.
 
     Starts before step 0 of the run the training options describe, or, with --from RUN_DIR
     --step T, right after step T of a recorded run, rebuilt by replay from its nearest checkpoint

@@ -20,7 +20,8 @@ from minicnn.verify import VERIFY_STEPS
 @click.option("--context", type=click.IntRange(0, 50), default=2, show_default=True,
               help="Neighbouring steps shown with --step.")
 @click.option("--plot/--no-plot", default=True, show_default=True,
-              help="Write inspect.png: losses with events, gradient norms, update ratios, dead ReLUs, sharpness.")
+              help="Write inspect.png: losses with events, gradient norms, update ratios, dead ReLUs, sharpness "
+                   "(per layer when measured), gradient noise scale (when measured).")
 @click.option("--max-events", type=click.IntRange(1), default=EVENT_ROWS, show_default=True,
               help="Rows of the event table: nearby episodes of a kind are merged until this many remain.")
 @click.option("--verify", is_flag=True,

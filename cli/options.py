@@ -29,6 +29,7 @@ def training_options(f):
     from minicnn.ops import DEVICES
     from minicnn.sgd import SCHEDULE_HELP
     from minicnn.spec import PRESETS
+    from minicnn.trace import SHARPNESS_TOPK, SHARPNESS_TRACE_SAMPLES
     opts = [
         click.option("--data", default="shapes", show_default=True, help=f"Dataset: {DATA_HELP}."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
@@ -75,7 +76,16 @@ def training_options(f):
                           "images (the diagnosis's evidence for dead layers and collapse; 0: never; needs a "
                           "trace)."),
         click.option("--sharpness-every", type=click.IntRange(0), default=0, show_default=True,
-                     help="Every K steps, measure lambda_max of the loss Hessian on a fixed batch (0: never)."),
+                     help=f"Every K steps, measure lambda_max of the loss Hessian on {c.SHARPNESS_SAMPLES} fixed "
+                          "training images (0: never)."),
+        click.option("--sharpness", type=SharpnessMeasures(), default="lambda_max", show_default=True,
+                     help="What --sharpness-every measures, a comma list: lambda_max (always), "
+                          f"topk[:K] (the top K eigenvalues, default {SHARPNESS_TOPK}), trace[:SAMPLES] "
+                          f"(Hutchinson, default {SHARPNESS_TRACE_SAMPLES} samples, with its standard error), "
+                          "layers (each layer's own lambda_max)."),
+        click.option("--noise-every", type=click.IntRange(0), default=0, show_default=True,
+                     help="Every K steps, measure gradient noise (B_noise, SNR, Cockpit's tests; per layer) from "
+                          "the per-sample gradients of the step's training batch (0: never)."),
         click.option("--threads", type=click.IntRange(1), default=None, help="Numba threads (default: all cores)."),
         click.option("--checkpoint-every", type=click.IntRange(0), default=c.CHECKPOINT_EVERY, show_default=True,
                      help="Steps between checkpoints under RUN_DIR/checkpoints/ (0: none); "
@@ -84,6 +94,19 @@ def training_options(f):
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+class SharpnessMeasures(click.ParamType):
+    """--sharpness: a comma list of measures, checked and normalised (minicnn.trace.parse_sharpness)."""
+    name = "measures"
+
+    def convert(self, value, param, ctx):
+        from minicnn.errors import ConfigError
+        from minicnn.trace import parse_sharpness, sharpness_text
+        try:
+            return sharpness_text(parse_sharpness(value))
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
 
 
 def config_from_options(**kw):

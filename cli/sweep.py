@@ -1,8 +1,8 @@
 """``minicnn sweep``: a grid of runs on local processes or a Dask cluster.
 
 In ``sweep`` every training option takes a comma-separated list of values (``--lr 0.01,0.1``,
-``--arch small,wide``); ``--lr-schedule`` values may themselves contain commas, so its list is
-separated by ``;``. Each item is checked exactly as ``minicnn train`` checks the option.
+``--arch small,wide``); ``--lr-schedule`` and ``--sharpness`` values may themselves contain commas,
+so their lists are separated by ``;``. Each item is checked exactly as ``minicnn train`` checks the option.
 """
 import math
 import os
@@ -20,7 +20,7 @@ from .options import (
 )
 
 # options whose single values may contain commas: their sweep lists are separated by ';'
-LIST_SEP = {"lr_schedule": ";"}
+LIST_SEP = {"lr_schedule": ";", "sharpness": ";"}
 
 
 def _training_params():

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import ArgumentTypeError, ConfigError
 from .sgd import parse_schedule
 from .spec import parse_spec
-from .trace import TRACE_LEVELS
+from .trace import TRACE_LEVELS, parse_sharpness
 
 DTYPES = ("float32", "float64")
 # "auto" trace: full when the run is small enough that doubling a step's cost is cheap
@@ -51,7 +51,8 @@ INT_FIELDS = (("batch_size", 1, MAX_STEPS, False), ("steps", 1, MAX_STEPS, True)
               ("eval_every", 1, MAX_STEPS, True), ("sharpness_every", 0, MAX_STEPS, False),
               ("checkpoint_every", 0, MAX_STEPS, False), ("threads", 1, MAX_STEPS, True),
               ("seed", 0, MAX_SEED, False), ("n_train", 1, MAX_STEPS, True), ("n_val", 1, MAX_STEPS, True),
-              ("probe_every", 0, MAX_STEPS, False), ("probe_size", 1, MAX_STEPS, False))
+              ("probe_every", 0, MAX_STEPS, False), ("probe_size", 1, MAX_STEPS, False),
+              ("noise_every", 0, MAX_STEPS, False))
 # (name, bound, bound excluded) of the real-number options, each finite
 FLOAT_FIELDS = (("lr", 0, False), ("momentum", 0, False), ("weight_decay", 0, False), ("epochs", 0, True),
                 ("init_scale", 0, False), ("input_scale", 0, True))
@@ -96,6 +97,8 @@ class TrainConfig:
     device: str = "cpu"
     trace: str = "auto"
     sharpness_every: int = 0
+    sharpness: str = "lambda_max"  # what a sharpness measurement measures (trace.SHARPNESS_MEASURES)
+    noise_every: int = 0          # steps between gradient-noise measurements on the training batch (0: none)
     threads: int = None
     split: float = None
     image_size: int = None
@@ -142,6 +145,10 @@ class TrainConfig:
         parse_spec(self.arch)              # a spec that does not parse: named now, not when a run starts
         # the schedule's form now; its lr at every step once the length is known (with --steps: now)
         parse_schedule(self.lr_schedule, self.lr, self.steps or 1)
+        parse_sharpness(self.sharpness)            # raises ConfigError naming what is accepted
+        need(not self.noise_every or self.batch_size >= 2,
+             f"--noise-every needs --batch-size >= 2 (the noise is the spread of a batch's per-sample "
+             f"gradients), got {self.batch_size}")
 
     # ------------------------------------------------------------------ derived
     def total_steps(self, steps_per_epoch):

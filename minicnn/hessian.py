@@ -172,16 +172,22 @@ class HessianOperator:
         self.twin = Network(net.spec, net.input_shape, seed=0, dtype=np.float64,
                             device="numpy" if net.device == "numpy" else "cpu")
         w = net.get_flat_params() if flat_params is None else flat_params
-        w = np.array(w, dtype=np.float64)
-        if w.shape != (self.twin.num_params,):
-            raise ConfigError(f"flat_params must have shape ({self.twin.num_params},), got {w.shape}")
-        self.w = w
         self.x = np.ascontiguousarray(x, dtype=np.float64)
         self.y = np.ascontiguousarray(y, dtype=np.int64)
         self.layers = self.twin.param_layers()             # [(name, slice)] of the full parameter vector
-        self.h = HVP_REL_EPS * max(1.0, float(np.linalg.norm(w)))
+        self.set_weights(w)
         self.hvps, self.grad_evals, self.seconds = 0, 0, 0.0
         self.select_block(layer)
+
+    def set_weights(self, flat_params):
+        """Move the operator to other weights (same twin, batch and block): flat_params (P,), copied
+        in float64. A measurement every K steps reuses one operator instead of building a twin each
+        time. (Operators made by ``restrict`` keep the weights they were made with.)"""
+        w = np.array(flat_params, dtype=np.float64)
+        if w.shape != (self.twin.num_params,):
+            raise ConfigError(f"flat_params must have shape ({self.twin.num_params},), got {w.shape}")
+        self.w = w
+        self.h = HVP_REL_EPS * max(1.0, float(np.linalg.norm(w)))
 
     def select_block(self, layer):
         """Act on one parameter layer's block (None: all parameters)."""
@@ -262,7 +268,8 @@ def lanczos(op, steps, v0, stop=None):
     """``steps`` Lanczos steps of op from v0, with full reorthogonalisation.
 
     -> (alpha (m,), beta (m-1,), Q (m, size)) with T = tridiag(beta, alpha, beta) = Q H Q^T, m <= steps
-    (fewer when the Krylov space is invariant). ``stop(alpha, beta, beta_next)``, if given, is
+    (fewer when the Krylov space is invariant, or after a non-finite product, whose alpha is the
+    last and not finite). ``stop(alpha, beta, beta_next)``, if given, is
     called after each step and ends the iteration when it returns True. The small linear algebra
     runs with OpenBLAS at one thread (minicnn.ops.blas: its spinning threads cost 10-100x on a
     shared machine); the products run as the operator runs them.
@@ -277,6 +284,8 @@ def lanczos(op, steps, v0, stop=None):
         w = op.hvp(q)
         a = float(q @ w)
         alpha.append(a)
+        if not (math.isfinite(a) and np.isfinite(w).all()):   # overflowed weights: nothing to iterate on
+            break
         with single_thread():
             # full reorthogonalisation (twice is enough: Kahan's rule), which also removes the
             # a q_j and beta q_{j-1} terms of the three-term recurrence
@@ -328,6 +337,10 @@ def top_eigenvalues(op, k=1, tol=LANCZOS_TOL, max_steps=LANCZOS_MAX_STEPS, seed=
         return bool(np.all(res <= tol * scale))
 
     alpha, beta, Q = lanczos(op, max_steps, v0, stop=converged)
+    if not np.isfinite(alpha).all():                           # a non-finite product: no eigenvalues
+        nan = np.full(k, math.nan)
+        return EigenResult(values=nan, vectors=np.full((k, op.size), math.nan), residuals=nan, steps=len(alpha),
+                           converged=False, ritz_values=np.array([math.nan]), **_cost(op, h0, e0, t0))
     theta, S = _tridiag_eig(alpha, beta)
     # residuals: from the stopping test if it ran on this T, else 0 for an exhausted (invariant) space
     res = state["res"] if "theta" in state and len(state["theta"]) == len(alpha) else np.zeros(min(k, len(alpha)))

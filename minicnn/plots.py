@@ -1,6 +1,7 @@
 """Every figure minicnn draws, in one place: a run's losses (loss.png), the inspection panels
 (inspect.png), a grid of runs (sweeps, explain), the loss along one step (the debugger's slice),
-the lr range test, and the text plots the debugger prints. matplotlib is imported only when a
+the Hessian's eigenvalue density (the debugger's spectrum), the lr range test, and the text plots
+the debugger prints. matplotlib is imported only when a
 figure is drawn (it is slow to import).
 """
 import math
@@ -72,22 +73,14 @@ EVENT_COLORS = {"overshoot": "tab:orange", "spike": "tab:red", "oscillation": "t
 
 
 def plot_inspect(run, diagnosis, path):
-    """The multi-panel inspection figure: losses with events, gradient norms, update ratios,
-    dead fractions, and lambda_max against 2/lr."""
+    """The multi-panel inspection figure: losses with events, gradient norms, update ratios, dead
+    fractions, lambda_max against 2/lr (each layer's own lambda_max too when the trace has it), and
+    the gradient noise scale B_noise against the batch size when the trace has it."""
     plt = pyplot()
     s = run.steps
-    fig, axes = plt.subplots(5, 1, figsize=(9, 13), sharex=True)
-    ax = axes[0]
-    draw_losses(ax, run, title=diagnosis.title)
-    seen = set()
-    for ev in diagnosis.events:
-        c = EVENT_COLORS.get(ev.kind, "k")
-        ax.axvspan(ev.step, max(ev.end, ev.step + 0.5), color=c, alpha=0.15,
-                   label=None if ev.kind in seen else ev.kind)
-        seen.add(ev.kind)
-    if diagnosis.decisive_step is not None:
-        ax.axvline(diagnosis.decisive_step, color="red", ls="--", lw=1, label="decisive step")
-    ax.legend(fontsize=6, loc="upper right", ncol=2)
+    noise = "b_noise" in s
+    fig, axes = plt.subplots(6 if noise else 5, 1, figsize=(9, 15.5 if noise else 13), sharex=True)
+    _draw_inspect_losses(axes[0], run, diagnosis)
     steps = s.get("step", np.array([]))
     layers = [k[len("grad_norm."):] for k in s if k.startswith("grad_norm.")]
     for name in layers:
@@ -100,22 +93,90 @@ def plot_inspect(run, diagnosis, path):
             axes[3].plot(steps, s[k], lw=0.8, label=k[5:])
     axes[3].set_ylabel("dead ReLU fraction")
     axes[3].set_ylim(-0.02, 1.02)
-    if "lambda_max" in s:
-        ok = np.isfinite(s["lambda_max"])
-        axes[4].semilogy(steps[ok], s["lambda_max"][ok], "o-", ms=3, label="lambda_max")
-        axes[4].semilogy(steps, 2.0 / np.maximum(s["lr"], 1e-30), "k--", lw=0.8, label="2 / lr")
-    else:
-        axes[4].text(0.5, 0.5, "no sharpness measured (use --sharpness-every K)", ha="center",
-                     va="center", transform=axes[4].transAxes, fontsize=8)
-    axes[4].set_ylabel("sharpness")
-    axes[4].set_xlabel("step")
+    draw_sharpness(axes[4], s)
+    if noise:
+        draw_noise(axes[5], s, run.config.get("config", {}).get("batch_size"))
+    axes[-1].set_xlabel("step")
     for a in axes[1:]:
         if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=6, loc="upper right")
+            a.legend(fontsize=6, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _draw_inspect_losses(ax, run, diagnosis):
+    draw_losses(ax, run, title=diagnosis.title)
+    seen = set()
+    for ev in diagnosis.events:
+        c = EVENT_COLORS.get(ev.kind, "k")
+        ax.axvspan(ev.step, max(ev.end, ev.step + 0.5), color=c, alpha=0.15,
+                   label=None if ev.kind in seen else ev.kind)
+        seen.add(ev.kind)
+    if diagnosis.decisive_step is not None:
+        ax.axvline(diagnosis.decisive_step, color="red", ls="--", lw=1, label="decisive step")
+    ax.legend(fontsize=6, loc="upper right", ncol=2)
+
+
+def _measured(steps, col):
+    """(steps, values) of a column where it was measured (finite), e.g. every K steps."""
+    v = np.asarray(col, dtype=np.float64)
+    ok = np.isfinite(v)
+    return steps[ok], v[ok]
+
+
+# The sharpness panel's log axis starts this far below 2/lr: a dead layer's block reads ~1e-30, which
+# would squash everything that matters (the values near 2/lr) into a sliver.
+SHARPNESS_AXIS_DECADES = 4
+# B_noise of one batch is the ratio of two noisy estimates (at batch 5 single readings spread over
+# four decades); the panel draws the ratio of their moving averages over this many measurements,
+# as McCandlish et al. average numerator and denominator, with the single readings faint behind.
+NOISE_PLOT_WINDOW = 10
+
+
+def draw_sharpness(ax, s):
+    """lambda_max (and each layer's own lambda_max.<layer>, when measured) against 2/lr, log y."""
+    steps = s.get("step", np.array([]))
+    if "lambda_max" not in s:
+        ax.text(0.5, 0.5, "no sharpness measured (use --sharpness-every K)", ha="center",
+                va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_ylabel("sharpness")
+        return
+    x, lam = _measured(steps, s["lambda_max"])
+    ax.plot(x, np.where(lam > 0, lam, np.nan), "o-", color="black", ms=3, lw=1.2, label="lambda_max")
+    for k in s:
+        if k.startswith("lambda_max."):
+            x, lam = _measured(steps, s[k])
+            label = f"{k[len('lambda_max.'):]} (its block)"
+            ax.plot(x, np.where(lam > 0, lam, np.nan), "o-", ms=2, lw=0.8, label=label)
+    limit = 2.0 / np.maximum(s["lr"], 1e-30)
+    ax.plot(steps, limit, "k--", lw=0.8, label="2 / lr")
+    ax.set_yscale("log")
+    if np.isfinite(limit).any():
+        ax.set_ylim(bottom=float(np.nanmin(limit)) * 10.0 ** -SHARPNESS_AXIS_DECADES)
+    ax.set_ylabel("sharpness")
+
+
+def draw_noise(ax, s, batch_size):
+    """The gradient noise scale B_noise (all parameters and each layer), log y, against the batch
+    size: above it the batch gradient is mostly noise."""
+    steps = s.get("step", np.array([]))
+    x, raw = _measured(steps, s["b_noise"])
+    ax.plot(x, np.where(raw > 0, raw, np.nan), ".", color="black", alpha=0.25, ms=3, label="B_noise (one batch)")
+    for suffix in [""] + [k[len("tr_sigma"):] for k in s if k.startswith("tr_sigma.")]:
+        if f"grad_sq_unbiased{suffix}" not in s:
+            continue
+        x, num = _measured(steps, s[f"tr_sigma{suffix}"])
+        _, den = _measured(steps, s[f"grad_sq_unbiased{suffix}"])
+        num, den = smooth(num, NOISE_PLOT_WINDOW), smooth(den, NOISE_PLOT_WINDOW)
+        bn = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+        ax.plot(x, bn, "-", color="black" if not suffix else None, lw=1.4 if not suffix else 0.8,
+                label=f"B_noise ({NOISE_PLOT_WINDOW}-reading average)" if not suffix else suffix[1:])
+    if batch_size:
+        ax.axhline(batch_size, color="tab:red", ls="--", lw=1, label=f"batch size {batch_size}")
+    ax.set_yscale("log")
+    ax.set_ylabel("gradient noise scale B_noise")
 
 
 # one colour per diagnosis verdict (minicnn.diagnose) and for a run that raised
@@ -302,6 +363,29 @@ def text_plot(x, series, marks=(), ylim=None, width=TEXT_PLOT_W, height=TEXT_PLO
     lines.append(" " * 12 + "".join(ticks))
     lines.append(" " * 12 + "".join(labels).rstrip())
     return lines
+
+
+def plot_density(dens, path, top=None, lr=None, title=None):
+    """The Hessian's eigenvalue density (minicnn.hessian.DensityResult) with a log y axis, as
+    PyHessian draws it; the top eigenvalues (``top``) and 2/lr (``lr``) marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    floor = max(float(dens.density.max()) * 1e-8, 1e-300)
+    ax.semilogy(dens.grid, np.maximum(dens.density, floor), color="tab:blue", lw=1.2, label="density (SLQ)")
+    if top is not None:
+        for i, v in enumerate(top):
+            ax.axvline(v, color="tab:orange", lw=0.8, ls=":", label="top eigenvalues (Lanczos)" if i == 0 else None)
+    if lr:
+        ax.axvline(2.0 / lr, color="black", lw=1, ls="--", label=f"2 / lr = {2.0 / lr:.3g}")
+    ax.set_ylim(floor, None)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log)")
+    ax.set_title(title or "Hessian eigenvalue density", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------- the lr range test

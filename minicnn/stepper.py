@@ -6,7 +6,9 @@
     s.record                        # the last step's record (minicnn.trace columns + "events")
     s.whatif(lr=[0.1, 0.03])        # the last step redone from the same state and batch, not committed
     s.slice(png="slice.png")        # the loss on that batch along that step's direction
-    s.sharpness()                   # lambda_max now, against 2/lr
+    s.sharpness(per_layer=True)     # lambda_max now (and each layer's), against 2/lr
+    s.spectrum(k=5, png="spec.png") # top eigenvalues, trace, eigenvalue density
+    s.noise()                       # gradient noise per layer on the next batch
     s.back(3)                       # rewind 3 steps (a bounded history is kept in memory)
     s = minicnn.Stepper.from_run("runs/x", step=1412)   # replay a recorded run to step 1412
 
@@ -26,6 +28,7 @@ from . import diagnose as dg
 from . import trace as tr
 from .config import TrainConfig, sharpness_batch
 from .errors import ConfigError, DataError, MinicnnError
+from .hessian import HessianOperator
 from .ops.ref import dead_fraction
 from .rundir import (
     label_entropy,
@@ -44,6 +47,11 @@ HISTORY = 100
 # `until eos` without a --sharpness-every schedule measures lambda_max itself every this many
 # steps (each measurement costs tens of gradient evaluations on 256 samples).
 EOS_CHECK_EVERY = 10
+# `spectrum`: the top eigenvalues it lists by default, and the density from one Lanczos run of
+# hessian.SLQ_STEPS products (PyHessian's density uses one run too, n_v=1): in the debugger a run
+# costs ~30 products on the fixed batch, and one already shows the bulk and the outliers.
+SPECTRUM_K = 5
+SPECTRUM_SLQ_RUNS = 1
 SLICE_RANGE = (-1.0, 3.0)     # step lengths: 0 is where the step started, 1 where it landed
 SLICE_POINTS = 41
 _ERRSTATE = dict(over="ignore", invalid="ignore", divide="ignore")   # NaN/inf are results here
@@ -304,9 +312,10 @@ class Stepper:
         landed = float(losses[alphas == 1.0][0])
         dn = float(np.linalg.norm(d))
         if dn > 0 and math.isfinite(f0):
-            hv = tr.Sharpness(net, xb, yb)
-            slope = float(hv.gradient(w0) @ d)
-            lam_dir = float((d / dn) @ hv.hvp(w0, d / dn))
+            op = HessianOperator(net, xb, yb, flat_params=w0)     # float64, exact products
+            with np.errstate(**_ERRSTATE):
+                slope = float(op.gradient() @ d)
+                lam_dir = float((d / dn) @ op.hvp(d / dn))
         else:
             slope, lam_dir = 0.0, math.nan
         curv = lam_dir * dn * dn
@@ -321,19 +330,73 @@ class Stepper:
             s.png = plot_slice(s, png)
         return s
 
-    def sharpness(self):
-        """lambda_max of the loss Hessian at the current weights, on the run's fixed sharpness batch,
-        against 2/lr for the next step's lr. Uses its own power iteration (the run's own
-        measurements are not disturbed)."""
+    def _sharpness(self):
+        """The Sharpness instrument on the run's fixed sharpness batch (built once; its warm starts
+        are its own: the run's measurements are not disturbed)."""
         if self._sharp is None:
             sb = sharpness_batch(self.trainer.n, self.cfg.seed)
             self._sharp = tr.Sharpness(self.net, self.trainer.data.x_train[sb], self.trainer.data.y_train[sb],
                                        seed=self.cfg.seed)
-        with np.errstate(**_ERRSTATE):
-            lam, evals = self._sharp()
+        return self._sharp
+
+    def sharpness(self, per_layer=False):
+        """lambda_max of the loss Hessian at the current weights, on the run's fixed sharpness batch,
+        against 2/lr for the next step's lr; per_layer: also each parameter layer's own block
+        lambda_max ("layers": {name: {lambda_max, lr_times_lambda}}). Cost: hvp_evals, grad_evals,
+        seconds."""
+        measures = {"lambda_max": None, **({"layers": None} if per_layer else {})}
         lr = self.next_lr
-        return {"step": self.step_count, "lambda_max": lam, "lr": lr,
-                "two_over_lr": 2.0 / lr if lr > 0 else math.inf, "lr_times_lambda": lr * lam, "hvp_evals": evals}
+        with np.errstate(**_ERRSTATE):
+            rec = self._sharpness().measure(self.step_count, lr=lr, measures=measures)
+        lam = rec["lambda_max"]
+        out = {"step": self.step_count, "lambda_max": lam, "lr": lr, "two_over_lr": rec["two_over_lr"],
+               "lr_times_lambda": lr * lam, "hvp_evals": rec["hvp_evals"], "grad_evals": rec["grad_evals"],
+               "seconds": rec["sharpness_s"]}
+        if per_layer:
+            out["layers"] = {k[len("lambda_max."):]: {"lambda_max": v, "lr_times_lambda": lr * v}
+                             for k, v in rec.items() if k.startswith("lambda_max.")}
+        return out
+
+    def spectrum(self, k=SPECTRUM_K, samples=tr.SHARPNESS_TRACE_SAMPLES, png=None):
+        """The Hessian's spectrum at the current weights on the fixed sharpness batch: the top k
+        eigenvalues (Lanczos), the trace by Hutchinson with ``samples`` products (and its standard
+        error), and the eigenvalue density by stochastic Lanczos quadrature (SPECTRUM_SLQ_RUNS run),
+        drawn to ``png`` if given. -> {step, lr, top: (k,), trace, trace_se, layer_traces, density
+        (hessian.DensityResult), hvps, grad_evals, seconds, png}."""
+        from .hessian import hutchinson_trace, spectral_density, top_eigenvalues
+        if not (isinstance(k, (int, np.integer)) and k >= 1):
+            raise ConfigError(f"spectrum: k must be a whole number >= 1, got {k}")
+        sharp = self._sharpness()
+        op = sharp.op
+        op.set_weights(self.net.get_flat_params())
+        seed = [self.cfg.seed, tr.SHARPNESS_VECTORS, self.step_count]
+        with np.errstate(**_ERRSTATE):
+            top = top_eigenvalues(op, k=min(k, op.size), seed=seed)
+            h = hutchinson_trace(op, max_samples=samples, min_samples=samples, rel_se=0.0, seed=seed + [1])
+            dens = spectral_density(op, runs=SPECTRUM_SLQ_RUNS, seed=seed + [2])
+        parts = (top, h, dens)
+        out = {"step": self.step_count, "lr": self.next_lr, "top": top.values, "trace": h.trace, "trace_se": h.stderr,
+               "samples": h.samples, "layer_traces": h.layers, "density": dens,
+               "hvps": sum(p.hvps for p in parts), "grad_evals": sum(p.grad_evals for p in parts),
+               "seconds": sum(p.seconds for p in parts), "png": None}
+        if png:
+            from .plots import plot_density
+            out["png"] = plot_density(dens, png, top=top.values, lr=self.next_lr,
+                                      title=f"Hessian eigenvalue density at step {self.step_count} "
+                                            f"({len(op.y)} fixed training images)")
+        return out
+
+    def noise(self):
+        """Gradient noise on the batch the next step will use, at the current weights (as ``layer``
+        looks): minicnn.noise's statistics per layer and in total from the per-sample gradients.
+        -> {step, batch_size, report (noise.NoiseReport), seconds}. Raises for a batch of 1."""
+        from .noise import gradient_noise
+        xb, yb = self.trainer.batch()
+        if len(yb) < 2:
+            raise ConfigError(f"the next batch has {len(yb)} image; gradient noise needs at least 2")
+        with np.errstate(**_ERRSTATE):
+            rep = gradient_noise(self.net, xb, yb)
+        return {"step": self.step_count, "batch_size": len(yb), "report": rep, "seconds": rep.seconds}
 
     def layer(self, name, bins=10):
         """Weight, gradient and activation statistics of one layer: current weights, gradient and

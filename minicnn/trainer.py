@@ -10,8 +10,6 @@ let a CLI or notebook show progress. What a run directory holds: minicnn.rundir.
 Data order: epoch e visits the training set in ``default_rng([seed, e]).permutation(n)`` order,
 so any step's batch can be rebuilt without replaying the ones before it.
 """
-import copy
-import json
 import math
 import os
 import signal
@@ -101,7 +99,7 @@ class Trainer:
         self.sharp = None
         if cfg.sharpness_every:
             sb = sharpness_batch(n, cfg.seed)
-            self.sharp = tr.Sharpness(net, data.x_train[sb], data.y_train[sb], seed=cfg.seed)
+            self.sharp = tr.Sharpness(net, data.x_train[sb], data.y_train[sb], seed=cfg.seed, measures=cfg.sharpness)
         self.meter = tr.StepMeter(net, self.level)   # the trace's work vectors, where the parameters live
         self.probe = None
         if cfg.probe_every and self.level != "off":
@@ -144,12 +142,19 @@ class Trainer:
         loss = net.loss(xb, yb)
         rec = {"step": step, "epoch": self.epoch, "lr": lr, "loss": loss}
         if math.isfinite(loss):
-            net.backward()
+            # Gradient noise is measured on the step's own training batch: it is the noise of the
+            # gradient this step takes (B_noise is compared with this batch size), and it costs only
+            # the per-sample work, the gradient being the same bits. A fixed batch would give the
+            # same B at every batch size but cost a forward and backward more; at small batches the
+            # diagnosis averages over the run's measurements instead (diagnose.causes).
+            if record and self.cfg.noise_every and step % self.cfg.noise_every == 0 and len(yb) >= 2:
+                rec.update(tr.noise_backward(net))
+            else:
+                net.backward()
             if level != "off":
                 rec.update(net.trace_stats())
             if self.sharp and sharpness and step % self.cfg.sharpness_every == 0:
-                lam, evals = self.sharp()
-                rec.update(lambda_max=lam, two_over_lr=2.0 / lr if lr > 0 else math.inf, hvp_evals=evals)
+                rec.update(self.sharp.measure(step, lr=lr))
             if level != "off":
                 meter.before_update()
             self.opt.step([net.flat_params], [net.flat_grads], lr=lr)
@@ -176,8 +181,7 @@ class Trainer:
              "momentum": self.opt.state_dict()["buffers"],
              "prev_grad": None if prev is None else self.net.host_copy(prev)}
         if self.sharp is not None:
-            s["sharp_v"] = None if self.sharp.v is None else self.sharp.v.copy()
-            s["sharp_rng"] = copy.deepcopy(self.sharp.rng.bit_generator.state)
+            s["sharp"] = self.sharp.state()
         return s
 
     def load_state(self, s):
@@ -186,9 +190,8 @@ class Trainer:
         self.opt.load_state_dict({"buffers": s["momentum"]})
         if self.meter.prev_grad is not None and s.get("prev_grad") is not None:
             self.net.ops.copy_into(self.meter.prev_grad, s["prev_grad"])
-        if self.sharp is not None and "sharp_v" in s:
-            self.sharp.v = None if s["sharp_v"] is None else np.array(s["sharp_v"])
-            self.sharp.rng.bit_generator.state = copy.deepcopy(s["sharp_rng"])
+        if self.sharp is not None and "sharp" in s:
+            self.sharp.load_state(s["sharp"])
 
     def save(self, path):
         """A checkpoint (load_checkpoint reads its weights and momentum) that also resumes the run."""
@@ -196,8 +199,7 @@ class Trainer:
         extra = {"epoch": np.int64(self.epoch), "pos": np.int64(self.pos),
                  "prev_grad": None if prev is None else self.net.host_copy(prev)}
         if self.sharp is not None:
-            extra["sharp_v"] = self.sharp.v
-            extra["sharp_rng"] = np.array(json.dumps(self.sharp.rng.bit_generator.state))
+            extra.update(self.sharp.state())
         save_checkpoint(path, self.net, self.opt, self.step_count, **extra)
 
     def resume(self, path):
@@ -211,10 +213,8 @@ class Trainer:
         prev = self.meter.prev_grad
         if prev is not None and "prev_grad" in ex and ex["prev_grad"].shape == tuple(prev.shape):
             self.net.ops.copy_into(prev, ex["prev_grad"])
-        if self.sharp is not None and "sharp_v" in ex:
-            self.sharp.v = np.array(ex["sharp_v"])
-        if self.sharp is not None and "sharp_rng" in ex:
-            self.sharp.rng.bit_generator.state = json.loads(str(ex["sharp_rng"]))
+        if self.sharp is not None:
+            self.sharp.load_state(ex)
         return step
 
     def resume_latest(self, checkpoints):
@@ -233,7 +233,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run as a whole
     def columns(self):
         """The trace columns this run writes (minicnn.trace.columns for its level and measurements)."""
-        return tr.columns(self.net, self.level, bool(self.sharp), probe=self.probe is not None)
+        return tr.columns(self.net, self.level, self.sharp and self.sharp.measures,
+                          probe=self.probe is not None, noise=bool(self.cfg.noise_every))
 
     def describe(self):
         """config.json's content: the config, the network and data it built, and the environment."""

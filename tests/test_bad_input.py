@@ -26,6 +26,7 @@ from minicnn.errors import ArgumentTypeError, SpecError
 from minicnn.rundir import list_checkpoints
 from minicnn.sgd import parse_schedule
 from minicnn.sweep import run_one
+from minicnn.trace import TIMING_COLUMNS
 
 RUN = ["--arch", "tiny", "--n-train", "200", "--n-val", "50", "--batch-size", "32"]
 TINY = dict(arch="tiny", batch_size=32)
@@ -73,6 +74,12 @@ BAD_TRAIN = [
     (["--init-scale", "1e40"], "beyond float32's range"),
     (["--dtype", "float64", "--init-scale", "inf"], "--init-scale must be a finite number"),
     (["--n-val", "1000000000000"], "more than this machine's"),
+    (["--sharpness", "bogus"], "unknown measure 'bogus'"),
+    (["--sharpness", "topk:30000"], "2..64"),
+    (["--sharpness", "trace:1"], "2..10,000"),
+    (["--sharpness", "layers:3"], "unknown measure 'layers:3'"),
+    (["--noise-every", "-1"], "--noise-every"),
+    (["--noise-every", "5", "--batch-size", "1"], "needs --batch-size >= 2"),
 ]
 
 
@@ -422,11 +429,11 @@ def _wrap(step, after):
 
 # ---------------------------------------------------------------- resume: bit for bit
 def same_trace(a, b):
-    """Every steps.csv column but time_s equal bit for bit (NaN where NaN), and the same evaluations."""
+    """Every steps.csv column but the timings equal bit for bit (NaN where NaN), and the same evaluations."""
     ra, rb = load_run(a), load_run(b)
     assert list(ra.steps) == list(rb.steps)
     for c in ra.steps:
-        if c != "time_s":
+        if c not in TIMING_COLUMNS:
             assert np.array_equal(ra.steps[c], rb.steps[c], equal_nan=True), c
     for c in ra.evals:
         assert np.array_equal(ra.evals[c], rb.evals[c], equal_nan=True), c
@@ -480,7 +487,7 @@ def test_resume_to_more_steps_and_what_it_refuses(tmp_path, shapes):
     train(out=out, data=shapes, resume=True, steps=16)                      # a finished run, more steps
     a, b = load_run(long), load_run(out)
     for c in a.steps:
-        if c != "time_s":
+        if c not in TIMING_COLUMNS:
             assert np.array_equal(a.steps[c], b.steps[c], equal_nan=True), c
     assert list(b.evals["step"]) == [0, 5, 10, 11, 15, 16]                  # the old end's evaluation stays
     assert json.load(open(os.path.join(out, "config.json")))["resumed"] == [{"from_step": 11, "steps_total": 16}]

@@ -20,6 +20,9 @@ from .thresholds import (
     LR_SPIKE_FACTOR,
     MEMORISED_TRAIN_ACC,
     MOMENTUM_HIGH,
+    NOISE_BATCH_FACTOR,
+    NOISE_MIN_MEASUREMENTS,
+    NOISE_WINDOW,
     SLOW_UPDATE_RATIO,
     SPIKE_FACTOR,
     TINY_BATCH,
@@ -28,7 +31,7 @@ from .thresholds import (
 )
 
 CAUSES = ("lr_too_high", "lr_spike", "lr_too_low", "inputs_unnormalised", "init_scale", "dead_init", "tiny_batch",
-          "weight_decay", "momentum", "labels", "none")
+          "gradient_noise", "weight_decay", "momentum", "labels", "none")
 
 
 @dataclass
@@ -46,7 +49,7 @@ class Cause:
 
 
 NO_CAUSE = Cause("none", "no cause found among those the trace can tell apart (lr, its schedule, inputs, "
-                 "initialisation, batch size, momentum, weight decay, labels)")
+                 "initialisation, batch size, gradient noise, momentum, weight decay, labels)")
 
 
 class Signs:
@@ -171,9 +174,60 @@ def tiny_batch(s, T):
         if np.isfinite(loss_T) and np.isfinite(usual) and loss_T > SPIKE_FACTOR * usual:
             ev.append(f"the batch at step {int(s.t.step[T])} had loss {loss_T:.3g} against a median {usual:.3g}: "
                       f"one confidently wrong image made the step")
+    noise = noise_scale(s, T)
+    if noise is not None:
+        ev.append(noise_evidence(noise, b))
     lr = s.t("lr")[T if T is not None else 0]
     return Cause("tiny_batch", f"tiny batches ({b} images): a single image's gradient can make a whole step", ev,
                  f"use batches of 32 or more, or divide the lr by 10 (to {lr / 10:g})",
+                 {"kind": "lr_scale", "from_step": _step(s, T), "factor": 0.1})
+
+
+def noise_scale(s, T):
+    """(B_noise, measurements, first step, last step) over the noise measurements of the NOISE_WINDOW
+    steps up to the onset (from the start: the first NOISE_WINDOW steps), numerator and denominator
+    averaged before dividing; None without NOISE_MIN_MEASUREMENTS of them."""
+    trs, gsq = s.t("tr_sigma"), s.t("grad_sq_unbiased")
+    step = s.t.step
+    end = int(step[T]) if T else NOISE_WINDOW
+    at = np.flatnonzero(np.isfinite(trs) & np.isfinite(gsq) & (step <= end) & (step >= end - NOISE_WINDOW))
+    if len(at) < NOISE_MIN_MEASUREMENTS:
+        return None
+    num, den = float(np.mean(trs[at])), float(np.mean(gsq[at]))
+    bn = num / den if den > 0 else math.inf
+    return bn, len(at), int(step[at[0]]), int(step[at[-1]])
+
+
+def noise_evidence(noise, b):
+    bn, n, a, z = noise
+    snr = f"SNR B/B_noise {b / bn:.2g}" if math.isfinite(bn) else "the noise swamps the signal estimate"
+    return (f"gradient noise scale B_noise = tr(Sigma)/|g|^2 = {bn:.3g} (averaged over {n} measurements, steps "
+            f"{a}-{z}) against batches of {b}: {snr}")
+
+
+def gradient_noise(s, T):
+    """Batch size << B_noise (measured, --noise-every): the steps are mostly noise -- and, where
+    lambda_max is measured, not a step too large for the curvature (lr x lambda_max < 2 before the onset)."""
+    b = s.cfg.get("batch_size") or 0
+    noise = noise_scale(s, T)
+    if noise is None or not (b > 0 and noise[0] >= NOISE_BATCH_FACTOR * b):
+        return None
+    ev = [noise_evidence(noise, b)]
+    lam = s.t("lambda_max")
+    i = T or 0
+    near = np.flatnonzero(np.isfinite(lam[:i + 1]))
+    if len(near):
+        j = near[-1]
+        prod = s.t("lr")[j] * lam[j]
+        if prod >= EOS_RATIO:
+            return None
+        ev.append(f"lr x lambda_max = {prod:.3g} at step {int(s.t.step[j])}: below 2, the curvature alone "
+                  f"would let the steps descend")
+    lr = s.t("lr")[i]
+    return Cause("gradient_noise", f"batches far smaller than the gradient noise scale ({b} against B_noise "
+                 f"{noise[0]:.3g}): the steps are mostly noise", ev,
+                 f"use batches of ~{min(noise[0], 1e6):.0f} images, or divide the lr by 10 (to {lr / 10:g}) "
+                 f"from step {_step(s, T)}",
                  {"kind": "lr_scale", "from_step": _step(s, T), "factor": 0.1})
 
 
@@ -247,11 +301,15 @@ def _step(s, T):
 
 # ---------------------------------------------------------------- the choice
 # Which causes can explain which verdict, most specific first: a cause whose evidence is a fact of
-# the setup (an lr spike in the schedule, inputs or an init far off) beats the generic "lr too high".
+# the setup (an lr spike in the schedule, inputs or an init far off) beats the generic "lr too high";
+# measured gradient noise (only with --noise-every) comes after the setup's causes (a batch of <= 4
+# is tiny_batch, whose evidence then includes the noise; weight decay is a setting too) and before
+# the generic lr.
 CANDIDATES = {
     "diverged": (lr_spike, inputs, init_scale, momentum, tiny_batch, lr_too_high),
-    "collapse": (lr_spike, inputs, init_scale, dead_init, momentum, tiny_batch, weight_decay, lr_too_high),
-    "unstable": (lr_spike, inputs, init_scale, momentum, tiny_batch, lr_too_high),
+    "collapse": (lr_spike, inputs, init_scale, dead_init, momentum, tiny_batch, weight_decay, gradient_noise,
+                 lr_too_high),
+    "unstable": (lr_spike, inputs, init_scale, momentum, tiny_batch, gradient_noise, lr_too_high),
     "stuck": (dead_init, inputs, init_scale, weight_decay),
     "slow": (weight_decay, lr_too_low),
     "overfitting": (labels,),

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .thresholds import COLLAPSE_LOSS_TOL, DEAD_LAYER, EARLY_STEPS
+from .thresholds import COLLAPSE_LOSS_TOL, DEAD_LAYER, EARLY_STEPS, EOS_RATIO
 
 
 def step_story(t, i):
@@ -70,3 +70,51 @@ def _level_line(t, level, steps_since, share):
     if np.isfinite(share).any():
         msg += f"; {100 * np.nanmedian(share):.0f}% of the {t.images()} get the same class"
     return msg
+
+
+def layer_crossing_lines(t, i):
+    """Which parameter layer's own lambda_max (its block of the Hessian, ``--sharpness layers``)
+    crossed 2/lr first, by step index i (the decisive step); [] when the trace has no per-layer
+    lambda_max. A block's lambda_max is at most the whole Hessian's, so the whole network crosses
+    first or with it; the layer that crosses is where the sharp curvature sits. When no layer had
+    crossed by then: the largest layer before it, whether the whole network had crossed (the sharp
+    direction then spans layers), and a layer's later crossing."""
+    layers = [k[len("lambda_max."):] for k in t.steps if k.startswith("lambda_max.") and t.has(k)]
+    if not layers:
+        return []
+    lr = t("lr")
+    ratio = {n: lr * t(f"lambda_max.{n}") for n in layers}
+    first = {}
+    for n, r in ratio.items():
+        at = np.flatnonzero(np.isfinite(r) & (r >= EOS_RATIO))
+        if len(at):
+            first[n] = int(at[0])
+    before = {n: j for n, j in first.items() if j <= i}
+    if before:
+        order = sorted(first, key=lambda k: (first[k], -ratio[k][first[k]]))
+        n, j = order[0], first[order[0]]
+        line = (f"{n} crossed 2/lr first: its own lr x lambda_max = {ratio[n][j]:.2f} at step {int(t.step[j])} "
+                f"({'before' if j < i else 'at'} the decisive step {int(t.step[i])})")
+        if order[1:]:
+            line += "; then " + ", ".join(f"{k} at step {int(t.step[first[k]])}" for k in order[1:])
+        never = [k for k in layers if k not in first]
+        return [line + ("; never: " + ", ".join(never) if never else "")]
+    upto = i + 1 if any(np.isfinite(ratio[n][:i + 1]).any() for n in layers) else t.n
+    n = max(layers, key=lambda k: np.nanmax(np.r_[ratio[k][:upto], -np.inf]))
+    j = int(np.nanargmax(np.where(np.isfinite(ratio[n][:upto]), ratio[n][:upto], -np.inf)))
+    line = (f"no layer's own lambda_max had crossed 2/lr by the decisive step {int(t.step[i])} (the largest: {n}, "
+            f"lr x lambda_max = {ratio[n][j]:.2f} at step {int(t.step[j])})" + _whole(t, lr, upto))
+    if first:
+        k = min(first, key=first.get)
+        line += f"; later {k}'s did, at step {int(t.step[first[k]])}"
+    return [line]
+
+
+def _whole(t, lr, upto):
+    """Whether the whole network's lambda_max had crossed (by index upto) when no layer's own had."""
+    lam = t("lambda_max")[:upto]
+    at = np.flatnonzero(np.isfinite(lam) & (lr[:upto] * lam >= EOS_RATIO))
+    if not len(at):
+        return ", nor had the whole network's"
+    return (f"; the whole network's had, at step {int(t.step[at[0]])} (lr x lambda_max {lr[at[0]] * lam[at[0]]:.2f}): "
+            f"the sharp direction spans layers")

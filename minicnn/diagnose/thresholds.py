@@ -161,3 +161,22 @@ SLOW_UPDATE_RATIO = 1e-4
 # training accuracy reached MEMORISED_TRAIN_ACC.
 CHANCE_MARGIN = 0.05
 MEMORISED_TRAIN_ACC = 0.5
+
+# ---------------------------------------------------------------- instruments (--noise-every, --sharpness layers)
+# Batch size << B_noise: the steps are mostly noise. B_noise = tr(Sigma) / |g|^2 (McCandlish et al.
+# 2018, "An Empirical Model of Large-Batch Training") is the batch size at which the batch
+# gradient's noise variance tr(Sigma) / B equals its squared signal |g|^2. At B_noise >= 4 B the
+# noise is >= 2x the signal in norm and the batch gradient's cosine with the true gradient is at most
+# 1 / sqrt(1 + 4) = 0.45: each step mostly follows the batch's own images. Measured (narrow conv4-conv8
+# net, inputs x 3, shapes data): the batch-2 and batch-6 runs that collapsed had B_noise 10-30x their
+# batch in the 500 steps before the onset; healthy runs at batch 32 had 1-3x (small and mlp nets,
+# first quarter). But healthy runs get there too as the gradient shrinks late in training (7-30x at
+# batches 6-8 after 2,000 steps), so this is a cause for a bad verdict, never a verdict of its own.
+NOISE_BATCH_FACTOR = 4.0
+# B_noise is the ratio of two noisy estimates: it is averaged as McCandlish et al. do (numerator and
+# denominator separately) over the measurements in the NOISE_WINDOW steps up to the onset (from
+# the start: the first NOISE_WINDOW steps), at least NOISE_MIN_MEASUREMENTS of them (with
+# --noise-every 10, 50 steps; an onset at step 2 has one measurement, at init, whose sign alone
+# is noise: the small net at batch 32 read B_noise -93 there).
+NOISE_WINDOW = 500
+NOISE_MIN_MEASUREMENTS = 5

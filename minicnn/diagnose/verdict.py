@@ -9,7 +9,7 @@ import numpy as np
 from .causes import NO_CAUSE, Cause, Signs, find_cause, lr_spike
 from .events import Trace, find_events, overshoot_flags
 from .onset import onset, step_sizes
-from .story import after_story, step_story
+from .story import after_story, layer_crossing_lines, step_story
 from .thresholds import (
     COLLAPSE_MIN_STEPS,
     EARLY_STEPS,
@@ -177,6 +177,7 @@ def _diverged(lv):
     d.lines.append(f"it started at step {T}: {step_story(lv.t, lv.index(T))}")
     if T != ev.step:
         d.lines.append(f"at step {ev.step}: {step_story(lv.t, i)}")
+    d.lines += layer_crossing_lines(lv.t, lv.index(T))
     d.lines.append("mechanism: each step overshot by more than the last (lr x curvature > 2), so the "
                    "weights and the loss grew geometrically until they overflowed")
     return d
@@ -253,6 +254,7 @@ def _collapse(lv):
     d = Diagnosis("collapse", title, T, events=lv.events)
     d.lines.append(f"step {T}: {step_story(lv.t, i)}")
     d.lines += after_story(lv.t, i)
+    d.lines += layer_crossing_lines(lv.t, i)
     d.lines.append("mechanism: one large step threw the weights off the valley onto a flat region "
                    "(dead ReLUs / a constant prediction) where the gradient is near zero, so nothing "
                    "pulls them back")
@@ -278,6 +280,7 @@ def _unstable(lv):
         d.lines += _degraded_lines(lv)
     else:
         d.lines.append(f"step 0: {step_story(lv.t, 0)}")
+    d.lines += layer_crossing_lines(lv.t, lv.index(T))
     d.lines.append("mechanism: the steps are too large for where the weights are: each overshoots the valley "
                    "it is in (lr x sharpness > 2) or follows a few images' noisy gradient, and lands somewhere "
                    "no better")
