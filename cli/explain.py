@@ -27,7 +27,7 @@ def explain_command(out, quick, workers, rerun, device):
 
     \b
     Example:
-      minicnn explain            # a few minutes on 2 cores
+      minicnn explain            # under a minute on 2 cores
       minicnn explain --quick
     """
     from minicnn.explain import explain

@@ -13,13 +13,13 @@ Deterministic runs (a sweep: run in parallel, resumable), each diagnosed from it
 The first three are the question: plain SGD at a constant lr = 0.1 on the same data. (1) is the
 default network; (2) is softmax regression on un-normalised inputs, whose loss is far sharper; (3) is
 a narrow CNN (4 and 8 channels) on pixels in [0, 3] trained with batches of 2: it learns, until one
-batch holds an image it gets confidently wrong (loss 10-40), and that one step kills every ReLU.
+step, driven by one or two images it gets wrong, moves a layer far enough to kill the last live ReLUs.
 When that happens is chance -- it depends on the seed, and on the last bits of the float arithmetic
 (a float64 run, or another BLAS, takes another path) -- so case 3 trains COLLAPSE_SEEDS seeds, shows
-the first that learned and then collapsed, and reports how many of them did (measured 2026-12-01:
-seed 2 collapsed after learning, at step 1348; seeds 0 and 4 collapsed before learning; seeds 1 and
-3 learned and degraded; earlier kernels, whose last bits differed, had 11 of seeds 0-11 collapse
-after learning). The fourth answers the follow-up
+the first that learned and then collapsed, and reports how many of them did (measured 2026-12-01 with
+the blocked kernels: seeds 0 and 1 collapsed after learning, at steps 2247 and 1059; seeds 2 and 3
+learned and degraded; seed 4 collapsed before learning; earlier kernels, whose last bits differed,
+had other seeds collapse after learning). The fourth answers the follow-up
 "is getting stuck on this plateau possible at every learning rate?": a network initialised on the
 plateau stays there even at lr = 1e-4.
 """
@@ -82,10 +82,10 @@ CASES = [
               steps=COLLAPSE_STEPS, sharpness_every=500, eval_every=100),
          "a narrow CNN (4 and 8 channels) on pixels in [0, 3], batches of 2 images",
          "the loss of the data as a whole stays far from the edge of stability (lr x lambda_max below 1 on "
-         "256 fixed images), but with 2 images a step one image the network gets confidently wrong makes "
-         "the whole step: its loss "
-         "is tens of nats and its gradient ~100x the usual one, so at lr 0.1 that single step overshoots far "
-         "enough to push every ReLU's input below 0 for every image (4 and 8 units leave little to spare). "
+         "256 fixed images), but with 2 images a step one or two images make the whole step: an image the "
+         "network gets wrong gives a gradient several times the usual one (the decisive step's line above: "
+         "how far it moved each layer), and at lr 0.1 such a step can push the inputs of the last live ReLUs "
+         "below 0 for every image (4 and 8 units leave little to spare). "
          "It lands on a flat region: the network predicts one class, the gradient below the classifier is "
          "exactly 0, so nothing pulls the weights back -- training and validation loss jump up together to "
          "ln 10 and stay there. Which step does it, and whether one does within the run, is chance: the "

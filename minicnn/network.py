@@ -372,6 +372,7 @@ class FlatViews(list):
         made this several us slower, and loss_and_grads calls it every step)."""
         views = cls([flat[a:b].reshape(s) for a, b, s in layout])
         views.flat_buffer = flat
+        views.layout = layout                   # two lists of one layout have the same shapes
         views.originals = tuple(views)          # the views as made (see buffer)
         return views
 

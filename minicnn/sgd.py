@@ -64,8 +64,9 @@ class SGD:
         gradients of net.loss_and_grads) are updated through the buffers, in one pass (the same
         arithmetic per element)."""
         lr = self.lr if lr is None else check_hyper("lr", lr)
-        check_pairs(params, grads)
         flat_p, flat_g = _flat_buffer(params), _flat_buffer(grads)
+        if flat_p is None or flat_g is None or params.layout is not grads.layout:
+            check_pairs(params, grads)     # (views of one layout, as net.params and loss_and_grads' are, match)
         if (flat_p is not None and flat_g is not None and len(params) == len(grads)
                 and flat_p.size == flat_g.size and flat_p.dtype == flat_g.dtype):
             params, grads = [flat_p], [flat_g]
