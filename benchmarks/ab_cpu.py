@@ -25,16 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import threads_env  # noqa: E402  (--threads reaches OpenBLAS and OpenMP before numpy loads)
 
-def _early_threads():
-    for i, a in enumerate(sys.argv):
-        if a == "--threads" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-    return str(os.cpu_count() or 1)
-
-
-for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_v, _early_threads())
+THREADS = threads_env.THREADS
 
 import numpy as np  # noqa: E402
 
@@ -111,7 +104,7 @@ def main():
     p.add_argument("--old", required=True, help="git revision to compare against (e.g. HEAD, a commit)")
     p.add_argument("--batches", default="1,8,32,128,512")
     p.add_argument("--nets", default="A,B")
-    p.add_argument("--threads", type=int, default=int(_early_threads()))
+    p.add_argument("--threads", type=int, default=int(THREADS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case (both versions)")
     p.add_argument("--infer", action="store_true", help="time forward-only inference instead of a training step")

@@ -65,19 +65,9 @@ if any(v in os.environ for v in BLAS_PINS) and "--keep-blas-env" not in sys.argv
     os.execve(sys.executable, [sys.executable] + sys.argv, _env)       # the same command, without them
 
 
-def _early_threads():
-    """--threads must reach OpenBLAS and Numba before numpy/numba are imported."""
-    for i, a in enumerate(sys.argv):
-        if a == "--threads" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return str(os.cpu_count() or 1)
+import threads_env  # noqa: E402  (--threads reaches OpenBLAS and OpenMP before numpy loads)
 
-
-_T = _early_threads()
-for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_v, _T)
+_T = threads_env.THREADS
 
 import numpy as np  # noqa: E402  (after the thread-count environment above)
 

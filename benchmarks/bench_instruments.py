@@ -48,20 +48,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import threads_env  # noqa: E402  (--threads reaches OpenBLAS and OpenMP before numpy loads)
 
-def _early_threads():
-    """--threads must reach OpenBLAS and Numba before numpy/numba are imported."""
-    for i, a in enumerate(sys.argv):
-        if a == "--threads" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return str(os.cpu_count() or 1)
-
-
-_T = _early_threads()
-for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_v, _T)
+_T = threads_env.THREADS
 # PyTorch's OpenMP threads otherwise spin for a while after each of its calls and take the cores
 # from the minicnn call timed next (bench_cpu.py saw the same); passive waiting sleeps instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

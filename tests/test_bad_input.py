@@ -27,6 +27,7 @@ from minicnn.rundir import list_checkpoints
 from minicnn.sgd import parse_schedule
 from minicnn.sweep import run_one
 from minicnn.trace import TIMING_COLUMNS
+from tests.procs import children
 
 RUN = ["--arch", "tiny", "--n-train", "200", "--n-val", "50", "--batch-size", "32"]
 TINY = dict(arch="tiny", batch_size=32)
@@ -583,20 +584,6 @@ def test_sigkill_to_train_loses_no_whole_step(tmp_path, shapes):
     same_trace(ref, out)
 
 
-def _children(pid):
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(d))
-    return out
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
 @pytest.mark.parametrize("sig,group,workers", [(signal.SIGINT, False, 1), (signal.SIGTERM, False, 1),
                                                (signal.SIGINT, True, 2), (signal.SIGTERM, True, 1)],
@@ -607,7 +594,7 @@ def test_signal_to_a_sweep_stops_every_run_and_writes_every_row(tmp_path, sig, g
             "100000", "--trace", "light", "--checkpoint-every", "0"] + RUN
     proc = launch(args, tmp_path)
     wait_for_rows([os.path.join(out, f"seed={s}", "steps.csv") for s in range(workers)], 3, proc)
-    pids = [c for c in _children(proc.pid) if "resource_tracker" not in open(f"/proc/{c}/cmdline").read()]
+    pids = [c for c in children(proc.pid) if "resource_tracker" not in open(f"/proc/{c}/cmdline").read()]
     (os.killpg if group else os.kill)(proc.pid, sig)
     text = proc.communicate(timeout=90)[0]
     assert proc.returncode == SIG_EXIT[sig], text

@@ -9,6 +9,7 @@ from minicnn.cli.main import main
 from minicnn.config import TrainConfig
 from minicnn.errors import ConfigError
 from minicnn.sweep import SUMMARY_COLUMNS, expand_grid, is_done, run_name, run_one, run_sweep, sweep_cells
+from tests.procs import children
 
 TINY = dict(arch="tiny", n_train=256, n_val=64, steps=20, batch_size=32, eval_every=10, checkpoint_every=0)
 TINY_ARGS = ["--n-train", "256", "--n-val", "64", "--steps", "20", "--batch-size", "32", "--eval-every", "10",
@@ -213,20 +214,6 @@ def test_run_one_diverged_is_a_row_with_its_message(tmp_path):
     assert "loss became" in row["error"] and row["decisive_step"] is not None
 
 
-def _children(pid):
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(d))
-    return out
-
-
 def _running(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -252,15 +239,15 @@ def test_workers_exit_when_the_sweep_process_is_killed(tmp_path):
         while time.time() < deadline and len(list(out.glob("*/steps.csv"))) < 2:
             time.sleep(0.2)
         assert len(list(out.glob("*/steps.csv"))) == 2, "the workers did not start training"
-        children = _children(proc.pid)
-        assert len(children) >= 2
+        workers = children(proc.pid)
+        assert len(workers) >= 2
     finally:
         proc.kill()
         proc.wait()
     deadline = time.time() + 20
-    while time.time() < deadline and any(_running(c) for c in children):
+    while time.time() < deadline and any(_running(c) for c in workers):
         time.sleep(0.2)
-    left = [c for c in children if _running(c)]
+    left = [c for c in workers if _running(c)]
     for c in left:
         os.kill(c, 9)
     assert not left, f"workers still running after the sweep was killed: {left}"
