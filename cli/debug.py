@@ -23,6 +23,9 @@ from minicnn.stepper import HISTORY, SPECTRUM_K
 
 from .options import config_from_options, training_options
 
+# what a figure path given to a debugger command may end in (matplotlib picks the format from it)
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+
 PROMPT = "(minicnn) "
 # 'step N' prints at most this many step lines (every k-th step when N is larger)
 STEP_LINES = 20
@@ -91,6 +94,17 @@ def _parse_lrs(arg):
         return [float(v) for v in vals]
     except ValueError:
         raise click.UsageError(f"bad learning rate in '{arg}'; e.g. whatif lr=0.1,0.03") from None
+
+
+def _figure_arg(words, usage):
+    """The figure path among a command's remaining words (None when none is given); anything else
+    is a usage error (a mistyped number would otherwise become a file name)."""
+    if not words:
+        return None
+    if len(words) > 1 or not words[0].lower().endswith(FIGURE_SUFFIXES):
+        raise click.UsageError(f"{usage}: the figure path must end in {', '.join(FIGURE_SUFFIXES)}, "
+                               f"got '{' '.join(words)}'")
+    return words[0]
 
 
 def _int_arg(arg, default, name):
@@ -252,7 +266,8 @@ class DebugShell(cmd.Cmd):
         step lengths (0: before the step, 1: where it landed), with the quadratic fitted from the
         gradient and the curvature lambda along that line; as a text plot and a PNG."""
         r = self.s.record
-        png = arg.strip() or (os.path.join(self.out_dir, f"slice_step{r['step']}.png") if r else None)
+        png = _figure_arg(arg.split(), "slice [PNG]") or (os.path.join(self.out_dir, f"slice_step{r['step']}.png")
+                                                          if r else None)
         s = self.s.slice(png=png)
         click.echo(f"step {s.step} (lr {s.lr:g}): loss on its batch along the update; * measured, . quadratic, "
                    f"S start, L landed, M 1-D minimum")
@@ -296,9 +311,10 @@ class DebugShell(cmd.Cmd):
         each layer's block trace) and the eigenvalue density (stochastic Lanczos quadrature), drawn
         with a log y axis as PyHessian draws it."""
         words = arg.split()
-        k = _int_arg(words[0], SPECTRUM_K, "spectrum") if words and words[0].isdigit() else SPECTRUM_K
-        rest = words[1:] if words and words[0].isdigit() else words
-        png = rest[0] if rest else os.path.join(self.out_dir, f"spectrum_step{self.s.step_count}.png")
+        k = _int_arg(words[0], SPECTRUM_K, "spectrum") if words and words[0].lstrip("+-").isdigit() else SPECTRUM_K
+        rest = words[1:] if words and words[0].lstrip("+-").isdigit() else words
+        png = (_figure_arg(rest, "spectrum [K] [PNG]")
+               or os.path.join(self.out_dir, f"spectrum_step{self.s.step_count}.png"))
         sp = self.s.spectrum(k=k, png=png)
         lr = sp["lr"]
         click.echo(f"step {sp['step']}: top {len(sp['top'])} eigenvalues: " + ", ".join(_g(v, 5) for v in sp["top"])

@@ -364,8 +364,9 @@ class Stepper:
         drawn to ``png`` if given. -> {step, lr, top: (k,), trace, trace_se, layer_traces, density
         (hessian.DensityResult), hvps, grad_evals, seconds, png}."""
         from .hessian import hutchinson_trace, spectral_density, top_eigenvalues
-        if not (isinstance(k, (int, np.integer)) and k >= 1):
-            raise ConfigError(f"spectrum: k must be a whole number >= 1, got {k}")
+        kmax = tr.SHARPNESS_MAX["topk"]
+        if not (isinstance(k, (int, np.integer)) and 1 <= k <= kmax):
+            raise ConfigError(f"spectrum: k must be a whole number in 1..{kmax} (as --sharpness topk:K), got {k}")
         sharp = self._sharpness()
         op = sharp.op
         op.set_weights(self.net.get_flat_params())

@@ -402,6 +402,17 @@ def test_debug_step_bounded_and_streamed():
     assert "error: cannot write /dev/null/y.png: part of the path is a file" in res.output
 
 
+def test_debug_figure_paths_and_spectrum_size():
+    script = "spectrum 100000\nspectrum abc\nspectrum 3 x y\nslice foo\n"
+    res = cli(["debug", "--steps", "5"] + RUN, input=script)
+    assert res.exit_code == 0 and "Traceback" not in res.output
+    assert "error: spectrum: k must be a whole number in 1..64 (as --sharpness topk:K), got 100000" in res.output
+    assert "error: spectrum [K] [PNG]: the figure path must end in .png, .pdf, .svg, got 'abc'" in res.output
+    assert "got 'x y'" in res.output
+    assert "error: slice [PNG]: the figure path must end in .png, .pdf, .svg, got 'foo'" in res.output
+    assert not os.path.exists("abc") and not os.path.exists("foo")
+
+
 def test_debug_ctrl_c_returns_to_the_prompt(shapes):
     from minicnn.cli.debug import DebugShell
     shell = DebugShell(Stepper(data=shapes, steps=40, **TINY))
