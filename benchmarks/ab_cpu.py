@@ -30,11 +30,7 @@ import threads_env  # noqa: E402  (--threads reaches OpenBLAS and OpenMP before 
 THREADS = threads_env.THREADS
 
 import numpy as np  # noqa: E402
-
-NETS = {
-    "A": ("conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10", (1, 28, 28)),
-    "B": ("conv32k3p1-relu-maxpool2-conv64k3p1-relu-maxpool2-fc10", (3, 32, 32)),
-}
+from reference_nets import NETS, random_batch  # noqa: E402
 
 
 def export(rev, dest):
@@ -134,9 +130,7 @@ def main():
     for name in a.nets.split(","):
         spec, shape = NETS[name]
         for n in (int(b) for b in a.batches.split(",")):
-            rng = np.random.default_rng(n)
-            x = rng.standard_normal((n,) + shape).astype(np.float32)
-            y = rng.integers(0, 10, n).astype(np.int64)
+            x, y = random_batch(shape, n)
             fns = {"old": kind(old, spec, shape), "new": kind(minicnn, spec, shape)}
             lo, ln = fns["old"](x, y), fns["new"](x, y)
             if not a.infer:

@@ -24,11 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-
-NETS = {
-    "A": ("conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10", (1, 28, 28)),
-    "B": ("conv32k3p1-relu-maxpool2-conv64k3p1-relu-maxpool2-fc10", (3, 32, 32)),
-}
+from reference_nets import NETS, random_batch  # noqa: E402
 
 
 def main():
@@ -60,9 +56,7 @@ def main():
     for name in a.nets.split(","):
         spec, shape = NETS[name]
         for n in (int(b) for b in a.batches.split(",")):
-            rng = np.random.default_rng(n)
-            x = rng.standard_normal((n,) + shape).astype(np.float32)
-            y = rng.integers(0, 10, n).astype(np.int64)
+            x, y = random_batch(shape, n)
             runs = []
             for v in variants:
                 for k, val in {**defaults, **v}.items():

@@ -73,10 +73,8 @@ import numpy as np  # noqa: E402  (after the thread-count environment above)
 
 sys.path.insert(0, str(ROOT))
 
-NETS = {
-    "A": ("conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10", (1, 28, 28)),
-    "B": ("conv32k3p1-relu-maxpool2-conv64k3p1-relu-maxpool2-fc10", (3, 32, 32)),
-}
+from reference_nets import NETS, random_batch  # noqa: E402
+
 LR = 0.01
 VALIDATE_RTOL = 2e-3            # float32, max |a-b| / max|b| per tensor
 
@@ -277,9 +275,7 @@ def bench_train(torch, name, batches, budget_s, ceiling):
         net = minicnn.Network.from_spec(spec, input_shape=shape, seed=0, dtype=np.float32)
         twin = minicnn.Network.from_spec(spec, input_shape=shape, seed=0, dtype=np.float32)
         flops = step_flops(net) * n
-        rng = np.random.default_rng(n)
-        x = rng.standard_normal((n,) + shape).astype(np.float32)
-        y = rng.integers(0, 10, n).astype(np.int64)
+        x, y = random_batch(shape, n)
         fns = {"minicnn": (MinicnnStep(net), x, y), "internal": (MinicnnInternalStep(twin), x, y)}
         if torch is not None:
             tx, ty = torch.from_numpy(x), torch.from_numpy(y)

@@ -42,12 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # small grids (tiny validation batch) are intended here: no under-utilisation warnings
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
+from reference_nets import NETS as _REFERENCE  # noqa: E402
+
 from minicnn.errors import DeviceError  # noqa: E402
 
-NETS = {       # the reference networks of benchmarks/bench_cpu.py (issue 7), as minicnn specs
-    "A": dict(spec="conv16k3p1-relu-maxpool2-conv32k3p1-relu-maxpool2-fc10", input=(1, 28, 28), classes=10),
-    "B": dict(spec="conv32k3p1-relu-maxpool2-conv64k3p1-relu-maxpool2-fc10", input=(3, 32, 32), classes=10),
-}
+NETS = {name: dict(spec=spec, input=shape, classes=10) for name, (spec, shape) in _REFERENCE.items()}
 LR, MOMENTUM = 0.01, 0.9
 VALIDATE_TOL = 1e-10          # max relative error, float64
 
