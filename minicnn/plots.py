@@ -25,6 +25,14 @@ def pyplot():
     return plt
 
 
+def _save(fig, path, dpi=110, rect=None):
+    """Lay the figure out (within ``rect`` if given), write it to ``path``, close it; -> path."""
+    fig.tight_layout(**({} if rect is None else {"rect": rect}))
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def draw_losses(ax, run, title=None):
     """Training loss per step (raw and smoothed) and train/val loss at evaluations on one axis."""
     steps, evals = run.steps, run.evals
@@ -60,11 +68,7 @@ def plot_losses(run_or_path, path=None):
         top = ax.secondary_xaxis("top", functions=(lambda s: s / spe, lambda e: e * spe))
         top.set_xlabel("epoch")
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    path = path or os.path.join(run.path, "loss.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path or os.path.join(run.path, "loss.png"))
 
 
 EVENT_COLORS = {"overshoot": "tab:orange", "spike": "tab:red", "oscillation": "tab:purple", "eos": "tab:brown",
@@ -100,10 +104,7 @@ def plot_inspect(run, diagnosis, path):
     for a in axes[1:]:
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=6, loc="upper right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def _draw_inspect_losses(ax, run, diagnosis):
@@ -226,10 +227,7 @@ def plot_grid(cells, path, title=None, panel_size=(3.4, 2.6), dpi=90):
         fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0.02, 0.05, 1, 0.96 if title else 1))
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=dpi, rect=(0.02, 0.05, 1, 0.96 if title else 1))
 
 
 def _grid_panel(ax, cell, panel_size, first_col, last_row):
@@ -308,10 +306,7 @@ def plot_slice(s, path):
     ax.set_ylabel("batch loss")
     ax.set_title(f"step {s.step}: the loss along the update direction")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def text_hist(counts, edges, width=TEXT_HIST_W):
@@ -382,10 +377,7 @@ def plot_density(dens, path, top=None, lr=None, title=None):
     ax.set_ylabel("density (log)")
     ax.set_title(title or "Hessian eigenvalue density", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- the lr range test
@@ -420,10 +412,7 @@ def plot_lr_find(res, path, lr=None):
     ax.set_title(f"lr range test: {spec}, batch {res.config.get('batch_size')}, "
                  f"momentum {res.config.get('momentum')}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- verify
@@ -447,7 +436,4 @@ def plot_verify(v, run, path):
     ax.set_ylabel("training loss (smoothed)")
     ax.set_title(f"verify: {v.fix}", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
