@@ -156,13 +156,15 @@ class CsvLog:
                 raise DataError(f"{path}: cannot append: its columns ({', '.join(have)}) are not the ones this run "
                                 f"writes ({', '.join(self.cols)})")
         self.f = open(path, "a" if append else "w", newline="")
-        self.w = csv.DictWriter(self.f, fieldnames=self.cols, restval="", extrasaction="ignore")
+        self.w = csv.writer(self.f)
         if not append:
-            self.w.writeheader()
+            self.w.writerow(self.cols)
         self.f.flush()
 
     def write(self, record):
-        self.w.writerow({k: format_value(v) for k, v in record.items()})
+        """One row: the record's value of every column (missing: empty; other keys ignored)."""
+        get = record.get
+        self.w.writerow([format_value(get(c, "")) for c in self.cols])
         self.f.flush()
 
     def close(self):

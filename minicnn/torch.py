@@ -408,6 +408,13 @@ EVAL_BATCH = 500
 ROW = {"g": 0, "w": 1, "d": 2, "p": 3, "x": 4}
 
 
+def _host_ops():
+    """minicnn's Numba CPU kernels (ops.cpu): plain @njit ones only, which never start Numba's
+    thread pool (see Recorder)."""
+    from .ops import cpu
+    return cpu
+
+
 class TraceLayout:
     """A torch model's layers as minicnn.trace reads a network's (``layers`` with .name/.kind and
     ``param_layers()``), so that ``trace.columns`` and ``trace.step_norms`` name its columns:
@@ -465,6 +472,11 @@ class StepVectors:
         vec.after()           # post-step hook: d = w_after - w
         vec.dots()            # {"gg": (S,) float64 array, "ww", "dd", "gp", "pp", "gd"}
         vec.remember_gradient()
+
+    A row is filled by one torch.cat (converting to float64 on the way); remember_gradient swaps
+    the roles of the g and p rows instead of copying one into the other; on the host the Gram
+    matrices come from one pass of a Numba kernel (ops.cpu.segment_gram4) instead of a matrix
+    product per segment (measured inside network A's training loop: 120 us a step against 170).
     """
 
     def __init__(self, params, lengths):
@@ -472,10 +484,12 @@ class StepVectors:
         self.torch, self.params = torch, list(params)
         device = self.params[0].device
         self.buf = torch.zeros(len(ROW), sum(lengths), dtype=torch.float64, device=device)
+        self.rows = dict(ROW)                   # role -> row of buf (g and p trade rows every step)
         self.zeros = [torch.zeros(p.numel(), dtype=torch.float64, device=device) for p in self.params]
-        self.views = None
-        edges = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
-        self.segments = [self.buf[:ROW["x"], a:b] for a, b in zip(edges[:-1], edges[1:])]    # (4, n_s) views
+        self.flat_params = None
+        self.edges = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.segments = [self.buf[:ROW["x"], a:b] for a, b in zip(self.edges[:-1], self.edges[1:])]  # (4, n_s)
+        self.host = _host_ops() if device.type == "cpu" else None
 
     def flat(self, tensors, row):
         """Copy tensors (None: zeros) into a row, in parameter order, as float64."""
@@ -484,18 +498,18 @@ class StepVectors:
         except RuntimeError:                    # a sparse gradient (nn.Embedding(sparse=True))
             parts = [z if t is None else (t.to_dense() if t.is_sparse else t).detach().reshape(-1)
                      for t, z in zip(tensors, self.zeros)]
-        self.torch.cat(parts, out=self.buf[ROW[row]])
+        self.torch.cat(parts, out=self.buf[self.rows[row]])
 
     def weights(self, row):
         """Copy the parameters into a row (through flat views of their storage, made once and
         remade when a parameter's storage changed, e.g. after model.to())."""
-        if self.views is None or any(v.data_ptr() != p.data_ptr() for v, p in zip(self.views, self.params)):
-            self.views = ([p.detach().reshape(-1) for p in self.params]
-                          if all(p.is_contiguous() for p in self.params) else None)
-        if self.views is None:
+        if self.flat_params is None or any(v.data_ptr() != p.data_ptr() for v, p in zip(self.flat_params, self.params)):
+            self.flat_params = ([p.detach().reshape(-1) for p in self.params]
+                                if all(p.is_contiguous() for p in self.params) else None)
+        if self.flat_params is None:
             self.flat(self.params, row)
         else:
-            self.torch.cat(self.views, out=self.buf[ROW[row]])
+            self.torch.cat(self.flat_params, out=self.buf[self.rows[row]])
 
     def before(self):
         self.flat([p.grad for p in self.params], "g")
@@ -503,20 +517,44 @@ class StepVectors:
 
     def after(self):
         self.weights("x")
-        self.torch.sub(self.buf[ROW["x"]], self.buf[ROW["w"]], out=self.buf[ROW["d"]])
+        buf, rows = self.buf, self.rows
+        self.torch.sub(buf[rows["x"]], buf[rows["w"]], out=buf[rows["d"]])
 
     def remember_gradient(self):
-        self.buf[ROW["p"]].copy_(self.buf[ROW["g"]])
+        self.rows["g"], self.rows["p"] = self.rows["p"], self.rows["g"]
 
     def dots(self):
-        """{pair: (S,) float64 per-segment dot products}, pairs gg ww dd gp pp gd (one transfer)."""
-        gram = self.torch.stack([v @ v.T for v in self.segments]).cpu().numpy()      # (S, 4, 4)
-        return {a + b: gram[:, ROW[a], ROW[b]] for a, b in ("gg", "ww", "dd", "gp", "pp", "gd")}
+        """{pair: (S,) float64 per-segment dot products}, pairs gg ww dd gp pp gd (on a GPU: one transfer)."""
+        if self.host is not None:               # one pass of a Numba kernel over the four rows
+            gram = self.host.segment_gram4(self.buf[:ROW["x"]].numpy(), self.edges)
+        else:
+            gram = self.torch.stack([v @ v.T for v in self.segments]).cpu().numpy()      # (S, 4, 4)
+        rows = self.rows
+        return {a + b: gram[:, rows[a], rows[b]] for a, b in ("gg", "ww", "dd", "gp", "pp", "gd")}
 
     def dot_update(self, grads):
         """<grads, d> over all parameters, in float64 (grads: one per parameter, None for zero)."""
         self.flat(grads, "x")
-        return float(self.buf[ROW["x"]] @ self.buf[ROW["d"]])
+        return float(self.buf[self.rows["x"]] @ self.buf[self.rows["d"]])
+
+
+class _Means:
+    """Running means of a few trace columns since the last evaluation (sums, not the records: a
+    long run without evaluations would otherwise keep every step's record)."""
+    KEYS = ("loss", "batch_acc")
+
+    def __init__(self):
+        self.sums, self.counts = dict.fromkeys(self.KEYS, 0.0), dict.fromkeys(self.KEYS, 0)
+
+    def add(self, rec):
+        for k in self.KEYS:
+            if k in rec:
+                self.sums[k] += rec[k]
+                self.counts[k] += 1
+
+    def mean(self, key):
+        """The mean since the last evaluation (NaN where there is none)."""
+        return self.sums[key] / self.counts[key] if self.counts[key] else math.nan
 
 
 class _Capture:
@@ -606,7 +644,8 @@ class Recorder:
         self.input_shape, self.num_classes, self.net, self.unavailable, self.batch_size = None, None, None, {}, None
         self.stats = {"n": 0, "count": 0, "sum": 0.0, "sumsq": 0.0, "min": math.inf, "max": -math.inf,
                       "labels": np.zeros(0, np.int64)}
-        self.since_eval, self.eval_records, self.last_eval, self.nonfinite, self.last_loss = [], [], None, None, None
+        self.since_eval, self.eval_records, self.last_eval = _Means(), [], None
+        self.nonfinite, self.last_loss = None, None
         self.t0, self.first_step_s, self.closed, self.summary, self.epoch = time.perf_counter(), None, False, None, None
         os.makedirs(os.path.join(self.out, CHECKPOINT_DIR), exist_ok=True)
         self.evals_log = CsvLog(os.path.join(self.out, EVALS), EVAL_COLUMNS)
@@ -773,22 +812,16 @@ class Recorder:
 
     def logit_stats(self, logits, targets):
         """Largest |logit|, mean softmax entropy, share predicted as the top class and (for class-index
-        targets) accuracy of a batch's (N, L) logits, as minicnn's ops.logit_stats, on a float64 host
-        copy (a few small NumPy calls: cheaper than as many torch operations)."""
+        targets) accuracy of a batch's (N, L) logits, as minicnn's ops.logit_stats, in float64 on the
+        host: one Numba kernel (ops.cpu.logit_stats_from_logits; NumPy took a dozen calls, 250 us a
+        step in a training loop against ~30)."""
         torch = self.torch
-        if logits.dim() != 2 or not len(logits):
+        if logits.dim() != 2 or not len(logits) or not logits.shape[1]:
             return {}
-        z = logits.detach().to("cpu", torch.float64).numpy()
-        shifted = z - z.max(axis=1, keepdims=True)
-        e = np.exp(shifted)
-        total = e.sum(axis=1, keepdims=True)
-        entropy = -((e / total) * (shifted - np.log(total))).sum(axis=1).mean()
-        pred = z.argmax(axis=1)
-        rec = {"logit_max": float(np.abs(z).max()), "entropy": float(entropy),
-               "top_class_share": float(np.bincount(pred, minlength=z.shape[1]).max() / len(z))}
-        if _class_indices(torch, targets, len(z)):
-            rec["batch_acc"] = float((pred == targets.detach().cpu().numpy()).mean())
-        return rec
+        z = logits.detach().cpu()
+        z = z.numpy() if z.dtype in (torch.float32, torch.float64) else z.to(torch.float64).numpy()
+        y = targets.detach().cpu().numpy() if _class_indices(torch, targets, len(z)) else None
+        return _host_ops().logit_stats_from_logits(z, y)
 
     def dead(self, seen, prefix):
         """{prefix + relu<i>: share of units zero on every sample} of a capture's ReLU calls."""
@@ -862,16 +895,14 @@ class Recorder:
                               "or eval_fn=")
         step = self.step_count if step is None else int(step)
         vals = dict(self.eval_fn(self.model)) if self.eval_fn is not None else self.validation()
-        losses = [r["loss"] for r in self.since_eval]
-        accs = [r["batch_acc"] for r in self.since_eval if "batch_acc" in r]
-        rec = {"step": step, "epoch": self.epoch, "train_loss": float(np.mean(losses)) if losses else math.nan,
-               "train_acc": float(np.mean(accs)) if accs else math.nan}
+        rec = {"step": step, "epoch": self.epoch, "train_loss": self.since_eval.mean("loss"),
+               "train_acc": self.since_eval.mean("batch_acc")}
         rec.update({k: _scalar(v) for k, v in vals.items() if k in EVAL_COLUMNS[2:]})
         if rec["epoch"] is None:
             del rec["epoch"]
         self.evals_log.write(rec)
         self.eval_records.append(rec)
-        self.since_eval, self.last_eval = [], step
+        self.since_eval, self.last_eval = _Means(), step
         return rec
 
     def validation(self):
@@ -1001,7 +1032,7 @@ class Recorder:
         self.last_loss = rec["loss"]
         if self.nonfinite is None and not math.isfinite(rec["loss"]):
             self.nonfinite = rec["step"]
-        self.since_eval.append(rec)
+        self.since_eval.add(rec)
         if st["n"] >= STATS_SAMPLES or not torch.is_tensor(inputs) or not inputs.is_floating_point():
             return
         x = inputs.detach()

@@ -532,6 +532,42 @@ def test_segment_dots_against_reference(dtype):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5), seed=st.integers(0, 2**31 - 1))
+def test_segment_gram4_is_every_pair_of_segment_dots(sizes, seed):
+    """minicnn.torch.StepVectors' one-pass Gram matrices: the same numbers as ref.segment_dots over
+    each pair of the four rows (segments of any length, empty ones included), symmetric."""
+    rows = np.random.default_rng(seed).standard_normal((4, sum(sizes)))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    got = cpu.segment_gram4(rows, bounds)
+    assert got.shape == (len(sizes), 4, 4)
+    for i in range(4):
+        for j in range(4):
+            want = ref.segment_dots([(rows[i], rows[j])], bounds)[0]
+            np.testing.assert_allclose(got[:, i, j], want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="rows must be"):
+        cpu.segment_gram4(rows[:3], bounds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(n=st.integers(1, 40), classes=st.integers(1, 12), scale=st.sampled_from([0.0, 1.0, 30.0, 1e4]),
+       seed=st.integers(0, 2**31 - 1))
+def test_logit_stats_from_logits_matches_ref(dtype, n, classes, scale, seed):
+    """The Recorder's one-kernel logit statistics: ref.logit_stats of the same logits (its softmax
+    computed in float64), ties predicting the first class, and without labels no batch_acc."""
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, classes)) * scale).round(1).astype(dtype)      # rounding makes ties
+    y = rng.integers(0, classes, n)
+    z64 = z.astype(np.float64)
+    e = np.exp(z64 - z64.max(axis=1, keepdims=True))
+    want = ref.logit_stats(z64, e / e.sum(axis=1, keepdims=True), y)
+    got = cpu.logit_stats_from_logits(z, y)
+    assert set(got) == set(want)
+    for k in ("logit_max", "top_class_share", "batch_acc"):
+        assert got[k] == want[k], k
+    assert got["entropy"] == pytest.approx(want["entropy"], rel=1e-12, abs=1e-12)
+    assert "batch_acc" not in cpu.logit_stats_from_logits(z)
+
+
 def test_threads_option_keeps_the_workqueue_threading_layer():
     """train's --threads calls numba.set_num_threads, which launches Numba's threading layer: it must
     launch the layer minicnn.ops.cpu picks (workqueue), not Numba's default (OpenMP, whose spinning

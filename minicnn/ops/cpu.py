@@ -1318,6 +1318,94 @@ def segment_dots(pairs, bounds):
     return out
 
 
+@njit(cache=True)
+def _segment_gram4_kernel(out, rows, bounds):
+    """out[s] = the 4 x 4 Gram matrix of rows (4, P) over segment s, float64, q in order."""
+    for s in range(bounds.shape[0] - 1):
+        aa = ab = ac = ad = bb = bc = bd = cc = cd = dd = 0.0
+        for q in range(bounds[s], bounds[s + 1]):
+            a, b, c, d = rows[0, q], rows[1, q], rows[2, q], rows[3, q]
+            aa += a * a
+            ab += a * b
+            ac += a * c
+            ad += a * d
+            bb += b * b
+            bc += b * c
+            bd += b * d
+            cc += c * c
+            cd += c * d
+            dd += d * d
+        g = out[s]
+        g[0, 0], g[1, 1], g[2, 2], g[3, 3] = aa, bb, cc, dd
+        g[0, 1] = g[1, 0] = ab
+        g[0, 2] = g[2, 0] = ac
+        g[0, 3] = g[3, 0] = ad
+        g[1, 2] = g[2, 1] = bc
+        g[1, 3] = g[3, 1] = bd
+        g[2, 3] = g[3, 2] = cd
+
+
+def segment_gram4(rows, bounds):
+    """Per-segment Gram matrices of four float64 vectors in one pass: rows (4, P), bounds (S+1,)
+    -> (S, 4, 4), out[s, i, j] = sum of rows[i, q] * rows[j, q] over bounds[s] <= q < bounds[s+1],
+    summed in q order (minicnn.torch.StepVectors: <g,g>, <w,w>, <d,d>, <g,p>, ... per layer)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[0] != 4:
+        raise ValueError(f"segment_gram4: rows must be (4, P), got {rows.shape}")
+    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    out = np.empty((bounds.shape[0] - 1, 4, 4))
+    _segment_gram4_kernel(out, rows, bounds)
+    return out
+
+
+@njit(cache=True)
+def _logit_stats_kernel(z, y, has_y):
+    """(largest |logit|, mean softmax entropy, top-class share, accuracy) of (N, L) logits, float64."""
+    N, L = z.shape
+    counts = np.zeros(L, np.int64)
+    mx = ent = 0.0
+    right = 0
+    for n in range(N):
+        row = z[n]
+        top = np.float64(row[0])
+        k = 0
+        lo = top
+        for j in range(1, L):
+            v = np.float64(row[j])
+            if v > top or (np.isnan(v) and not np.isnan(top)):     # NumPy's argmax: the first max or NaN
+                top, k = v, j
+            lo = min(lo, v)
+        mx = max(mx, abs(top), abs(lo))
+        tot = acc = 0.0
+        for j in range(L):
+            s = np.float64(row[j]) - top
+            e = np.exp(s)
+            tot += e
+            acc += e * s
+        ent += np.log(tot) - acc / tot          # -sum p log p, p = e / tot, log p = s - log tot
+        counts[k] += 1
+        if has_y and y[n] == k:
+            right += 1
+    return mx, ent / N, counts.max() / N, right / N
+
+
+def logit_stats_from_logits(logits, y=None):
+    """logit_stats (see ref.logit_stats) from the logits alone, in one pass: (N, L) float logits,
+    y: (N,) integer class indices or None -> {logit_max, entropy, top_class_share[, batch_acc]}.
+    For a PyTorch loop's logits (minicnn.torch.Recorder), which has no softmax of its own at hand:
+    one call where NumPy takes a dozen."""
+    z = np.ascontiguousarray(logits)
+    if z.ndim != 2 or not len(z) or z.shape[1] == 0:
+        raise ValueError(f"logit_stats_from_logits: logits must be (N, L) with N, L >= 1, got {z.shape}")
+    has_y = y is not None
+    y = np.ascontiguousarray(y if has_y else np.zeros(0), dtype=np.int64)
+    mx, ent, share, acc = _logit_stats_kernel(z, y, has_y)
+    rec = {"logit_max": float(mx), "entropy": float(ent), "top_class_share": float(share)}
+    if has_y:
+        rec["batch_acc"] = float(acc)
+    return rec
+
+
 # --------------------------------------------------------------------------- per-sample weight gradients
 # The gradient-noise instruments (minicnn.noise) need each image's own weight gradient. For a conv,
 # image n's is exactly conv2d_backward's dw, db on a batch of that one image: the same kernels (and
