@@ -613,6 +613,8 @@ class Recorder:
     It never starts Numba's thread pool (config.json's environment is PyTorch's, not
     minicnn.rundir.environment()): in one process with PyTorch that pool slowed PyTorch's CPU steps
     eightfold (measured: network A at batch 64, 33 ms -> 262 ms per step after numba.get_num_threads()).
+    The two Numba kernels it calls on the host (ops.cpu.segment_gram4, logit_stats_from_logits) are
+    plain serial @njit functions, which do not start it.
     """
 
     def __init__(self, model, optimizer, out, level="light", probe=None, probe_every=PROBE_EVERY, val_data=None,

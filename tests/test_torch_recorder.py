@@ -264,3 +264,29 @@ def test_plain_logs_and_inspect_need_no_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch imported'; print(d.verdict)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "healthy"
+
+
+def test_recording_never_starts_numbas_thread_pool(tmp_path):
+    """In one process with PyTorch, Numba's thread pool slowed PyTorch's steps eightfold (see
+    Recorder): a full trace with a probe uses only serial Numba kernels, so no threading layer is
+    ever launched (numba.threading_layer() raises until one is)."""
+    code = f"""
+import numba, torch
+import minicnn.torch as mt
+torch.manual_seed(0)
+nn, F = torch.nn, torch.nn.functional
+model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+with mt.Recorder(model, opt, out={str(tmp_path)!r}, level="full", probe=(x, y), probe_every=1) as rec:
+    for _ in range(3):
+        opt.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
+        rec.step(loss, x, y)
+try:
+    numba.threading_layer()
+    print("launched")
+except ValueError:
+    print("not launched")
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "not launched"
