@@ -23,6 +23,11 @@ the same batches:
    --block cycles (10: one probe measurement per block); per block each configuration's time over
    the bare loop's in the same block; the median over --blocks blocks, with the spread. The load
    average is printed before and after: on a shared machine the ratios are what to compare.
+3. Attributed: the Recorder's own CPU time (inside its hooks and rec.step) over the rest of the
+   same steps (see Attribution).
+4. Floors (see Floors): what the targets cannot go below on this machine -- the ReLU reductions
+   the light trace's dead-unit columns need, and the extra forward (and backward, for alpha) of the
+   full trace -- timed once per cycle on a copy of the model, over the bare loop's steps.
 """
 import argparse
 import json
@@ -136,27 +141,8 @@ def main():
         attribution = Attribution(mt.Recorder)
         runs = setups(torch, mt, data, out, args.batch)
         names = list(runs)
-        times = {clock: {n: [] for n in names} for clock in CLOCKS}    # per block: seconds per step
-        inside = {n: [] for n in names[1:]}
-        step = 0
-        for b in range(args.blocks + 1):               # block 0 is the warm-up
-            spent = {clock: dict.fromkeys(names, 0.0) for clock in CLOCKS}
-            for _ in range(args.block):
-                xb, yb = batches[step % len(batches)]
-                k = step % len(names)
-                for name in names[k:] + names[:k]:
-                    attribution.current = name
-                    for clock, sec in zip(CLOCKS, one_step(torch, runs[name], xb, yb)):
-                        spent[clock][name] += sec
-                step += 1
-            own = dict(attribution.spent)
-            attribution.spent.clear()
-            for clock in CLOCKS if b else ():
-                for name in names:
-                    times[clock][name].append(spent[clock][name] / args.block)
-            if b:                  # the Recorder's own CPU time over the rest of the same steps
-                for name in names[1:]:
-                    inside[name].append(own.get(name, 0.0) / (spent["cpu"][name] - own.get(name, 0.0)))
+        floors = Floors(torch, net_a(torch))
+        times, inside = run_cycles(torch, args, runs, batches, attribution, floors)
         ok = validate(torch, runs)
         for _, _, rec in runs.values():
             if rec is not None:
@@ -166,6 +152,7 @@ def main():
         ratios = {n: [t / b for t, b in zip(times[clock][n], times[clock]["bare"])] for n in names[1:]}
         results[clock] = report(args, clock, names, times[clock], ratios)
     results["attributed"] = report_attributed(args, inside)
+    results["floors"] = floors.report(args)
     load1 = os.getloadavg()
     print(f"load average after: {load1[0]:.1f} {load1[1]:.1f} {load1[2]:.1f}")
     if args.out:
@@ -173,6 +160,95 @@ def main():
             json.dump({"batch": args.batch, "threads": args.threads, "blocks": args.blocks, "block": args.block,
                        "load_before": load0, "load_after": load1, "validated": ok, "results": results}, f, indent=2)
     return 0 if ok else 1
+
+
+def run_cycles(torch, args, runs, batches, attribution, floors):
+    """The timed cycles: ({clock: {name: [seconds per step, per block]}}, {name: [attributed share, per
+    block]}); the floors measured once per cycle."""
+    names = list(runs)
+    times = {clock: {n: [] for n in names} for clock in CLOCKS}    # per block: seconds per step
+    inside = {n: [] for n in names[1:]}
+    step = 0
+    for b in range(args.blocks + 1):               # block 0 is the warm-up
+        spent = {clock: dict.fromkeys(names, 0.0) for clock in CLOCKS}
+        for _ in range(args.block):
+            xb, yb = batches[step % len(batches)]
+            k = step % len(names)
+            for name in names[k:] + names[:k]:
+                attribution.current = name
+                for clock, sec in zip(CLOCKS, one_step(torch, runs[name], xb, yb)):
+                    spent[clock][name] += sec
+            attribution.current = None
+            floors.measure(xb, yb)
+            step += 1
+        own = dict(attribution.spent)
+        attribution.spent.clear()
+        floors.end_block(spent["cpu"]["bare"], keep=b > 0)
+        for clock in CLOCKS if b else ():
+            for name in names:
+                times[clock][name].append(spent[clock][name] / args.block)
+        if b:                  # the Recorder's own CPU time over the rest of the same steps
+            for name in names[1:]:
+                inside[name].append(own.get(name, 0.0) / (spent["cpu"][name] - own.get(name, 0.0)))
+    return times, inside
+
+
+class Floors:
+    """What the targets cannot go below on this machine, in CPU time over the bare loop's steps of
+    the same block (median over blocks), measured once per cycle on a copy of the model on the
+    same batch (the times do not depend on its weights):
+
+        dead units         the per-ReLU reduction the light trace needs for its dead-unit columns
+                           (Recorder.on_relu's sum over the batch and count), in a training forward
+        no-grad forward    the loss after the step of the full trace (one forward, no gradient)
+        forward + backward the same with alpha (the gradient after the step), as level="full" runs it
+    """
+    NAMES = ("dead units", "no-grad forward", "forward + backward")
+    TARGET = {"dead units": "light", "no-grad forward": "full", "forward + backward": "full"}
+
+    def __init__(self, torch, model):
+        self.torch, self.model, self.params = torch, model, list(model.parameters())
+        self.reduce_s = 0.0
+        self.spent = dict.fromkeys(self.NAMES, 0.0)
+        self.shares = {n: [] for n in self.NAMES}
+        for m in model.modules():
+            if isinstance(m, torch.nn.ReLU):
+                m.register_forward_hook(self.on_relu)
+
+    def on_relu(self, module, args, output):
+        c0 = time.process_time()
+        output.detach().sum(0).count_nonzero()
+        self.reduce_s += time.process_time() - c0
+
+    def measure(self, x, y):
+        torch, F = self.torch, self.torch.nn.functional
+        self.reduce_s = 0.0
+        c0 = time.process_time()
+        with torch.no_grad():
+            F.cross_entropy(self.model(x), y)
+        self.spent["no-grad forward"] += time.process_time() - c0 - self.reduce_s
+        self.reduce_s = 0.0
+        c0 = time.process_time()
+        torch.autograd.grad(F.cross_entropy(self.model(x), y), self.params)
+        self.spent["forward + backward"] += time.process_time() - c0 - self.reduce_s
+        self.spent["dead units"] += self.reduce_s
+
+    def end_block(self, bare_s, keep):
+        for n in self.NAMES:
+            if keep:
+                self.shares[n].append(self.spent[n] / bare_s)
+            self.spent[n] = 0.0
+
+    def report(self, args):
+        print(f"floors: CPU time per step over the bare loop's (median over {args.blocks} blocks [min..max])")
+        rows = {}
+        for n in self.NAMES:
+            s = self.shares[n]
+            target = TARGETS[self.TARGET[n]]
+            print(f"        {n:<18} {100 * statistics.median(s):+7.1f}% [{100 * min(s):+.0f}%..{100 * max(s):+.0f}%]"
+                  f"   (of {self.TARGET[n]}'s {100 * target:.0f}%)")
+            rows[n] = {"share": statistics.median(s), "shares": s}
+        return rows
 
 
 def validate(torch, runs):
