@@ -200,15 +200,19 @@ class Floors:
 
         dead units         the per-ReLU reduction the light trace needs for its dead-unit columns
                            (Recorder.on_relu's sum over the batch and count), in a training forward
+        step copies        the copies the light trace needs for any optimizer's update and gradient
+                           cosine: gradient and weights before the step, weights after (as
+                           StepVectors: one torch.cat each into a float64 row)
         no-grad forward    the loss after the step of the full trace (one forward, no gradient)
         forward + backward the same with alpha (the gradient after the step), as level="full" runs it
     """
-    NAMES = ("dead units", "no-grad forward", "forward + backward")
-    TARGET = {"dead units": "light", "no-grad forward": "full", "forward + backward": "full"}
+    NAMES = ("dead units", "step copies", "no-grad forward", "forward + backward")
+    TARGET = {"dead units": "light", "step copies": "light", "no-grad forward": "full", "forward + backward": "full"}
 
     def __init__(self, torch, model):
         self.torch, self.model, self.params = torch, model, list(model.parameters())
         self.reduce_s = 0.0
+        self.rows = torch.zeros(3, sum(p.numel() for p in self.params), dtype=torch.float64)
         self.spent = dict.fromkeys(self.NAMES, 0.0)
         self.shares = {n: [] for n in self.NAMES}
         for m in model.modules():
@@ -229,9 +233,15 @@ class Floors:
         self.spent["no-grad forward"] += time.process_time() - c0 - self.reduce_s
         self.reduce_s = 0.0
         c0 = time.process_time()
-        torch.autograd.grad(F.cross_entropy(self.model(x), y), self.params)
+        grads = torch.autograd.grad(F.cross_entropy(self.model(x), y), self.params)
         self.spent["forward + backward"] += time.process_time() - c0 - self.reduce_s
         self.spent["dead units"] += self.reduce_s
+        c0 = time.process_time()
+        flat = [p.detach().reshape(-1) for p in self.params]
+        torch.cat([g.reshape(-1) for g in grads], out=self.rows[0])
+        torch.cat(flat, out=self.rows[1])
+        torch.cat(flat, out=self.rows[2])
+        self.spent["step copies"] += time.process_time() - c0
 
     def end_block(self, bare_s, keep):
         for n in self.NAMES:
