@@ -819,17 +819,22 @@ def _conv_backward_strided(dx, dwp, cols, prod, gt, nxt, dout, argmax, pooled, x
 
 @njit(cache=True)
 def _sum_chunks(dw2, db, dwp, F, CKK):
-    # dw2: (F, CKK), db: (F,), dwp: (G, F, CKK+1) partial sums;  [dw2 | db] = sum_g dwp[g], g in order
+    # dw2: (F, CKK), db: (F,), dwp: (G, F, CKK+1) partial sums;  [dw2 | db] = sum_g dwp[g], g in order.
+    # Chunk by chunk along each filter's contiguous row, so that the inner loop vectorises; every
+    # element is still ((dwp[0] + dwp[1]) + dwp[2]) + ... (B's conv2 at batch 1: 34 us -> 3 us).
     G = dwp.shape[0]
     for f in range(F):
-        for r in range(CKK + 1):
-            s = dwp[0, f, r]
-            for g in range(1, G):
-                s += dwp[g, f, r]
-            if r < CKK:
-                dw2[f, r] = s
-            else:
-                db[f] = s
+        out = dw2[f]
+        first = dwp[0, f]
+        for r in range(CKK):
+            out[r] = first[r]
+        b = first[CKK]
+        for g in range(1, G):
+            part = dwp[g, f]
+            for r in range(CKK):
+                out[r] += part[r]
+            b += part[CKK]
+        db[f] = b
 
 
 def _conv_work(work, x_shape, w_shape, stride, pad, dt):
