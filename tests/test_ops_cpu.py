@@ -532,6 +532,7 @@ def test_segment_dots_against_reference(dtype):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@JIT_SETTINGS
 @given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5), seed=st.integers(0, 2**31 - 1))
 def test_segment_gram4_is_every_pair_of_segment_dots(sizes, seed):
     """minicnn.torch.StepVectors' one-pass Gram matrices: the same numbers as ref.segment_dots over
@@ -549,6 +550,7 @@ def test_segment_gram4_is_every_pair_of_segment_dots(sizes, seed):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@JIT_SETTINGS
 @given(n=st.integers(1, 40), classes=st.integers(1, 12), scale=st.sampled_from([0.0, 1.0, 30.0, 1e4]),
        seed=st.integers(0, 2**31 - 1))
 def test_logit_stats_from_logits_matches_ref(dtype, n, classes, scale, seed):
