@@ -140,12 +140,19 @@ def test_conv2d_large_batches_use_blocks_and_parallel_kernels(dtype, shape):
     assert nblocks >= 4 and chunks >= 4
     dout = rng.standard_normal(out64.shape).astype(dtype)
     expected = [out64, *ref.conv2d_backward(dout.astype(np.float64), x64, w64, S, P)]
+    assert_ref_and_thread_independent(
+        lambda: [cpu.conv2d_forward(x, w, b, S, P), *cpu.conv2d_backward(dout, x, w, S, P)], expected, dtype)
+
+
+def assert_ref_and_thread_independent(compute, expected, dtype):
+    """compute() -> arrays, run with 1 and 2 Numba threads: close to the reference's ``expected`` and
+    bit-identical between the thread counts."""
     results = []
     before = numba.get_num_threads()
     try:
         for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
             numba.set_num_threads(threads)
-            results.append([cpu.conv2d_forward(x, w, b, S, P), *cpu.conv2d_backward(dout, x, w, S, P)])
+            results.append(compute())
     finally:
         numba.set_num_threads(before)
     for got, e in zip(results[0], expected):
@@ -185,19 +192,9 @@ def test_conv2d_blockings_match_ref_and_each_other(dtype, case, block_bytes, min
         if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
             arr.fill(np.nan)                        # anything read before it is written shows
     expected = [ref.conv2d_forward(x64, w64, b64, S, P), *ref.conv2d_backward(dout64, x64, w64, S, P)]
-    results = []
-    before = numba.get_num_threads()
-    try:
-        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
-            numba.set_num_threads(threads)
-            results.append([cpu.conv2d_forward(x, w, b, S, P, work=work),
-                            *cpu.conv2d_backward(dout, x, w, S, P, work=work)])
-    finally:
-        numba.set_num_threads(before)
-    for got, e in zip(results[0], expected):
-        assert_close(got, e, dtype)
-    for a, c in zip(results[0], results[-1]):
-        np.testing.assert_array_equal(a, c)
+    assert_ref_and_thread_independent(
+        lambda: [cpu.conv2d_forward(x, w, b, S, P, work=work), *cpu.conv2d_backward(dout, x, w, S, P, work=work)],
+        expected, dtype)
 
 
 def test_conv2d_workspace_does_not_grow_with_the_batch():
