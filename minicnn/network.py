@@ -690,10 +690,11 @@ class Network:
     def _forward(self, x, upto=None):
         self._prepare(x.shape[0])
         x = self.ops.to_device(x, self._ws.bufs.get(("input", "x")))
-        for layer in self.layers:
-            x = layer.forward(self.ops, self._ws, x)
-            if layer.name == upto:
-                return x
+        with self.ops.pass_scope():
+            for layer in self.layers:
+                x = layer.forward(self.ops, self._ws, x)
+                if layer.name == upto:
+                    return x
         self.logits = x
         return x
 
@@ -746,8 +747,9 @@ class Network:
         if self.probs is None:
             raise ConfigError("backward needs a loss first: call net.loss(x, y)")
         dout = self.ops.softmax_cross_entropy_backward(self.probs, self.labels, **self._ws.out("loss", "dlogits"))
-        for i in range(len(self.layers) - 1, -1, -1):
-            dout = self.layers[i].backward(self.ops, self._ws, dout, need_dx=i > 0)
+        with self.ops.pass_scope():
+            for i in range(len(self.layers) - 1, -1, -1):
+                dout = self.layers[i].backward(self.ops, self._ws, dout, need_dx=i > 0)
 
     def loss_and_grads(self, x, y):
         """(mean cross-entropy, [gradient per parameter]) for a batch; gradients are new host arrays

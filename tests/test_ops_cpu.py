@@ -516,6 +516,91 @@ def test_maxpool2d_backward_with_fused_relu_matches_ref_composition(dtype, case)
     np.testing.assert_array_equal(got, cpu.relu_backward(cpu.maxpool2d_backward(dout, argmax, a.shape), a))
 
 
+@pytest.mark.parametrize("stride,pool", [(1, (2, 2)), (2, None), (1, (3, 2))])
+def test_conv_calls_with_the_same_buffers_reuse_their_checked_arguments(stride, pool):
+    """A layer's calls with the same weights, outputs and workspace run on the arguments kept from
+    the first one (cpu._kept_call): new input and gradient arrays each call (a new batch), weights
+    changed in place, and every result as a call without a workspace computes it; another output
+    buffer or an input of another shape is not taken for the kept call."""
+    import gc
+    import weakref
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    work = cpu.conv2d_workspace((2, 3, 9, 9), w.shape, stride, 1, np.float32)
+    OH = (9 + 2 - 3) // stride + 1
+    out = np.empty((2, 4, OH, OH), np.float32)
+    PH = (OH - pool[0]) // pool[1] + 1 if pool else OH
+    po, am = (np.empty((2, 4, PH, PH), np.float32), np.empty((2, 4, PH, PH), np.int32)) if pool else (None, None)
+    dx, dw, db = np.empty((2, 3, 9, 9), np.float32), np.empty_like(w), np.empty_like(b)
+    for _ in range(3):
+        x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+        got = cpu.conv2d_forward(x, w, b, stride, 1, out=out, work=work, relu=True, pool=pool, pool_out=po, argmax=am)
+        want = cpu.conv2d_forward(x, w, b, stride, 1, relu=True, pool=pool)
+        for g, v in zip(got if pool else [got], want if pool else [want]):
+            np.testing.assert_array_equal(g, v)
+        dout = rng.standard_normal((2, 4, PH, PH)).astype(np.float32)
+        kw = dict(pool=pool, argmax=am, relu_pooled=po) if pool else {}
+        got = cpu.conv2d_backward(dout, x, w, stride, 1, dx=dx, dw=dw, db=db, work=work, **kw)
+        want = cpu.conv2d_backward(dout, x, w, stride, 1, **kw)
+        assert got[0] is dx and got[1] is dw and got[2] is db
+        for g, v in zip(got, want):
+            np.testing.assert_array_equal(g, v)
+        w *= 1.5                               # in place: the kept calls see it
+    assert "call forward" in work
+    assert ("call backward" in work) == (pool != (3, 2))     # overlapping windows: their own backward pass
+    gone = weakref.ref(x)
+    del x, got, want
+    gc.collect()
+    assert gone() is None                      # the workspace keeps no batch alive
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    out2 = np.full_like(out, np.nan)
+    got = cpu.conv2d_forward(x, w, b, stride, 1, out=out2, work=work, relu=True, pool=pool, pool_out=po, argmax=am)
+    assert (got[0] if pool else got) is out2 and not np.isnan(out2).any()
+    with pytest.raises(ValueError, match="work was made for"):
+        cpu.conv2d_forward(x[:1], w, b, stride, 1, out=out2[:1], work=work, relu=True, pool=pool,
+                           pool_out=None if po is None else po[:1], argmax=None if am is None else am[:1])
+
+
+# --------------------------------------------------------------------------- SGD
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(sizes=st.lists(st.integers(0, 70), min_size=1, max_size=3), momentum=st.sampled_from([0.0, 0.9, 0.5]),
+       weight_decay=st.sampled_from([0.0, 0.01, 0.3]), dampening=st.sampled_from([0.0, 0.3]),
+       nesterov=st.booleans(), lr=st.sampled_from([0.1, 1e-3, 0.37]), seed=st.integers(0, 2**31 - 1))
+def test_sgd_update_is_bit_identical_to_ref(dtype, sizes, momentum, weight_decay, dampening, nesterov, lr, seed):
+    """cpu.sgd_update (one Numba pass per array) gives ref.sgd_update's NumPy numbers bit for bit,
+    parameters and momentum buffers, over steps (the first one included), for every option."""
+    nesterov = nesterov and momentum > 0 and dampening == 0
+    rng = np.random.default_rng(seed)
+    params = [[rng.standard_normal(n).astype(dtype) for n in sizes] for _ in range(2)]
+    params[1] = [p.copy() for p in params[0]]
+    bufs = [[np.empty_like(p) for p in ps] for ps in params] if momentum else [None, None]
+    for step in range(3):
+        grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        for backend, ps, bs in ((cpu, params[0], bufs[0]), (ref, params[1], bufs[1])):
+            backend.sgd_update(ps, grads, bs, lr, momentum, weight_decay, dampening, nesterov, step == 0, work={})
+        for a, b in zip(params[0], params[1]):
+            np.testing.assert_array_equal(a, b)
+        if momentum:
+            for a, b in zip(bufs[0], bufs[1]):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_sgd_update_takes_refs_passes_for_arrays_the_kernel_does_not_take():
+    """Strided, mixed-dtype and 2-D arrays are updated in place too (the NumPy passes)."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((6, 8))
+    cases = [(base[:, ::2].copy(order="F"), rng.standard_normal((6, 4))),      # F-ordered
+             (base.copy()[::2], rng.standard_normal((3, 8))),                    # a strided view
+             (base.astype(np.float32), rng.standard_normal((6, 8)))]             # float64 gradient
+    for p, g in cases:
+        want = p.copy()
+        ref.sgd_update([want], [g], None, 0.1, 0.0, 0.01, 0.0, False, True)
+        cpu.sgd_update([p], [g], None, 0.1, 0.0, 0.01, 0.0, False, True)
+        np.testing.assert_array_equal(p, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_segment_dots_against_reference(dtype):
     """The trace's per-layer dot products: float64 accumulation from float32 or float64 vectors,
@@ -607,6 +692,36 @@ def test_blas_runs_at_one_thread_inside_the_ops_and_the_setting_is_restored():
         after = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
     assert seen and all(n == 1 for n in seen)
     assert after == before
+
+
+def test_blas_scopes_nest_and_only_the_outermost_sets_and_restores():
+    """The Network's pass scope (cpu.pass_scope) around the ops: BLAS at one thread for the whole
+    pass, the ops' own blocks inside it change nothing, and leaving it (also by an error) restores
+    the caller's setting. Read with the thread getter itself (threadpoolctl is optional)."""
+    x, w, b = np.ones((2, 3, 6, 6), np.float32), np.ones((4, 3, 3, 3), np.float32), np.zeros(4, np.float32)
+    cpu.conv2d_forward(x, w, b, 1, 1)                      # loads everything
+    libs = blas.find_blas_threads(cpu._one_thread_blas.paths)
+    if not libs:
+        pytest.skip("no OpenBLAS thread setter found")
+    get, put = libs[0]
+    old = get()
+    try:
+        put(2)
+        if get() != 2:
+            pytest.skip("this OpenBLAS does not take 2 threads")
+        with cpu.pass_scope():
+            assert get() == 1
+            out = cpu.conv2d_forward(x, w, b, 1, 1)
+            cpu.conv2d_backward(out, x, w, 1, 1)
+            assert get() == 1                              # the ops' blocks did not restore inside
+        assert get() == 2
+        with pytest.raises(ZeroDivisionError):
+            with cpu.pass_scope():
+                with cpu.pass_scope():
+                    raise ZeroDivisionError
+        assert get() == 2 and cpu._one_thread_blas.depth == 0
+    finally:
+        put(old)
 
 
 def test_team_shared_work_is_done_once_and_withdrawn_jobs_leave_the_team_consistent():

@@ -27,6 +27,7 @@ has. Conventions:
 - The loss is a Python float on the host backends and a (1,) device array on cuda: ``item``
   reads either.
 """
+import sys
 from typing import Protocol
 
 DEVICES = ("cpu", "numpy", "cuda")
@@ -55,11 +56,16 @@ def get_backend(device):
 
 
 def backend_of(array):
-    """The backend whose arrays ``array`` is: cuda for a device array, else the NumPy reference
-    (host arrays need no compiled code for the element-wise work asked of them here)."""
+    """The backend for element-wise work on ``array`` (the SGD update): cuda for a device array;
+    for a host array the CPU kernels' module when it is loaded already (a "cpu" network exists:
+    its one-pass update, bit-identical to NumPy's passes), else the NumPy reference (nothing to
+    compile for a run that does not use the CPU kernels)."""
     if on_device(array):
         from . import cuda
         return cuda
+    cpu = sys.modules.get(__name__ + ".cpu")
+    if cpu is not None:
+        return cpu
     from . import ref
     return ref
 
@@ -115,6 +121,12 @@ class Backend(Protocol):
 
     def softmax_cross_entropy_backward(self, probs, y, dlogits=None):
         """-> dlogits: (N, L) = (probs - onehot(y)) / N"""
+
+    # ---- a pass of several ops
+    def pass_scope(self):
+        """A context manager the Network holds around each forward and backward pass: the CPU
+        backend sets its BLAS to one thread once for the pass instead of once per op; nothing
+        elsewhere."""
 
     # ---- the optimiser's update
     def sgd_update(self, params, grads, bufs, lr, momentum, weight_decay, dampening, nesterov, first_step,

@@ -17,6 +17,8 @@ Dimension glossary (used in every shape comment in minicnn):
 Parameter layouts are PyTorch's: conv weight (F, C, K, K), conv bias (F,),
 dense weight (O, D), dense bias (O,).
 """
+import contextlib
+
 import numpy as np
 
 # The reference computes every layer on its own: the Network does not fuse ReLUs into it.
@@ -213,6 +215,11 @@ def softmax_cross_entropy_backward(probs, y, dlogits=None):
     d = probs.copy()
     d[np.arange(N), y] -= 1
     return _into(dlogits, d / N)
+
+
+def pass_scope():
+    """Nothing to set around a pass of NumPy ops (see Backend.pass_scope)."""
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- SGD
