@@ -445,7 +445,8 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
       cols (T, CKK+1, NC), prod (T, max(F, CKK), NC), gt (T, F, NC), xp (T, (H+2P)*(W+2P) + K)
       padded plane, dwp (G, F, CKK+1) dW partial sums, next (1,) int64 the slots' work counter;
       "plan": the blocking (_conv_plan), "sizes": the checked sizes. Nothing in it carries data
-      between calls: layers may share these buffers (but for "next").
+      between calls: layers may share these buffers (but for "next"). The calls keep their checked
+      arguments in it ("call forward", "call backward": _kept_call), so one workspace per layer.
     """
     x_shape, w_shape = tuple(x_shape), tuple(w_shape)
     sizes = _conv_sizes(x_shape, w_shape, w_shape[:1], stride, pad)
