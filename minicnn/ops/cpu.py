@@ -1060,7 +1060,28 @@ def _maxpool_rows(out, argmax, x, n, c, i0, i1, W, K, S, OW):
         h0 = i * S
         orow = out[n, c, i]
         arow = argmax[n, c, i]
-        if K == 2:
+        if K == 2 and S == 2:            # the common pool: the same comparisons, a constant stride
+            r0 = x[n, c, h0]
+            r1 = x[n, c, h0 + 1]
+            base = h0 * W
+            for j in range(OW):
+                best = r0[2 * j]
+                k = 0
+                v = r0[2 * j + 1]
+                t = v > best
+                best = v if t else best
+                k = 1 if t else k
+                v = r1[2 * j]
+                t = v > best
+                best = v if t else best
+                k = W if t else k
+                v = r1[2 * j + 1]
+                t = v > best
+                best = v if t else best
+                k = W + 1 if t else k
+                orow[j] = best
+                arow[j] = base + 2 * j + k
+        elif K == 2:
             r0 = x[n, c, h0]
             r1 = x[n, c, h0 + 1]
             for j in range(OW):          # selects, not branches: 1.4x (mispredicted on real data)
