@@ -724,6 +724,41 @@ def test_blas_scopes_nest_and_only_the_outermost_sets_and_restores():
         put(old)
 
 
+@pytest.mark.parametrize("T", [2, 3])
+def test_team_workers_wait_spinning_then_sleeping_and_every_unit_runs_once(T):
+    """Workers wait for the next job in a nogil loop, then on their lock; the caller waits for them
+    the same way. Jobs that outlast the spin (the lock path), calls after the workers fell asleep,
+    back-to-back calls, and slots sharing an int64 counter the workers watch: every unit runs
+    exactly once and every call returns."""
+    import threading
+    import time
+    lock = threading.Lock()
+
+    def kernel(counter, done, n, shared, slow, s, T):
+        if not shared:                              # a share fixed by the slot
+            for u in range(s, n, T):
+                if slow and s > 0:
+                    time.sleep(0.002)               # longer than the spin (300 us)
+                done.append(u)
+            return
+        while True:
+            with lock:
+                u = int(counter[0])
+                counter[0] += 1
+            if u >= n:
+                return
+            done.append(u)
+
+    team = cpu._Team()
+    for i in range(120):
+        counter, done, shared = np.zeros(1, np.int64), [], i % 4 != 0
+        team.run(kernel, (counter, done, 6, shared, i % 8 == 0), T, shared=shared, counter=counter)
+        assert sorted(done) == list(range(6))
+        if i % 15 == 7:
+            time.sleep(0.003)                       # the workers go to sleep on their locks
+    assert all(w.ctl[1] <= w.posted for w in team.workers)
+
+
 def test_team_shared_work_is_done_once_and_withdrawn_jobs_leave_the_team_consistent():
     """With shared=True the caller takes back jobs no worker has picked up yet (its own slot took
     the units); over many calls, alternating with ordinary ones, every unit runs exactly once and

@@ -34,7 +34,9 @@ Kernel rules:
 """
 import operator
 import os
+import platform
 import threading
+import time
 
 import numba
 import numpy as np
@@ -79,6 +81,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # output either way, and no conv-output-sized gradient array).
 FUSES_RELU = True
 FUSES_POOL = True
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,16 +126,44 @@ def _float_dtype(x):
 # nothing; the results never depend on T (no sum crosses units, or fixed partials are summed in a
 # fixed order; see each kernel).
 #
+# Hand-offs on a VM: a worker asleep on a lock is woken through the hypervisor (an idle vCPU halts):
+# an empty 2-slot call took 23 us back to back and 46 us after 0.2 ms idle (2026-12-01), and
+# joining a worker that finished first cost 40 us of a B batch-1 conv call. So after each job a
+# worker first waits _SPIN_US in a nogil Numba loop for the next one (as OpenMP's threads and
+# PyTorch's do) before sleeping on its lock, and the caller waits for the worker the same way.
+# Python calls still need the GIL: a worker that sees a job of a shared counter waits, still
+# spinning, until the caller has claimed its first unit (it is inside its nogil kernel, the GIL is
+# free), and marks a job done only once it is back in the nogil loop. Measured (benchmarks/NOTES.md,
+# session 7): the join 40 -> 8 us a conv call at B batch 1; whole steps against the sleeping team,
+# alternating in one process: B b1 0.88-1.02 (0.92-0.96 in a prototype), B b8 0.97, A b8 0.97, B b32
+# 0.99. Cold start: +0.2 s (two small kernels). MINICNN_SPIN_US=0 turns the waiting off (a machine
+# shared with other work).
+#
 # Small work runs on one slot: a hand-off costs 4-10 us, a serial call 0.4 us.
 # _PARALLEL_MIN: elements touched by a call below which it stays on one thread (about 50-100 us of
 # serial copying).
 _PARALLEL_MIN = 1 << 17
+_SPIN_US = float(os.environ.get("MINICNN_SPIN_US", 300))   # > the gaps between a step's parallel calls
+
+
+def _spin_iterations():
+    """Iterations of the spin loops in _SPIN_US (their speed measured once, ~1 ms)."""
+    global _spin_iterations
+    ctl = np.zeros(4, np.int64)
+    _await_done(ctl, 1, 16)                     # compiled (cache) outside the measurement
+    n, t = 20000, time.perf_counter()
+    _await_done(ctl, 1, n)
+    per_us = n / max(1e-9, (time.perf_counter() - t) * 1e6)
+    count = int(_SPIN_US * per_us)
+    _spin_iterations = lambda: count           # noqa: E731  (measured once per process)
+    return count
 
 
 class _Worker:
     """A thread that runs one slot at a time. ``go`` is released (at most once outstanding) when a
     job is posted, ``done`` when a job it took has finished; ``state`` guards job/go_released, so
-    the caller can take back a job the worker has not picked up yet (see _Team.run)."""
+    the caller can take back a job the worker has not picked up yet (see _Team.run). ``ctl``:
+    [jobs posted, jobs done (written in the nogil loop), address of the shared counter or 0]."""
 
     def __init__(self):
         self.go = threading.Lock()
@@ -143,12 +174,18 @@ class _Worker:
         self.job = None
         self.go_released = False
         self.error = None
+        self.ctl = np.zeros(4, np.int64)
+        self.posted = 0
+        self.spin = _spin_iterations()
         threading.Thread(target=self._loop, daemon=True, name="minicnn-worker").start()
 
-    def post(self, job):
+    def post(self, job, address=0):
         with self.state:
             self.job = job
             release, self.go_released = not self.go_released, True
+        self.posted += 1
+        self.ctl[2] = address                      # stored before ctl[0] (x86 keeps the order)
+        self.ctl[0] = self.posted                  # seen by a spinning worker
         if release:
             self.go.release()
 
@@ -160,12 +197,20 @@ class _Worker:
             self.job = None
             return True
 
+    def wait(self):
+        """Until the job posted last is done (and the worker has let go of the GIL)."""
+        _await_done(self.ctl, self.posted, self.spin)
+        self.done.acquire()
+
     def _loop(self):
+        seen = 0
         while True:
+            _park(self.ctl, seen, self.spin)       # nogil: job `seen` done; wait a while for the next
             self.go.acquire()
             with self.state:
                 self.go_released = False
                 job, self.job = self.job, None
+                seen = int(self.ctl[0])
             if job is None:                 # withdrawn before this thread got to it
                 continue
             kernel, args, s, T = job
@@ -180,7 +225,8 @@ class _Team:
     """Runs kernel(*args, s, T) for s = 0..T-1 on T threads (see above). With ``shared``, the
     kernel's slots take their units of work from a shared counter (_claim), so a slot that never
     starts loses nothing: the caller, after its own slot, withdraws the jobs no worker has taken
-    yet instead of waiting for a thread that is waiting for a time slice (a loaded machine)."""
+    yet instead of waiting for a thread that is waiting for a time slice (a loaded machine).
+    ``counter``: that counter (an int64 array at 0), when the workers may watch it (see above)."""
 
     def __init__(self):
         self._reset()
@@ -191,15 +237,16 @@ class _Team:
         self.workers = []
         self.lock = threading.Lock()
 
-    def run(self, kernel, args, T, shared=False):
+    def run(self, kernel, args, T, shared=False, counter=None):
         if T <= 1:
             kernel(*args, 0, 1)
             return
         with self.lock:                     # one team call at a time, whichever thread calls
             while len(self.workers) < T - 1:
                 self.workers.append(_Worker())
+            address = counter.ctypes.data if shared and counter is not None and _X86 else 0
             for s in range(1, T):
-                self.workers[s - 1].post((kernel, args, s, T))
+                self.workers[s - 1].post((kernel, args, s, T), address)
             error = None
             try:
                 kernel(*args, 0, T)
@@ -208,7 +255,7 @@ class _Team:
             for w in self.workers[:T - 1]:
                 if shared and w.withdraw():
                     continue
-                w.done.acquire()
+                w.wait()
                 if w.error is not None:
                     error, w.error = error or w.error, None
             if error is not None:
@@ -368,6 +415,91 @@ def _fetch_add(typingctx, counter, delta):
 def _claim(counter):
     # counter: (1,) int64 shared by a team call's slots: the next unit of work, taken by one slot
     return _fetch_add(counter, 1)
+
+
+@intrinsic
+def _load_acquire(typingctx, ctl, i):
+    """ctl: an int64 array; ctl[i] read with acquire ordering (never hoisted out of a loop)."""
+    if not (isinstance(ctl, types.Array) and ctl.dtype == types.int64):
+        return None
+    sig = types.int64(ctl, i)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+        return builder.load_atomic(ptr, "acquire", 8)
+    return sig, codegen
+
+
+@intrinsic
+def _load_acquire_at(typingctx, address):
+    """The int64 at a memory address (an array's ctypes.data), read with acquire ordering."""
+    sig = types.int64(address)
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(context.cast(builder, args[0], sig.args[0], types.int64), ir.IntType(64).as_pointer())
+        return builder.load_atomic(ptr, "acquire", 8)
+    return sig, codegen
+
+
+@intrinsic
+def _store_release(typingctx, ctl, i, value):
+    """ctl[i] = value with release ordering (ctl: an int64 array)."""
+    if not (isinstance(ctl, types.Array) and ctl.dtype == types.int64):
+        return None
+    sig = types.void(ctl, i, value)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+        builder.store_atomic(context.cast(builder, args[2], sig.args[2], types.int64), ptr, "release", 8)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """The x86 spin-wait hint (nothing on other machines)."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        if _X86:
+            name = "llvm.x86.sse2.pause"
+            fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                                 name=name)
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _park(ctl, seen, iterations):
+    # A worker between jobs, without the GIL: job `seen` is done (ctl[1]); wait up to `iterations`
+    # for a new one (ctl[0] > seen), and when its slots share a counter (address ctl[2]) until the
+    # caller has claimed a unit from it. ctl: (4,) int64 (_Worker).
+    _store_release(ctl, 1, seen)
+    for _ in range(iterations):
+        if _load_acquire(ctl, 0) > seen:
+            break
+        _pause()
+    else:
+        return
+    address = _load_acquire(ctl, 2)
+    if address != 0:
+        for _ in range(iterations):
+            if _load_acquire_at(address) > 0:
+                return
+            _pause()
+
+
+@njit(cache=True, nogil=True)
+def _await_done(ctl, posted, iterations):
+    # The caller, without the GIL: wait up to `iterations` until job `posted` is done (ctl[1]).
+    for _ in range(iterations):
+        if _load_acquire(ctl, 1) >= posted:
+            return True
+        _pause()
+    return False
 
 
 @njit(cache=True, inline="always")
@@ -909,7 +1041,7 @@ def _run_kept(work, kept):
     kernel, args, units, macs, after, result = kept
     work["next"][0] = 0
     with _one_thread_blas:
-        _team.run(kernel, args, _conv_slots(work, units, macs), True)
+        _team.run(kernel, args, _conv_slots(work, units, macs), True, work["next"])
     if after is not None:
         after[0](*after[1:])
     return result
