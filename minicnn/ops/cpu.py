@@ -1184,6 +1184,30 @@ def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
 
 # --------------------------------------------------------------------------- max-pool
 @njit(cache=True, inline="always")
+def _maxpool_row_2x2(orow, arow, r0, r1, base, W, OW):
+    # One pooled row of a 2x2 stride-2 max-pool: orow, arow: (OW,), r0, r1: the two input rows (W,),
+    # base: the flat index of r0[0]. _maxpool_rows' comparisons in its order, with a constant stride
+    # (B's conv1 pool: 25 -> 17 us).
+    for j in range(OW):
+        best = r0[2 * j]
+        k = 0
+        v = r0[2 * j + 1]
+        t = v > best
+        best = v if t else best
+        k = 1 if t else k
+        v = r1[2 * j]
+        t = v > best
+        best = v if t else best
+        k = W if t else k
+        v = r1[2 * j + 1]
+        t = v > best
+        best = v if t else best
+        k = W + 1 if t else k
+        orow[j] = best
+        arow[j] = base + 2 * j + k
+
+
+@njit(cache=True, inline="always")
 def _maxpool_rows(out, argmax, x, n, c, i0, i1, W, K, S, OW):
     # Pooled rows i0 <= i < i1 of plane (n, c). out: (N, C, OH, OW), argmax: (N, C, OH, OW) int32,
     # x: (N, C, H, W). Strict '>' while scanning the window row-major: on ties the first element
@@ -1193,26 +1217,7 @@ def _maxpool_rows(out, argmax, x, n, c, i0, i1, W, K, S, OW):
         orow = out[n, c, i]
         arow = argmax[n, c, i]
         if K == 2 and S == 2:            # the common pool: the same comparisons, a constant stride
-            r0 = x[n, c, h0]
-            r1 = x[n, c, h0 + 1]
-            base = h0 * W
-            for j in range(OW):
-                best = r0[2 * j]
-                k = 0
-                v = r0[2 * j + 1]
-                t = v > best
-                best = v if t else best
-                k = 1 if t else k
-                v = r1[2 * j]
-                t = v > best
-                best = v if t else best
-                k = W if t else k
-                v = r1[2 * j + 1]
-                t = v > best
-                best = v if t else best
-                k = W + 1 if t else k
-                orow[j] = best
-                arow[j] = base + 2 * j + k
+            _maxpool_row_2x2(orow, arow, x[n, c, h0], x[n, c, h0 + 1], h0 * W, W, OW)
         elif K == 2:
             r0 = x[n, c, h0]
             r1 = x[n, c, h0 + 1]
