@@ -397,10 +397,20 @@ def _xgemm(typingctx, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, l
     return sig, codegen
 
 
+def _is_int64_array(t):
+    return isinstance(t, types.Array) and t.dtype == types.int64
+
+
+def _element_ptr(context, builder, sig, args):
+    """In an intrinsic's codegen: the address of args[0][args[1]] (an int64 array, an index)."""
+    ary = context.make_array(sig.args[0])(context, builder, args[0])
+    return builder.gep(ary.data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+
+
 @intrinsic
 def _fetch_add(typingctx, counter, delta):
     """counter: an int64 array; atomically counter[0] += delta, returning the old value."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+    if not _is_int64_array(counter):
         return None
     sig = types.int64(counter, delta)
 
@@ -420,14 +430,12 @@ def _claim(counter):
 @intrinsic
 def _load_acquire(typingctx, ctl, i):
     """ctl: an int64 array; ctl[i] read with acquire ordering (never hoisted out of a loop)."""
-    if not (isinstance(ctl, types.Array) and ctl.dtype == types.int64):
+    if not _is_int64_array(ctl):
         return None
     sig = types.int64(ctl, i)
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [context.cast(builder, args[1], sig.args[1], types.intp)])
-        return builder.load_atomic(ptr, "acquire", 8)
+        return builder.load_atomic(_element_ptr(context, builder, sig, args), "acquire", 8)
     return sig, codegen
 
 
@@ -445,14 +453,13 @@ def _load_acquire_at(typingctx, address):
 @intrinsic
 def _store_release(typingctx, ctl, i, value):
     """ctl[i] = value with release ordering (ctl: an int64 array)."""
-    if not (isinstance(ctl, types.Array) and ctl.dtype == types.int64):
+    if not _is_int64_array(ctl):
         return None
     sig = types.void(ctl, i, value)
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [context.cast(builder, args[1], sig.args[1], types.intp)])
-        builder.store_atomic(context.cast(builder, args[2], sig.args[2], types.int64), ptr, "release", 8)
+        value = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(value, _element_ptr(context, builder, sig, args), "release", 8)
         return context.get_dummy_value()
     return sig, codegen
 
