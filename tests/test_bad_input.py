@@ -623,3 +623,16 @@ def test_signal_to_a_sweep_stops_every_run_and_writes_every_row(tmp_path, sig, g
     while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in pids):
         time.sleep(0.1)
     assert not [w for w in pids if os.path.exists(f"/proc/{w}")], "workers left running"
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "inf"])
+def test_a_bad_spin_setting_is_one_line_and_exit_1(tmp_path, value):
+    """MINICNN_SPIN_US (how long the thread team waits spinning) is read when the CPU kernels load:
+    anything but a number of microseconds >= 0 stops the command with one line."""
+    env = dict(os.environ, MINICNN_SPIN_US=value)
+    r = subprocess.run(CMD + ["train", "--out", str(tmp_path / "r"), "--steps", "1", "-q"] + RUN, cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "MINICNN_SPIN_US must be a number of microseconds >= 0" in lines[0], lines

@@ -32,6 +32,7 @@ Kernel rules:
   Numba wraps negative indices, so an index like ``xs[q + s0]`` costs a select per element and
   stops LLVM from vectorising: measured 10x slower.
 """
+import functools
 import operator
 import os
 import platform
@@ -45,6 +46,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..errors import ConfigError
 from . import ref as _ref
 from .blas import OneThreadBlas, openblas_paths
 
@@ -143,20 +145,33 @@ def _float_dtype(x):
 # _PARALLEL_MIN: elements touched by a call below which it stays on one thread (about 50-100 us of
 # serial copying).
 _PARALLEL_MIN = 1 << 17
-_SPIN_US = float(os.environ.get("MINICNN_SPIN_US", 300))   # > the gaps between a step's parallel calls
+_SPIN_US = 300.0                   # > the gaps between a step's parallel calls (B b1: 100-250 us)
 
 
+def spin_microseconds(value=None):
+    """How long the team's threads wait spinning: MINICNN_SPIN_US (or ``value``) if set, else
+    _SPIN_US; a one-line ConfigError for anything but a finite number >= 0."""
+    raw = os.environ.get("MINICNN_SPIN_US") if value is None else value
+    if raw is None or raw == "":
+        return _SPIN_US
+    try:
+        us = float(raw)
+    except ValueError:
+        us = float("nan")
+    if not (0 <= us < float("inf")):
+        raise ConfigError(f"MINICNN_SPIN_US must be a number of microseconds >= 0 (0: no spinning), got {raw!r}")
+    return us
+
+
+@functools.cache
 def _spin_iterations():
-    """Iterations of the spin loops in _SPIN_US (their speed measured once, ~1 ms)."""
-    global _spin_iterations
+    """Iterations of the spin loops in spin_microseconds() (their speed measured once, ~1 ms)."""
+    us = spin_microseconds()
     ctl = np.zeros(4, np.int64)
     _await_done(ctl, 1, 16)                     # compiled (cache) outside the measurement
     n, t = 20000, time.perf_counter()
     _await_done(ctl, 1, n)
-    per_us = n / max(1e-9, (time.perf_counter() - t) * 1e6)
-    count = int(_SPIN_US * per_us)
-    _spin_iterations = lambda: count           # noqa: E731  (measured once per process)
-    return count
+    return int(us * n / max(1e-9, (time.perf_counter() - t) * 1e6))
 
 
 class _Worker:
@@ -263,6 +278,7 @@ class _Team:
 
 
 _team = _Team()
+spin_microseconds()                  # a bad MINICNN_SPIN_US fails on import, in one line
 
 
 def _num_threads():
