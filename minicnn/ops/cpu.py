@@ -136,7 +136,7 @@ def _float_dtype(x):
 # Python calls still need the GIL: a worker that sees a job of a shared counter waits, still
 # spinning, until the caller has claimed its first unit (it is inside its nogil kernel, the GIL is
 # free), and marks a job done only once it is back in the nogil loop. Measured (benchmarks/NOTES.md,
-# session 7): the join 40 -> 8 us a conv call at B batch 1; whole steps against the sleeping team,
+# session 7): the join 29-43 -> 8-18 us a conv call at B batch 1; steps against the sleeping team,
 # alternating in one process: B b1 0.88-1.02 (0.92-0.96 in a prototype), B b8 0.97, A b8 0.97, B b32
 # 0.99. Cold start: +0.2 s (two small kernels). MINICNN_SPIN_US=0 turns the waiting off (a machine
 # shared with other work).
