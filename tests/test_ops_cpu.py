@@ -738,7 +738,7 @@ def test_team_workers_wait_spinning_then_sleeping_and_every_unit_runs_once(T):
         if not shared:                              # a share fixed by the slot
             for u in range(s, n, T):
                 if slow and s > 0:
-                    time.sleep(0.002)               # longer than the spin (300 us)
+                    time.sleep(0.003)               # longer than the spin (1 ms)
                 done.append(u)
             return
         while True:

@@ -145,7 +145,8 @@ def _float_dtype(x):
 # _PARALLEL_MIN: elements touched by a call below which it stays on one thread (about 50-100 us of
 # serial copying).
 _PARALLEL_MIN = 1 << 17
-_SPIN_US = 300.0                   # > the gaps between a step's parallel calls (B b1: 100-250 us)
+_SPIN_US = 1000.0    # > the gaps between a step's parallel calls: at B b1 and b8 and A b8 steps took 0.96-0.98
+                     # of 300 us's, and 3000 us's 0.99-1.01 of 1000's (alternating, session 7)
 
 
 def spin_microseconds(value=None):
