@@ -149,10 +149,10 @@ _SPIN_US = 1000.0    # > the gaps between a step's parallel calls: at B b1 and b
                      # of 300 us's, and 3000 us's 0.99-1.01 of 1000's (alternating, session 7)
 
 
-def spin_microseconds(value=None):
-    """How long the team's threads wait spinning: MINICNN_SPIN_US (or ``value``) if set, else
-    _SPIN_US; a one-line ConfigError for anything but a finite number >= 0."""
-    raw = os.environ.get("MINICNN_SPIN_US") if value is None else value
+def spin_microseconds():
+    """How long the team's threads wait spinning: MINICNN_SPIN_US if set, else _SPIN_US; a one-line
+    ConfigError for anything but a finite number >= 0."""
+    raw = os.environ.get("MINICNN_SPIN_US")
     if raw is None or raw == "":
         return _SPIN_US
     try:
