@@ -473,6 +473,7 @@ class Network:
         self._ws = _Workspace()
         self._ws_cache = {}          # batch size -> its buffers (the last few sizes used)
         self.probs = None
+        self._compiled_ahead = False
         self.logits = None
         self.labels = None
 
@@ -739,7 +740,19 @@ class Network:
         """Mean softmax cross-entropy of a batch (forward only). x: (N, C, H, W), y: (N,) int.
         Keeps what ``backward`` needs."""
         x = self._check_input(x)
-        return self._loss(x, self._check_labels(y, x.shape[0]))
+        y = self._check_labels(y, x.shape[0])
+        if not self._compiled_ahead:         # a backward pass is likely next
+            self.compile_ahead()
+        return self._loss(x, y)
+
+    def compile_ahead(self):
+        """Start compiling, in the background, what this network's backward pass will need: with the
+        CPU backend and a cold Numba cache, the conv backward kernel in a child process, while this
+        one compiles the forward pass (ops.Backend.compile_ahead). Returns at once; only the first
+        call does anything. ``loss`` calls it; the Trainer calls it before its first evaluation."""
+        if not self._compiled_ahead:
+            self._compiled_ahead = True
+            self.ops.compile_ahead(self.dtype, [layer.S for layer in self.layers if layer.kind == "conv"])
 
     def backward(self):
         """The backward pass of the last ``loss`` call: every gradient lands in ``flat_grads``

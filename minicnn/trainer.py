@@ -89,6 +89,7 @@ class Trainer:
         self.adjusted = {}           # {field: {asked, used, why}}: values setup could not use as asked
         cfg, data, net = setup(config, data, adjusted=self.adjusted, **overrides)
         self.cfg, self.data, self.net = cfg, data, net
+        net.compile_ahead()          # a training step follows: its backward kernels compile meanwhile
         self.n = n = len(data.y_train)
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.total = cfg.total_steps(self.steps_per_epoch)

@@ -779,3 +779,77 @@ def test_team_shared_work_is_done_once_and_withdrawn_jobs_leave_the_team_consist
         counter, done = [0], []
         cpu._team.run(kernel, (counter, done, 5), 2, shared=i % 3 != 0)
         assert sorted(done) == list(range(5))
+
+
+AHEAD_CODE = """
+import json, numpy as np
+from minicnn.ops import cpu
+from minicnn.network import Network
+cpu._cores = lambda: 2                       # the child is started on any machine
+started, command = [], cpu._ahead_command
+cpu._ahead_command = lambda *a: started.append(a) or command(*a)
+net = Network.from_spec("conv4k3-relu-maxpool2-fc10", (1, 8, 8), seed=0, device="cpu")
+x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+loss, grads = net.loss_and_grads(x, np.array([0, 1, 2]))
+s = cpu._conv_backward_wide.stats
+print(json.dumps({"started": started, "hits": len(s.cache_hits), "misses": len(s.cache_misses), "loss": loss,
+                  "grads": [g.tolist() for g in grads]}))
+"""
+
+
+def test_a_cold_cache_compiles_the_conv_backward_in_a_child_the_first_backward_loads_it(tmp_path):
+    """compile_ahead: with an empty Numba cache, the first loss starts a child that compiles the conv
+    backward kernel into the cache, and the first backward loads it from there (a cache hit, no
+    compile here) with exactly the gradients of a normally compiled kernel; with the cache warm no
+    child starts."""
+    import json
+    import subprocess
+    import sys
+
+    from minicnn.network import Network
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    runs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", AHEAD_CODE], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["started"] == [["float32", [1]]] and warm["started"] == []
+    assert (cold["hits"], cold["misses"]) == (1, 0) and (warm["hits"], warm["misses"]) == (1, 0)
+    net = Network.from_spec("conv4k3-relu-maxpool2-fc10", (1, 8, 8), seed=0, device="cpu")
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    loss, grads = net.loss_and_grads(x, np.array([0, 1, 2]))
+    for run in runs:
+        assert run["loss"] == loss
+        for g, h in zip(grads, run["grads"]):
+            np.testing.assert_array_equal(g, np.array(h, np.float32))
+
+
+@pytest.mark.parametrize("child", ["import sys; sys.exit(3)", "import time; time.sleep(120)"])
+def test_a_failed_or_stuck_compile_ahead_child_costs_nothing_but_time(monkeypatch, child):
+    """A child that fails, or does not finish within _AHEAD_TIMEOUT_S (killed), leaves the backward
+    to compile here as without it: the same results, no child left running."""
+    import subprocess
+    import sys
+    import time
+
+    from minicnn.network import Network
+    procs = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(cpu, "_ahead_keys", set())
+    monkeypatch.setattr(cpu, "_cores", lambda: 2)
+    monkeypatch.setattr(cpu, "_cache_missed", lambda dt: True)
+    monkeypatch.setattr(cpu, "_AHEAD_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(cpu, "_ahead_command", lambda *a: [sys.executable, "-c", child])
+    monkeypatch.setattr(cpu.subprocess, "Popen", lambda *a, **k: procs.append(popen(*a, **k)) or procs[-1])
+    x = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    y = np.array([3, 4])
+    expected = Network.from_spec("conv4k3-relu-maxpool2-fc10", (1, 8, 8), seed=0, device="numpy").loss_and_grads(x, y)
+    net = Network.from_spec("conv4k3-relu-maxpool2-fc10", (1, 8, 8), seed=0, device="cpu")
+    t = time.perf_counter()
+    loss, grads = net.loss_and_grads(x, y)
+    assert time.perf_counter() - t < 60
+    assert len(procs) == 1 and procs[0].poll() is not None and cpu._ahead == []
+    np.testing.assert_allclose(loss, expected[0], rtol=1e-5)
+    for g, e in zip(grads, expected[1]):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)

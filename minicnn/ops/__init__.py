@@ -128,6 +128,12 @@ class Backend(Protocol):
         backend sets its BLAS to one thread once for the pass instead of once per op; nothing
         elsewhere."""
 
+    def compile_ahead(self, dtype, conv_strides):
+        """Called by the Network before its first loss (a training step follows): start compiling
+        in the background what the backward pass will need, if anything. The CPU backend compiles
+        the conv backward kernel in a child process when the Numba cache lacks it (a cold start,
+        one core each for the forward and the backward kernels); elsewhere nothing."""
+
     # ---- the optimiser's update
     def sgd_update(self, params, grads, bufs, lr, momentum, weight_decay, dampening, nesterov, first_step,
                    work=None):

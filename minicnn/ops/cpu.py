@@ -32,10 +32,13 @@ Kernel rules:
   Numba wraps negative indices, so an index like ``xs[q + s0]`` costs a select per element and
   stops LLVM from vectorising: measured 10x slower.
 """
+import atexit
 import functools
 import operator
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 
@@ -994,6 +997,104 @@ def _sum_chunks(dw2, db, dwp, F, CKK):
         db[f] = b
 
 
+# Compiling ahead. With a cold Numba cache (a first run, or this file changed) the first training
+# step compiles every kernel it calls: ~10 s, ~8 s of it the two conv kernels (forward 3.5 s,
+# backward 4.4 s, NOTES session 8), one after the other on one core. The conv backward kernel does
+# not depend on the forward one, so compile_ahead has a child process compile it, on another core,
+# while this process compiles the forward pass: the child writes it into Numba's cache, and the
+# first conv2d_backward here waits for the child (_await_ahead) and loads it from there. Only when
+# the cache misses (probed with a trivial kernel of this file: Numba keeps or drops the whole file's
+# entries together), with two cores or more, once per process and dtype. If the child fails or
+# its kernel does not match, this process compiles it as it would have: only time is at stake.
+_AHEAD_TIMEOUT_S = 300              # wait at most this long for a child, then compile here
+_ahead_keys = set()                 # (dtype name, strides) compile_ahead has seen
+_ahead = []                         # the children's Popen objects, until awaited
+
+
+@njit(cache=True)
+def _cache_probe(a):
+    return a.size
+
+
+def _cache_missed(dt):
+    """Whether the Numba cache lacks this file's kernels for dtype dt (compiling the probe if so)."""
+    stats = getattr(_cache_probe, "stats", None)          # absent under NUMBA_DISABLE_JIT
+    if stats is None:
+        return False
+    before = sum(stats.cache_misses.values())
+    _cache_probe(np.empty(0, dt))
+    return sum(_cache_probe.stats.cache_misses.values()) > before
+
+
+def _cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def compile_ahead(dtype, conv_strides):
+    """Start compiling, in the background, the conv backward kernel(s) a training step will need
+    (see above): dtype the network's, conv_strides its conv layers' strides. Returns at once; a
+    no-op with a warm cache, on one core, or when already started for this dtype and strides."""
+    dt = np.dtype(dtype)
+    strides = tuple(sorted({1 if int(s) == 1 else 2 for s in conv_strides}))
+    key = (dt.name, strides)
+    if not strides or key in _ahead_keys:
+        return
+    _ahead_keys.add(key)
+    if _cores() < 2 or not _cache_missed(dt):
+        return
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    try:
+        _ahead.append(subprocess.Popen(_ahead_command(dt.name, strides), env=env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    except OSError:                                       # no child: compiled here when needed
+        pass
+
+
+def _ahead_command(dtype_name, strides):
+    """The child's command line (this Python, the same minicnn, the same environment)."""
+    code = f"from minicnn.ops import cpu; cpu._compile_conv_backward({dtype_name!r}, {strides!r})"
+    return [sys.executable, "-c", code]
+
+
+def _compile_conv_backward(dtype, strides):
+    """The child's work: conv2d_backward on a tiny batch, which compiles (into the cache) the kernel
+    of each stride (1: the wide kernel; any other: the strided one) with the argument types of a
+    Network's call."""
+    for s in strides:
+        x, w = np.zeros((1, 1, 5, 5), dtype), np.zeros((1, 1, 3, 3), dtype)
+        OH = conv_out_size(5, 3, s, 1)
+        work = conv2d_workspace(x.shape, w.shape, s, 1, dtype)
+        conv2d_backward(np.zeros((1, 1, OH, OH), dtype), x, w, s, 1, work=work)
+
+
+def _await_ahead():
+    """Wait for the children compile_ahead started: their kernels are in the cache then."""
+    while _ahead:
+        proc = _ahead.pop()
+        try:
+            proc.wait(timeout=_AHEAD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()                                   # reaped: no zombie left
+
+
+@atexit.register
+def _stop_ahead():
+    for proc in _ahead:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _forget_ahead():
+    _ahead.clear()
+    _ahead_keys.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_ahead)     # a forked child has none of the children
+
+
 def _conv_work(work, x_shape, w_shape, stride, pad, dt):
     """The workspace for these shapes: ``work`` checked, or a new one (then the shapes are checked)."""
     if work is None:
@@ -1167,11 +1268,9 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
         argmax, pooled = _NO_ARGMAX, dout
         if dout.shape != (N, F, OH, OW):
             raise ValueError(f"dout: expected shape {(N, F, OH, OW)}, got {dout.shape}")
-    dw = _output(dw, (F, C, K, K), dt, "dw")
-    db = _output(db, (F,), dt, "db")
-    WR, NB, _, nblocks, G, parts = work["plan"]
-    CKK = C * K * K
+    dw, db = _output(dw, (F, C, K, K), dt, "dw"), _output(db, (F,), dt, "db")
     dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
+    WR, NB, _, _, G, parts, CKK = *work["plan"], C * K * K
     units, macs = max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1)
     dxa, w2, need_dx, mask = dx if need_dx else x, w.reshape(F, CKK), bool(need_dx), relu_pooled is not None
     nxt = work["next"]
@@ -1187,6 +1286,8 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     if dout is dout_in and all(map(operator.is_, given[:4], (w, dx, dw, db))) and (pool is None or (
             argmax is given[4] and (relu_pooled is None or pooled is relu_pooled))):      # nothing cast or allocated
         _keep_call(work, "call backward", given, options, (dout, x), kernel, args, units, macs, after, result)
+    if _ahead:
+        _await_ahead()
     return _run_kept(work, (kernel, args, units, macs, after, result))
 
 

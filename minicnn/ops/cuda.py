@@ -46,7 +46,7 @@ from numba import cuda
 
 from ..errors import DeviceError
 from . import on_device
-from .ref import conv_out_size, pass_scope  # noqa: F401  (nothing to set on a GPU)
+from .ref import compile_ahead, conv_out_size, pass_scope  # noqa: F401  (nothing to set or compile ahead on a GPU)
 
 # The Network applies ReLUs as their own kernels (the fused forms are accepted, for the contract).
 FUSES_RELU = False

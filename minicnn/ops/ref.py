@@ -222,6 +222,10 @@ def pass_scope():
     return contextlib.nullcontext()
 
 
+def compile_ahead(dtype, conv_strides):
+    """Nothing to compile (see Backend.compile_ahead)."""
+
+
 # --------------------------------------------------------------------------- SGD
 def sgd_update(params, grads, bufs, lr, momentum, weight_decay, dampening, nesterov, first_step, work=None):
     """torch.optim.SGD's step, in place, on lists of arrays (one entry per parameter tensor):
