@@ -176,11 +176,11 @@ class Conv2d(Layer):
         w, _ = self.params
         dw, db = self.grads
         bufs = ws.out(self.name, "dx", "work") if need_dx else ws.out(self.name, "work")
-        if self.pool is not None:     # dout is the pool's output gradient (the ReLU and pool passed it on)
-            p = self.pool
-            bufs.update(pool=(p.K, p.S), argmax=p.argmax, relu_pooled=p.out if self.relu_fused else None)
-        dx, _, _ = ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)
-        return dx
+        if self.pool is None:
+            return ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, **bufs)[0]
+        p = self.pool                 # dout is the pool's output gradient (the ReLU and pool passed it on)
+        return ops.conv2d_backward(dout, self.x, w, self.S, self.P, dw=dw, db=db, need_dx=need_dx, pool=(p.K, p.S),
+                                   argmax=p.argmax, relu_pooled=p.out if self.relu_fused else None, **bufs)[0]
 
     def output_grad(self, ops, dout):
         """The gradient at this conv's own output, from the dout its backward gets: with a max-pool
@@ -409,9 +409,16 @@ class _Workspace:
     def __init__(self, bufs=None, batch=None):
         self.bufs = bufs or {}
         self.batch = batch
+        self.outs = {}
 
     def out(self, layer_name, *names):
-        return {n: self.bufs[(layer_name, n)] for n in names if (layer_name, n) in self.bufs}
+        """{name: buffer} of those of ``names`` the layer has: the same dict on every call (made
+        once; a layer calls this every step), so callers pass it on and never change it."""
+        kw = self.outs.get((layer_name, names))
+        if kw is None:
+            kw = self.outs[(layer_name, names)] = {n: self.bufs[(layer_name, n)] for n in names
+                                                   if (layer_name, n) in self.bufs}
+        return kw
 
 
 # --------------------------------------------------------------------------- network
@@ -716,12 +723,13 @@ class Network:
             if tuple(y.shape) != (n,) or not np.issubdtype(y.dtype, np.integer):
                 raise ConfigError(f"labels must be an integer array of shape ({n},), got {y.dtype} {tuple(y.shape)}")
             return y
-        y = np.asarray(y)
-        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        y0 = y = np.asarray(y)
+        if y.shape != (n,) or y.dtype.kind not in "iu":
             raise ConfigError(f"labels must be an integer array of shape ({n},), got {y.dtype} {y.shape}")
-        if n and (y.min() < 0 or y.max() >= self.num_classes):
-            raise ConfigError(f"labels must be in 0..{self.num_classes - 1}, got {y.min()}..{y.max()}")
-        return np.ascontiguousarray(y, dtype=np.int64)
+        y = np.ascontiguousarray(y, dtype=np.int64)
+        if n and int(y.view(np.uint64).max()) >= self.num_classes:      # one pass: a negative label wraps around
+            raise ConfigError(f"labels must be in 0..{self.num_classes - 1}, got {y0.min()}..{y0.max()}")
+        return y
 
     def _labels_on_device(self, y):
         if not on_device(self.flat_params) or on_device(y):

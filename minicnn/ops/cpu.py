@@ -255,6 +255,18 @@ class _Team:
     def _reset(self):
         self.workers = []
         self.lock = threading.Lock()
+        self.addresses = {}
+
+    def _address(self, counter):
+        """The counter's address. numpy's ``.ctypes.data`` costs ~1.5 us a call (3 or 4 a step at
+        batch 1, more inside a step), so the last few are kept, with their arrays: no other array
+        can come to have their id while kept."""
+        kept = self.addresses.get(id(counter))
+        if kept is None or kept[0] is not counter:
+            if len(self.addresses) >= 8:
+                self.addresses.pop(next(iter(self.addresses)))
+            kept = self.addresses[id(counter)] = (counter, counter.ctypes.data)
+        return kept[1]
 
     def run(self, kernel, args, T, shared=False, counter=None):
         if T <= 1:
@@ -263,7 +275,7 @@ class _Team:
         with self.lock:                     # one team call at a time, whichever thread calls
             while len(self.workers) < T - 1:
                 self.workers.append(_Worker())
-            address = counter.ctypes.data if shared and counter is not None and _X86 else 0
+            address = self._address(counter) if shared and counter is not None and _X86 else 0
             for s in range(1, T):
                 self.workers[s - 1].post((kernel, args, s, T), address)
             error = None
@@ -574,10 +586,14 @@ _CONV_PARALLEL_MIN_MACS = 1 << 20  # multiply-adds of a pass below which it runs
 # A batch of one image is one block: it is split instead into _PARTS fixed parts, when the image's
 # forward product has at least _PARTS_MIN_MACS multiply-adds (below that a second thread saves
 # less than the hand-off): part p unfolds and computes the output rows [p*OH/_PARTS, (p+1)*OH/_PARTS)
-# in the forward and their partial dW (the partials summed in part order), and the dX of the input
-# channels [p*C/_PARTS, (p+1)*C/_PARTS) from all output rows (col2im would overlap across row
-# ranges). Splitting the filters instead made each part pack the whole unfolded input for BLAS:
-# half the product took 60-85 us of the whole one's 92 (B's conv2, one thread).
+# in the forward. Splitting the filters instead made each part pack the whole unfolded input for
+# BLAS: half the product took 60-85 us of the whole one's 92 (B's conv2, one thread). The backward
+# of one image is split by product instead of by rows: unit 0 computes dW (all rows, one product)
+# and unit 1 dX (all channels: its own copy of the output gradient, the product, the col2im), two
+# products of full size at once. Splitting both by rows ran each half-size product at 60-70% of
+# the whole one's speed (B's conv2 backward, one thread: a part 100-108 us, both 200, the unsplit
+# pass 128). Without dX (a first layer) the rows are split as in the forward, each part's partial
+# dW summed in part order.
 _PARTS = 2
 _PARTS_MIN_MACS = 1 << 21
 
@@ -792,10 +808,10 @@ def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
 # The slots claim forward units, or backward chunks, from a shared counter (_claim): a thread that
 # waits for a time slice holds nobody back, and which thread did a unit changes no result (each
 # unit's results, and each chunk's sum, are computed the same way by any slot, in the slot's own
-# scratch). With PARTS > 1 (N = 1), part p has the output rows [b_p, b_(p+1)),
+# scratch). With PARTS > 1 (N = 1), forward part p has the output rows [b_p, b_(p+1)),
 # b_p = p*OH/PARTS rounded down to a multiple of ALIGN (the fused max-pool's stride, so that no
-# pooling window straddles two parts), its own chunk, and the input channels [p*C/PARTS,
-# (p+1)*C/PARTS).
+# pooling window straddles two parts); the backward has two units, dW then dX, when it computes dX
+# (SPLIT: dwp has one chunk), else a part's rows per chunk as the forward's.
 # The kernels come in two copies, wide (stride 1) and strided, so that each compiles only its own
 # unfold and fold (a flag argument compiled both: ~2-3 s more of a cold start; Numba's literal
 # dispatch re-typed every call, ~40 ms).
@@ -819,7 +835,7 @@ def _forward_unit(u, N, OH, NB, PARTS, ALIGN):
 @njit(cache=True, inline="always")
 def _chunk_blocks(g, N, NB, PARTS, G):
     # The units of backward chunk g: blocks [lo, hi), summed in order into dwp[g]; with PARTS > 1
-    # chunk g is part g alone (unit g).
+    # chunk g is unit g alone (a part, or in SPLIT mode the dW or the dX).
     if PARTS > 1:
         return g, g + 1
     nblocks = -(-N // NB)
@@ -827,13 +843,17 @@ def _chunk_blocks(g, N, NB, PARTS, G):
 
 
 @njit(cache=True, inline="always")
-def _backward_unit(u, N, C, OH, NB, PARTS, ALIGN):
-    # Backward unit u -> (n0, nb, i0, i1, c0, c1)
+def _backward_unit(u, N, C, OH, NB, PARTS, ALIGN, SPLIT):
+    # Backward unit u -> (n0, nb, i0, i1, c0, c1, DW): rows i0..i1 of images n0..n0+nb-1 add their
+    # dW when DW, and the unit computes the dX of channels c0..c1. SPLIT (one image with dX): unit
+    # 0 is the whole dW, unit 1 the whole dX. Else with PARTS > 1 (one image, no dX) part u's rows.
+    if SPLIT:
+        return 0, 1, 0, OH, 0, 0 if u == 0 else C, u == 0
     if PARTS > 1:
         i0, i1 = _part_rows(u, OH, PARTS, ALIGN)
-        return 0, 1, i0, i1, u * C // PARTS, (u + 1) * C // PARTS
+        return 0, 1, i0, i1, 0, 0, True
     n0 = u * NB
-    return n0, min(NB, N - n0), 0, OH, 0, C
+    return n0, min(NB, N - n0), 0, OH, 0, C, True
 
 
 @njit(cache=True, inline="always")
@@ -915,21 +935,22 @@ def _unpool_rows(gt, dpool, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, P
 
 @njit(cache=True, inline="always")
 def _conv_grad_products(dwp, cols, prod, gt, dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F, CKK, KK, OH, OW,
-                        WR, BETA, NEED_DX, POOL, MASK, PK, PS, PH, PW):
+                        WR, BETA, DW, NEED_DX, POOL, MASK, PK, PS, PH, PW):
     # The backward of a block whose cols are unfolded (output rows i0..i1; a row range only with
     # nb = 1): gt = the block's output gradient (every row: dout's, or with POOL the max-pool's
-    # backward of dout), dwp (F, CKK+1) = BETA * dwp + gt[rows] @ cols.T (the ones row gives db),
-    # and when NEED_DX prod[:(c1-c0)*KK] = w2[:, channels c0..c1].T @ gt.
+    # backward of dout), when DW dwp (F, CKK+1) = BETA * dwp + gt[rows] @ cols.T (the ones row gives
+    # db), and when NEED_DX prod[:(c1-c0)*KK] = w2[:, channels c0..c1].T @ gt.
     # cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), dout: (N, F, OH, OW) or with POOL
     # (N, F, PH, PW) as argmax and pooled, w2: (F, CKK)
     NC = cols.shape[1]
     R = i1 - i0
-    _fill_run(cols[CKK], 1, nb * R * WR)
     if POOL:
         _unpool_rows(gt, dout, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, PW, MASK)
     else:
         _gather_dout(gt, dout, n0, nb, F, OH, OW, WR)
-    _gemm(dwp, gt.reshape(F * NC)[i0 * WR:], cols, F, CKK + 1, nb * R * WR, CKK + 1, NC, NC, False, True, BETA)
+    if DW:
+        _fill_run(cols[CKK], 1, nb * R * WR)
+        _gemm(dwp, gt.reshape(F * NC)[i0 * WR:], cols, F, CKK + 1, nb * R * WR, CKK + 1, NC, NC, False, True, BETA)
     if NEED_DX and c1 > c0:
         _gemm(prod, w2.reshape(F * CKK)[c0 * KK:], gt, (c1 - c0) * KK, nb * OH * WR, F, NC, CKK, NC, True, False,
               0.0)
@@ -944,15 +965,17 @@ def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, nxt, dout, argmax, pooled, 
     # w2: (F, CKK).  Slot s of T (see the slots' work above); chunk g's units are summed in order
     # into dwp[g].
     G = dwp.shape[0]
+    SPLIT = PARTS > 1 and NEED_DX
     g = _claim(nxt)
-    while g < G:
+    while g < (2 if SPLIT else G):
         lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
         for u in range(lo, hi):
-            n0, nb, i0, i1, c0, c1 = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1)
-            _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
-            _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1,
-                                F, C * K * K, K * K, OH, OW, WR, 0.0 if u == lo else 1.0, NEED_DX, POOL, MASK, PK, PS,
-                                PH, PW)
+            n0, nb, i0, i1, c0, c1, DW = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1, SPLIT)
+            if DW:
+                _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
+            _conv_grad_products(dwp[min(g, G - 1)], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1,
+                                c0, c1, F, C * K * K, K * K, OH, OW, WR, 0.0 if u == lo else 1.0, DW, NEED_DX, POOL,
+                                MASK, PK, PS, PH, PW)
             if NEED_DX and c1 > c0:
                 _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
         g = _claim(nxt)
@@ -963,15 +986,17 @@ def _conv_backward_strided(dx, dwp, cols, prod, gt, nxt, dout, argmax, pooled, x
                            OW, NB, PARTS, NEED_DX, POOL, MASK, PK, PS, PH, PW, s, T):
     # Any stride; as _conv_backward_wide without the plane scratch (WR = OW).
     G = dwp.shape[0]
+    SPLIT = PARTS > 1 and NEED_DX
     g = _claim(nxt)
-    while g < G:
+    while g < (2 if SPLIT else G):
         lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
         for u in range(lo, hi):
-            n0, nb, i0, i1, c0, c1 = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1)
-            _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
-            _conv_grad_products(dwp[g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1,
-                                F, C * K * K, K * K, OH, OW, OW, 0.0 if u == lo else 1.0, NEED_DX, POOL, MASK, PK, PS,
-                                PH, PW)
+            n0, nb, i0, i1, c0, c1, DW = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1, SPLIT)
+            if DW:
+                _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
+            _conv_grad_products(dwp[min(g, G - 1)], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1,
+                                c0, c1, F, C * K * K, K * K, OH, OW, OW, 0.0 if u == lo else 1.0, DW, NEED_DX, POOL,
+                                MASK, PK, PS, PH, PW)
             if NEED_DX and c1 > c0:
                 _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
         g = _claim(nxt)
@@ -1162,8 +1187,12 @@ def _keep_call(work, name, arrays, options, fresh, kernel, args, units, macs, af
                   after, result)
 
 
-def _run_kept(work, kept):
+def _run_kept(work, kept, compiled_ahead=False):
+    """Run a call (kept or new). compiled_ahead: its kernel may be compiling in compile_ahead's
+    child: wait for that first (a backward's first call)."""
     kernel, args, units, macs, after, result = kept
+    if compiled_ahead and _ahead:
+        _await_ahead()
     work["next"][0] = 0
     with _one_thread_blas:
         _team.run(kernel, args, _conv_slots(work, units, macs), True, work["next"])
@@ -1271,24 +1300,23 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     dw, db = _output(dw, (F, C, K, K), dt, "dw"), _output(db, (F,), dt, "db")
     dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
     WR, NB, _, _, G, parts, CKK = *work["plan"], C * K * K
-    units, macs = max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1)
+    split = parts > 1 and need_dx              # one image: a dW unit and a dX unit, one dW chunk
+    units, macs = 2 if split else max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1)
     dxa, w2, need_dx, mask = dx if need_dx else x, w.reshape(F, CKK), bool(need_dx), relu_pooled is not None
-    nxt = work["next"]
+    nxt, dwp = work["next"], work["dwp"][:1] if split else work["dwp"]
     if stride == 1:
-        kernel, args = _conv_backward_wide, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], work["xp"], nxt,
-                                             dout, argmax, pooled, x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts,
+        kernel, args = _conv_backward_wide, (dxa, dwp, work["cols"], work["prod"], work["gt"], work["xp"], nxt, dout,
+                                             argmax, pooled, x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts,
                                              need_dx, fuse, mask, PK, PS, PH, PW)
     else:
-        kernel, args = _conv_backward_strided, (dxa, work["dwp"], work["cols"], work["prod"], work["gt"], nxt, dout,
-                                                argmax, pooled, x, w2, N, C, H, W, F, K, stride, pad, OH, OW, NB, parts,
+        kernel, args = _conv_backward_strided, (dxa, dwp, work["cols"], work["prod"], work["gt"], nxt, dout, argmax,
+                                                pooled, x, w2, N, C, H, W, F, K, stride, pad, OH, OW, NB, parts,
                                                 need_dx, fuse, mask, PK, PS, PH, PW)
-    after, result = (_sum_chunks, dw.reshape(F, CKK), db, work["dwp"], F, CKK), (dx, dw, db)
+    after, result = (_sum_chunks, dw.reshape(F, CKK), db, dwp, F, CKK), (dx, dw, db)
     if dout is dout_in and all(map(operator.is_, given[:4], (w, dx, dw, db))) and (pool is None or (
             argmax is given[4] and (relu_pooled is None or pooled is relu_pooled))):      # nothing cast or allocated
         _keep_call(work, "call backward", given, options, (dout, x), kernel, args, units, macs, after, result)
-    if _ahead:
-        _await_ahead()
-    return _run_kept(work, (kernel, args, units, macs, after, result))
+    return _run_kept(work, (kernel, args, units, macs, after, result), compiled_ahead=True)
 
 
 def _conv_sizes(x_shape, w_shape, b_shape, stride, pad):
