@@ -209,6 +209,17 @@ def test_conv2d_workspace_does_not_grow_with_the_batch():
     assert nbytes(512) < 512 * 32 * 16 * 16 * 4          # less than the input itself
 
 
+def test_team_keeps_the_right_address_of_each_counter():
+    """The team keeps its counters' addresses (numpy's .ctypes.data is slow): each counter gets its
+    own, however many come and go (the oldest of more than 8 dropped, never a stale one)."""
+    team = cpu._Team()
+    counters = [np.zeros(1, np.int64) for _ in range(20)]
+    for rep in range(3):
+        for c in counters[:3] + counters[rep * 5:rep * 5 + 10]:
+            assert team._address(c) == c.ctypes.data
+    assert len(team.addresses) <= 8
+
+
 def test_team_runs_every_slot_and_reraises_a_workers_error():
     seen = []
 

@@ -85,3 +85,18 @@ def test_batches_cover_each_epoch_once():
     assert len(idx) == 11 and len(idx[-1]) == 3
     assert sorted(np.concatenate(idx)) == list(range(103))
     assert not np.array_equal(np.concatenate(idx), np.concatenate(batch_indices(103, 10, 1, 3)))
+
+
+def test_train_starts_compiling_the_backward_before_its_first_evaluation(shapes, monkeypatch):
+    """train() asks the backend to compile the backward ahead (ops.compile_ahead: a child process
+    with a cold Numba cache) before anything of the first step or the step-0 evaluation runs, so
+    that the child works while this process compiles the forward pass; once per network."""
+    from minicnn.network import Network
+    from minicnn.ops import cpu
+    events = []
+    monkeypatch.setattr(cpu, "compile_ahead", lambda dtype, strides: events.append(("ahead", np.dtype(dtype).name,
+                                                                                     list(strides))))
+    loss = Network._loss
+    monkeypatch.setattr(Network, "_loss", lambda self, x, y: events.append("loss") or loss(self, x, y))
+    train(data=shapes, steps=3, eval_every=2, **SMALL)
+    assert events[0] == ("ahead", "float32", [1]) and events.count(events[0]) == 1 and "loss" in events
