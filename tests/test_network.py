@@ -141,3 +141,41 @@ def test_cpu_network_fuses_pools_and_skips_unneeded_buffers():
     assert abs(loss - ref_loss) < 1e-5
     for u, v in zip(grads, ref_grads):
         assert np.max(np.abs(u - v)) <= 1e-5 * max(1.0, np.max(np.abs(v)))
+
+
+def test_loss_and_grads_returns_gradients_nothing_else_changes():
+    """loss_and_grads reuses the buffer of gradients it returned two calls back only when nothing
+    refers to it any more (see Network._grads_copy): a loop that drops them alternates two buffers,
+    and gradients still held (the list, a view, a view of a view, the flat buffer, a list of the
+    views) keep their values through later calls; a list its caller changed is never reused."""
+    net = Network.from_spec("conv4k3p1-relu-maxpool2-fc10", (1, 8, 8), seed=0, device="cpu")
+    rng = np.random.default_rng(0)
+
+    def batch():
+        return rng.standard_normal((3, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 3)
+
+    buffers = []
+    for _ in range(6):
+        _, grads = net.loss_and_grads(*batch())
+        buffers.append(id(grads.flat_buffer))
+        del grads
+    assert len(set(buffers[2:])) <= 2                     # recycled, not a new buffer each call
+    held = []
+    for keep in (lambda g: list(g), lambda g: [g[1]], lambda g: [g[0].reshape(-1)[2:]], lambda g: [g.flat_buffer],
+                 lambda g: g):
+        _, grads = net.loss_and_grads(*batch())
+        kept = keep(grads)
+        held.append((kept, [a.copy() for a in kept]))
+        del grads
+        for _ in range(3):
+            net.loss_and_grads(*batch())
+    for kept, values in held:
+        for a, b in zip(kept, values):
+            np.testing.assert_array_equal(a, b)
+    _, grads = net.loss_and_grads(*batch())
+    other = np.zeros(1)                 # held here too: as many references as the view it replaces
+    grads[0] = other
+    del grads
+    for _ in range(3):
+        _, grads = net.loss_and_grads(*batch())
+        assert len(grads) == 4 and grads.buffer() is not None and grads[0].shape == (4, 1, 3, 3)
