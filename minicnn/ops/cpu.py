@@ -1065,8 +1065,8 @@ def compile_ahead(dtype, conv_strides):
     if not strides or key in _ahead_keys:
         return
     _ahead_keys.add(key)
-    if _cores() < 2 or not _cache_missed(dt):
-        return
+    if _cores() < 2 or getattr(sys, "frozen", False) or not sys.executable or not _cache_missed(dt):
+        return                              # (a frozen app's executable is not a Python to run -c)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
     try:
