@@ -794,7 +794,8 @@ class Network:
         were the pool's and its own): then nothing can see it change, the reasoning of NumPy's own
         temporary elision. A training loop drops the gradients of step k-1 while step k runs, so
         step k+1 reuses them: no allocation and no new views (~4 us a call standalone, 2-3x that
-        inside a step: A at batch 1, the public API 5.5% -> 2% over train()'s path, NOTES)."""
+        inside a step: at batch 1 the public API's cost over train()'s path 5-6% -> 4-5%, NOTES
+        session 8; the copy itself is the rest)."""
         if on_device(self.flat_grads):
             return FlatViews.of(self.ops.host_copy(self.flat_grads), self._layout)
         for views in self._grads_pool:
