@@ -125,7 +125,7 @@ class SweepProgress:
         self.bar, self.last = None, ""
 
     def start(self, to_run, skipped):
-        from minicnn.sweep import cores
+        from minicnn.ops import cores
         where = f"Dask scheduler {self.scheduler}" if self.scheduler else \
             f"{min(self.workers or cores(), max(1, to_run))} local worker processes"
         if skipped:

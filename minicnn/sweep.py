@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 from .config import TrainConfig
 from .errors import ConfigError
+from .ops import cores
 
 # statuses of a run that count as done: re-running a finished or diverged run with the same config
 # reproduces it bit for bit, so a resumed sweep skips it. "interrupted" and "error" are run again.
@@ -317,14 +318,6 @@ def run_row(run_dir):
 
 
 # ---------------------------------------------------------------- the sweep
-def cores():
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def recorded(run_dir, config):
     """(status in summary.json or None, whether run_dir's run was asked for exactly ``config``
     (threads aside)); (None, False) where there is no readable run."""

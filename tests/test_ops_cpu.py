@@ -798,7 +798,7 @@ AHEAD_CODE = """
 import json, numpy as np
 from minicnn.ops import cpu
 from minicnn.network import Network
-cpu._cores = lambda: 2                       # the child is started on any machine
+cpu.cores = lambda: 2                       # the child is started on any machine
 started, command = [], cpu._ahead_command
 cpu._ahead_command = lambda *a: started.append(a) or command(*a)
 net = Network.from_spec("conv4k3-relu-maxpool2-fc10", (1, 8, 8), seed=0, device="cpu")
@@ -850,7 +850,7 @@ def test_a_failed_or_stuck_compile_ahead_child_costs_nothing_but_time(monkeypatc
     procs = []
     popen = subprocess.Popen
     monkeypatch.setattr(cpu, "_ahead_keys", set())
-    monkeypatch.setattr(cpu, "_cores", lambda: 2)
+    monkeypatch.setattr(cpu, "cores", lambda: 2)
     monkeypatch.setattr(cpu, "_cache_missed", lambda dt: True)
     monkeypatch.setattr(cpu, "_AHEAD_TIMEOUT_S", 1.0)
     monkeypatch.setattr(cpu, "_ahead_command", lambda *a: [sys.executable, "-c", child])

@@ -27,6 +27,7 @@ has. Conventions:
 - The loss is a Python float on the host backends and a (1,) device array on cuda: ``item``
   reads either.
 """
+import os
 import sys
 from typing import Protocol
 
@@ -37,6 +38,14 @@ def on_device(a):
     """Whether ``a`` is a Numba CUDA device array (they, and only they, carry copy_to_host).
     Checked by duck type so that host code never has to import numba.cuda."""
     return hasattr(a, "copy_to_host")
+
+
+def cores():
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def get_backend(device):

@@ -50,6 +50,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import ConfigError
+from . import cores
 from . import ref as _ref
 from .blas import OneThreadBlas, openblas_paths
 
@@ -973,9 +974,9 @@ def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, nxt, dout, argmax, pooled, 
             n0, nb, i0, i1, c0, c1, DW = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1, SPLIT)
             if DW:
                 _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
-            _conv_grad_products(dwp[min(g, G - 1)], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1,
-                                c0, c1, F, C * K * K, K * K, OH, OW, WR, 0.0 if u == lo else 1.0, DW, NEED_DX, POOL,
-                                MASK, PK, PS, PH, PW)
+            _conv_grad_products(dwp[0 if SPLIT else g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0,
+                                i1, c0, c1, F, C * K * K, K * K, OH, OW, WR, 0.0 if u == lo else 1.0, DW, NEED_DX,
+                                POOL, MASK, PK, PS, PH, PW)
             if NEED_DX and c1 > c0:
                 _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
         g = _claim(nxt)
@@ -994,9 +995,9 @@ def _conv_backward_strided(dx, dwp, cols, prod, gt, nxt, dout, argmax, pooled, x
             n0, nb, i0, i1, c0, c1, DW = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1, SPLIT)
             if DW:
                 _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
-            _conv_grad_products(dwp[min(g, G - 1)], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0, i1,
-                                c0, c1, F, C * K * K, K * K, OH, OW, OW, 0.0 if u == lo else 1.0, DW, NEED_DX, POOL,
-                                MASK, PK, PS, PH, PW)
+            _conv_grad_products(dwp[0 if SPLIT else g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0,
+                                i1, c0, c1, F, C * K * K, K * K, OH, OW, OW, 0.0 if u == lo else 1.0, DW, NEED_DX,
+                                POOL, MASK, PK, PS, PH, PW)
             if NEED_DX and c1 > c0:
                 _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
         g = _claim(nxt)
@@ -1051,10 +1052,6 @@ def _cache_missed(dt):
     return sum(_cache_probe.stats.cache_misses.values()) > before
 
 
-def _cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def compile_ahead(dtype, conv_strides):
     """Start compiling, in the background, the conv backward kernel(s) a training step will need
     (see above): dtype the network's, conv_strides its conv layers' strides. Returns at once; a
@@ -1065,7 +1062,7 @@ def compile_ahead(dtype, conv_strides):
     if not strides or key in _ahead_keys:
         return
     _ahead_keys.add(key)
-    if _cores() < 2 or getattr(sys, "frozen", False) or not sys.executable or not _cache_missed(dt):
+    if cores() < 2 or getattr(sys, "frozen", False) or not sys.executable or not _cache_missed(dt):
         return                              # (a frozen app's executable is not a Python to run -c)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
