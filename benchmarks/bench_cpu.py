@@ -120,10 +120,11 @@ class MinicnnStep:
         import minicnn
         self.net = net
         self.opt = minicnn.SGD(lr=LR)
+        self.grads = None
 
     def __call__(self, x, y):
-        loss, grads = self.net.loss_and_grads(x, y)
-        self.opt.step(self.net.params, grads)
+        loss, self.grads = self.net.loss_and_grads(x, y)      # held until the next step, as a loop's
+        self.opt.step(self.net.params, self.grads)             # variable holds them: two buffers alternate
         return loss
 
 

@@ -5,8 +5,10 @@
 
 Like llm.c, all parameters live in one allocation (``net.flat_params``) and ``net.params`` are
 named views into it, in layer order: conv weight (F, C, K, K), conv bias (F,), dense weight
-(O, D), dense bias (O,). Gradients live in a twin buffer (``net.flat_grads``). Flat buffers make
-the SGD update, gradient norms and gradient cosines one vector operation each.
+(O, D), dense bias (O,). Gradients live in a twin buffer (``net.flat_grads``, viewed as
+``net.grads``; loss_and_grads hands it out and the next backward pass moves to another one while
+the caller holds it). Flat buffers make the SGD update, gradient norms and gradient cosines one
+vector operation each.
 
 The ops come from a backend module with the same names in every backend:
 ``numpy`` (minicnn.ops.ref, the oracle), ``cpu`` (Numba, the default), ``cuda`` (Numba CUDA).
@@ -34,6 +36,9 @@ DEAD_BIAS = -10.0
 # halt. A Network holds PARAM_COPIES parameter-sized arrays (parameters and gradients); training
 # holds more (minicnn.config.TRAIN_PARAM_COPIES) and every batch size's activations.
 PARAM_COPIES = 2
+# Gradient buffers loss_and_grads keeps to move to while its caller holds the last ones (two
+# alternate in a training loop; a third lets the caller keep the previous step's gradients too).
+GRAD_BUFFERS = 3
 # the batch size Network.evaluate works in (its buffers are kept beside the training batch's)
 EVAL_BATCH = 500
 
@@ -385,7 +390,7 @@ class FlatViews(list):
 
 
 def _refcounts(views):
-    """The reference counts of a FlatViews list, its flat buffer and its views (see _grads_copy)."""
+    """The reference counts of a FlatViews list, its flat buffer and its views (see _unshare_grads)."""
     return (sys.getrefcount(views), sys.getrefcount(views.flat_buffer), *map(sys.getrefcount, views))
 
 
@@ -473,21 +478,20 @@ class Network:
         # on device "cuda" these are device arrays (and so are the views): parameters, gradients and
         # activations stay on the GPU; get_flat_params() / host_copy() bring copies to the host.
         self.flat_params = self.ops.zeros(self.offsets[-1], dtype)
-        self.flat_grads = self.ops.zeros(self.offsets[-1], dtype)
         self._layout = [(int(a), int(b), tuple(s)) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
         self.params = FlatViews.of(self.flat_params, self._layout)
-        self.grads = FlatViews.of(self.flat_grads, self._layout)
         i = 0
         for layer in self.layers:
             n = len(layer.param_shapes)
-            layer.params, layer.grads = self.params[i:i + n], self.grads[i:i + n]
+            layer.params = self.params[i:i + n]
             i += n
+        self._grads_pool = []        # the gradient buffers loss_and_grads may move to (see _unshare_grads)
+        self._bind_grads(self._grad_buffer())      # self.flat_grads, self.grads, each layer's grads
         self.reset_parameters(seed, init, init_scale)
         self._ws = _Workspace()
         self._ws_cache = {}          # batch size -> its buffers (the last few sizes used)
         self.probs = None
         self._compiled_ahead = False
-        self._grads_pool = []        # the last two FlatViews _grads_copy made (see there)
         self.logits = None
         self.labels = None
 
@@ -774,6 +778,7 @@ class Network:
         (``grads`` are views into it), overwritten by the next call. Returns nothing."""
         if self.probs is None:
             raise ConfigError("backward needs a loss first: call net.loss(x, y)")
+        self._unshare_grads()
         dout = self.ops.softmax_cross_entropy_backward(self.probs, self.labels, **self._ws.out("loss", "dlogits"))
         with self.ops.pass_scope():
             for i in range(len(self.layers) - 1, -1, -1):
@@ -781,31 +786,67 @@ class Network:
 
     def loss_and_grads(self, x, y):
         """(mean cross-entropy, [gradient per parameter]) for a batch; the gradients are host arrays of
-        the caller's own (views into one flat copy of flat_grads that nothing else refers to, see
-        _grads_copy: SGD.step updates all parameters in one pass)."""
+        the caller's own: views into one flat buffer (SGD.step updates all parameters in one pass)
+        that no later call changes while the caller holds the list, a view or the buffer. On the host
+        they are net.grads, the buffer net.flat_grads, with no copy: the next backward pass writes
+        into another buffer if they are still held (see _unshare_grads), as PyTorch's backward
+        gives p.grad a new tensor after zero_grad(set_to_none=True). Read net.grads / net.flat_grads
+        afresh after this call rather than keeping them from before."""
         loss = self.loss(x, y)
         self.backward()
-        return loss, self._grads_copy()
-
-    def _grads_copy(self):
-        """flat_grads copied into FlatViews that nothing else refers to: a new buffer, or on the
-        host one of the last two this returned when nobody holds it, its list, its views or any view
-        of its buffer any more (each with exactly the references it had when it was made, which
-        were the pool's and its own): then nothing can see it change, the reasoning of NumPy's own
-        temporary elision. A training loop drops the gradients of step k-1 while step k runs, so
-        step k+1 reuses them: no allocation and no new views (~4 us a call standalone, 2-3x that
-        inside a step: at batch 1 the public API's cost over train()'s path 5-6% -> 4-5%, NOTES
-        session 8; the copy itself is the rest)."""
         if on_device(self.flat_grads):
-            return FlatViews.of(self.ops.host_copy(self.flat_grads), self._layout)
-        for views in self._grads_pool:
-            if _refcounts(views) == views.free_refcounts and views.buffer() is not None:
-                np.copyto(views.flat_buffer, self.flat_grads)
-                return views
-        views = FlatViews.of(self.flat_grads.copy(), self._layout)
-        self._grads_pool = self._grads_pool[-1:] + [views]
-        views.free_refcounts = _refcounts(views)
+            return loss, FlatViews.of(self.ops.host_copy(self.flat_grads), self._layout)
+        grads = self.grads
+        grads.handed_out = True
+        return loss, grads
+
+    def _grad_buffer(self):
+        """A new gradient buffer: its FlatViews (what net.grads and loss_and_grads give out) and,
+        apart, the views each layer's backward writes into (``layer_grads``; the conv ops' kept
+        calls hold those, so the counts _unshare_grads checks do not depend on them)."""
+        views = FlatViews.of(self.ops.zeros(self.offsets[-1], self.dtype), self._layout)
+        flat = views.flat_buffer
+        own = [flat[a:b].reshape(s) for a, b, s in self._layout]
+        del flat
+        views.layer_grads, i = [], 0
+        for layer in self.layers:
+            n = len(layer.param_shapes)
+            views.layer_grads.append(own[i:i + n])
+            i += n
+        views.handed_out = False
+        if not on_device(views.flat_buffer):
+            self._grads_pool = self._grads_pool[1 - GRAD_BUFFERS:] + [views]
+            views.free_refcounts = free = _refcounts(views)    # held by the pool and this frame only
+            views.bound_refcounts = (free[0] + 1, free[1] + 1, *free[2:])   # and by net.grads, net.flat_grads
         return views
+
+    def _bind_grads(self, views):
+        """Make ``views`` (from _grad_buffer) the gradient buffer backward passes write into."""
+        self.grads, self.flat_grads = views, views.flat_buffer
+        for layer, grads in zip(self.layers, views.layer_grads):
+            layer.grads = grads
+
+    def _unshare_grads(self):
+        """Before a backward pass writes the gradients: if loss_and_grads gave the current buffer
+        out and anything besides this network still refers to it (the list, its buffer or any view
+        of it, each with more references than when bound; or the list was changed), move to one of
+        the last GRAD_BUFFERS buffers that nothing refers to, else to a new one. This is NumPy's
+        temporary-elision reasoning: with exactly the references it had when made, nothing can see
+        it change. A training loop drops the gradients of step k-1 while step k runs, so two
+        buffers alternate: no copy, no allocation (at batch 1 the copy this replaced cost ~3% of
+        B's step, NOTES session 9)."""
+        bound = self.grads
+        if not bound.handed_out:
+            return
+        if _refcounts(bound) == bound.bound_refcounts and bound.buffer() is not None:
+            return
+        for views in self._grads_pool:
+            if views is not bound and _refcounts(views) == views.free_refcounts and views.buffer() is not None:
+                break
+        else:
+            views = self._grad_buffer()
+        views.handed_out = False
+        self._bind_grads(views)
 
     def per_sample_grads(self, x, y, out=None):
         """Per-sample gradients of the loss, one row per sample: G[i] = d loss_i / d w, with loss_i
@@ -829,6 +870,7 @@ class Network:
         gradient as its backward. -> (N, num_params) float64 host array."""
         if self.probs is None:
             raise ConfigError("per_sample_backward needs a loss first: call net.loss(x, y)")
+        self._unshare_grads()
         n = self.probs.shape[0]
         if out is None:
             out = np.empty((n, self.num_params))
@@ -865,6 +907,7 @@ class Network:
         x = self._check_input(x)
         n = x.shape[0]
         self._loss(x, self._check_labels(y, n))
+        self._unshare_grads()
         v = np.ascontiguousarray(v, dtype=self.dtype)
         if v.shape != (self.num_params,):
             raise ConfigError(f"hessian_vector_product: v must have shape ({self.num_params},), got {v.shape}")

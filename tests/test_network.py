@@ -179,3 +179,47 @@ def test_loss_and_grads_returns_gradients_nothing_else_changes():
     for _ in range(3):
         _, grads = net.loss_and_grads(*batch())
         assert len(grads) == 4 and grads.buffer() is not None and grads[0].shape == (4, 1, 3, 3)
+
+
+def test_loss_and_grads_hands_out_the_buffer_and_moves_off_it_while_held(monkeypatch):
+    """loss_and_grads returns net.grads itself (no copy); the next backward pass of any kind
+    (backward, per_sample_backward, hessian_vector_product, loss_and_grads) writes into another
+    buffer while the caller still holds them, so held gradients keep their values. A training loop
+    alternates two buffers, the conv ops' kept calls hit for both (nothing re-checked), and the
+    steps are the same bits as train()'s path (loss, backward, the update on the flat buffers)."""
+    from minicnn import SGD
+    from minicnn.ops import cpu
+    spec, shape = "conv4k3p1-relu-maxpool2-conv6k3-relu-fc10", (2, 8, 8)
+    net, twin = (Network.from_spec(spec, shape, seed=3, device="cpu") for _ in range(2))
+    rng = np.random.default_rng(1)
+    batches = [(rng.standard_normal((3,) + shape).astype(np.float32), rng.integers(0, 10, 3)) for _ in range(12)]
+    opt, opt_twin = SGD(lr=0.05, momentum=0.9), SGD(lr=0.05, momentum=0.9)
+    keeps = []
+    ids = []
+    for i, (x, y) in enumerate(batches):
+        if i == 4:                      # warmed up: both buffers' calls kept
+            real = cpu._keep_call
+            monkeypatch.setattr(cpu, "_keep_call", lambda *a, real=real: keeps.append(a[1]) or real(*a))
+        loss, grads = net.loss_and_grads(x, y)
+        assert grads is net.grads and grads.flat_buffer is net.flat_grads
+        ids.append(id(grads.flat_buffer))
+        opt.step(net.params, grads)
+        twin_loss = twin.loss(x, y)
+        twin.backward()
+        opt_twin.step([twin.flat_params], [twin.flat_grads])
+        assert loss == twin_loss
+        np.testing.assert_array_equal(grads.flat_buffer, twin.flat_grads)
+    assert len(set(ids)) == 2 and ids[4:] == ids[2:-2], ids        # two buffers, in turns
+    assert keeps == []
+    np.testing.assert_array_equal(net.flat_params, twin.flat_params)
+
+    x, y = batches[0]
+    for write in (lambda: (net.loss(x, y), net.backward()), lambda: net.per_sample_grads(x, y),
+                  lambda: net.hessian_vector_product(x, y, np.ones(net.num_params, np.float32)),
+                  lambda: net.loss_and_grads(x, y)):
+        _, grads = net.loss_and_grads(*batches[5])
+        values = grads.flat_buffer.copy()
+        write()
+        assert net.flat_grads is not grads.flat_buffer
+        np.testing.assert_array_equal(grads.flat_buffer, values)
+        np.testing.assert_array_equal(net.flat_grads, twin.loss_and_grads(x, y)[1].flat_buffer)

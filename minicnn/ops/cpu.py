@@ -1004,11 +1004,13 @@ def _conv_backward_strided(dx, dwp, cols, prod, gt, nxt, dout, argmax, pooled, x
 
 
 @njit(cache=True)
-def _sum_chunks(dw2, db, dwp, F, CKK):
-    # dw2: (F, CKK), db: (F,), dwp: (G, F, CKK+1) partial sums;  [dw2 | db] = sum_g dwp[g], g in order.
+def _sum_chunks(dw, db, dwp, F, CKK):
+    # dw: (F, C, K, K), db: (F,), dwp: (G, F, CKK+1) partial sums;  [dw | db] = sum_g dwp[g], g in order.
+    # (dw is reshaped here, not by the caller: a kept call holds no view of the gradient buffer
+    # but dw itself, see Network._unshare_grads.)
     # Chunk by chunk along each filter's contiguous row, so that the inner loop vectorises; every
     # element is still ((dwp[0] + dwp[1]) + dwp[2]) + ... (B's conv2 at batch 1: 34 us -> 3 us).
-    G = dwp.shape[0]
+    G, dw2 = dwp.shape[0], dw.reshape((F, CKK))
     for f in range(F):
         out = dw2[f]
         first = dwp[0, f]
@@ -1156,13 +1158,20 @@ def _pool_sizes(pool, OH, OW, work):
 # same weight, output and scratch objects, and options, and inputs of the same shapes (C-contiguous
 # ndarrays of the dtype; the input x and the incoming gradient may be new arrays, as a new batch
 # or a reshaped view is) runs the kernel on the kept tuple, with its inputs put in. It saved ~10 us
-# of checks a call standalone and 2-3x that inside a training step (B at batch 1: 4 calls).
+# of checks a call standalone and 2-3x that inside a training step (B at batch 1: 4 calls). The
+# last KEPT_CALLS calls of each name are kept: the backward alternates between two gradient
+# buffers when loss_and_grads hands one out each step (Network._unshare_grads).
+KEPT_CALLS = 2
+
+
 def _kept_call(work, name, arrays, options, fresh):
-    """(kernel, args, units, macs, after, result) of the last ``name`` call on this workspace if it
-    had the very objects ``arrays``, equal ``options``, and arrays like ``fresh`` (checked here and
-    put in their places); else None."""
-    kept = work.get(name)
-    if kept is None or kept[1] != options or not all(map(operator.is_, kept[0], arrays)):
+    """(kernel, args, units, macs, after, result) of one of the last ``name`` calls on this
+    workspace that had the very objects ``arrays``, equal ``options``, and arrays like ``fresh``
+    (checked here and put in their places); else None."""
+    for kept in work.get(name, ()):
+        if kept[1] == options and all(map(operator.is_, kept[0], arrays)):
+            break
+    else:
         return None
     for a, (shape, dt) in zip(fresh, kept[2]):
         if type(a) is not np.ndarray or a.shape != shape or a.dtype != dt or not a.flags.c_contiguous:
@@ -1175,13 +1184,15 @@ def _kept_call(work, name, arrays, options, fresh):
 
 
 def _keep_call(work, name, arrays, options, fresh, kernel, args, units, macs, after, result):
-    """Keep a call for _kept_call: where each fresh array sits in args (by identity), and no
-    reference to the fresh arrays themselves (a batch is not kept alive by its workspace)."""
+    """Keep a call for _kept_call (the newest first): where each fresh array sits in args (by
+    identity), and no reference to the fresh arrays themselves (a batch is not kept alive by its
+    workspace)."""
     where = [(i, k) for i, a in enumerate(args) for k, f in enumerate(fresh) if a is f]
     places = {i for i, _ in where}
     args = tuple(None if i in places else a for i, a in enumerate(args))
-    work[name] = (tuple(arrays), options, tuple((f.shape, f.dtype) for f in fresh), kernel, args, where, units, macs,
-                  after, result)
+    call = (tuple(arrays), options, tuple((f.shape, f.dtype) for f in fresh), kernel, args, where, units, macs,
+            after, result)
+    work[name] = (call,) + work.get(name, ())[:KEPT_CALLS - 1]
 
 
 def _run_kept(work, kept, compiled_ahead=False):
@@ -1309,7 +1320,7 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
         kernel, args = _conv_backward_strided, (dxa, dwp, work["cols"], work["prod"], work["gt"], nxt, dout, argmax,
                                                 pooled, x, w2, N, C, H, W, F, K, stride, pad, OH, OW, NB, parts,
                                                 need_dx, fuse, mask, PK, PS, PH, PW)
-    after, result = (_sum_chunks, dw.reshape(F, CKK), db, dwp, F, CKK), (dx, dw, db)
+    after, result = (_sum_chunks, dw, db, dwp, F, CKK), (dx, dw, db)
     if dout is dout_in and all(map(operator.is_, given[:4], (w, dx, dw, db))) and (pool is None or (
             argmax is given[4] and (relu_pooled is None or pooled is relu_pooled))):      # nothing cast or allocated
         _keep_call(work, "call backward", given, options, (dout, x), kernel, args, units, macs, after, result)
