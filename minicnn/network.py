@@ -808,10 +808,11 @@ class Network:
         flat = views.flat_buffer
         own = [flat[a:b].reshape(s) for a, b, s in self._layout]
         del flat
-        views.layer_grads, i = [], 0
+        views.layer_grads, i = [], 0          # (layer, its grads) of the layers with parameters
         for layer in self.layers:
             n = len(layer.param_shapes)
-            views.layer_grads.append(own[i:i + n])
+            if n:
+                views.layer_grads.append((layer, own[i:i + n]))
             i += n
         views.handed_out = False
         if not on_device(views.flat_buffer):
@@ -823,7 +824,7 @@ class Network:
     def _bind_grads(self, views):
         """Make ``views`` (from _grad_buffer) the gradient buffer backward passes write into."""
         self.grads, self.flat_grads = views, views.flat_buffer
-        for layer, grads in zip(self.layers, views.layer_grads):
+        for layer, grads in views.layer_grads:
             layer.grads = grads
 
     def _unshare_grads(self):
@@ -838,7 +839,8 @@ class Network:
         bound = self.grads
         if not bound.handed_out:
             return
-        if _refcounts(bound) == bound.bound_refcounts and bound.buffer() is not None:
+        if (sys.getrefcount(bound) == bound.bound_refcounts[0] and _refcounts(bound) == bound.bound_refcounts
+                and bound.buffer() is not None):      # (the list held: the common case, decided in one count)
             return
         for views in self._grads_pool:
             if views is not bound and _refcounts(views) == views.free_refcounts and views.buffer() is not None:

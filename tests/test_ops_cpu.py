@@ -182,20 +182,25 @@ def conv_plan(**constants):
 def test_conv2d_blockings_match_ref_and_each_other(dtype, case, block_bytes, min_blocks, chunks, parts):
     """Every blocking the plan can choose: several images per block with a short last block, one
     image per block, dW over 1, 2 or many chunks, a batch of one image split in parts (parts=0
-    forces it when OH >= 2: the forward by rows, the backward into its dW and its dX, or by rows
-    without dX): against the reference, and bit-identical with 1 and 2 threads."""
+    forces it when OH >= 2: the forward by rows, the backward into its dW and its dX, or without dX
+    by groups of filters when F >= 2): against the reference, and bit-identical with 1 and 2 threads."""
     (x, w, b, dout), (x64, w64, b64, dout64) = cast(dtype, case["x"], case["w"], case["b"], case["dout"])
     N, C, H, W, F, K, S, P = case["shape"]
     with conv_plan(_BLOCK_BYTES=block_bytes, _MIN_BLOCKS=min_blocks, _DW_CHUNKS=chunks, _PARTS_MIN_MACS=parts,
-                   _CONV_PARALLEL_MIN_MACS=0):
+                   _FILTER_PARTS_MIN_MACS=parts, _CONV_PARALLEL_MIN_MACS=0):
         work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
-    for arr in work.values():
-        if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
-            arr.fill(np.nan)                        # anything read before it is written shows
+
+    def scratch(arrays):                            # before each call: anything read before it is written shows
+        for arr in work.values():
+            if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+                arr.fill(np.nan)
+        return list(arrays())
+
     expected = [ref.conv2d_forward(x64, w64, b64, S, P), *ref.conv2d_backward(dout64, x64, w64, S, P)]
     assert_ref_and_thread_independent(
-        lambda: [cpu.conv2d_forward(x, w, b, S, P, work=work), *cpu.conv2d_backward(dout, x, w, S, P, work=work),
-                 *cpu.conv2d_backward(dout, x, w, S, P, work=work, need_dx=False)[1:]],
+        lambda: [*scratch(lambda: [cpu.conv2d_forward(x, w, b, S, P, work=work)]),
+                 *scratch(lambda: cpu.conv2d_backward(dout, x, w, S, P, work=work)),
+                 *scratch(lambda: cpu.conv2d_backward(dout, x, w, S, P, work=work, need_dx=False)[1:])],
         expected + expected[2:], dtype)
 
 
@@ -510,6 +515,42 @@ def test_conv2d_with_fused_maxpool_matches_ref_and_the_unfused_ops(dtype, case, 
     if work["plan"][-1] == 1:
         for a, c in zip([out, pooled, argmax, *grads], [plain, plain_pooled, plain_argmax, *plain_grads]):
             np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@JIT_SETTINGS
+@given(case=conv_case(max_n=1, max_f=7, max_hw=11), pool=st.booleans(), relu=st.booleans())
+def test_conv2d_one_image_backward_without_dx_by_groups_of_filters(dtype, case, pool, relu):
+    """A first layer's backward of one image (no dX), split into groups of filters (forced, any F
+    >= 2, odd ones too), with or without the fused max-pool (2x2 when it fits) and ReLU mask: dW and
+    db against the reference, every filter's rows written (the scratch starts as NaN), the same bits
+    with 1 and 2 threads."""
+    (x, w, b), (x64, w64, b64) = cast(dtype, case["x"], case["w"], case["b"])
+    N, C, H, W, F, K, S, P = case["shape"]
+    OH, OW = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    k = 2 if pool and min(OH, OW) >= 2 else 0
+    with conv_plan(_FILTER_PARTS_MIN_MACS=0):
+        work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
+    assert work["filter parts"] == (2 if F >= 2 else 1)
+    out64 = ref.conv2d_forward(x64, w64, b64, S, P, relu=relu)
+    if k:
+        pooled64, argmax64 = ref.maxpool2d_forward(out64, k, k)
+        dpool = normal_array(7, pooled64.shape).astype(dtype)
+        dconv64 = ref.maxpool2d_backward(dpool.astype(np.float64), argmax64, out64.shape,
+                                         relu_pooled=pooled64 if relu else None)
+        _, pooled, argmax = cpu.conv2d_forward(x, w, b, S, P, relu=relu, pool=(k, k))
+    else:
+        dconv64 = normal_array(7, out64.shape)
+        dpool = dconv64.astype(dtype)
+    expected = ref.conv2d_backward(dconv64, x64, w64, S, P)[1:]
+
+    def grads():
+        for arr in work.values():
+            if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+                arr.fill(np.nan)
+        kw = dict(pool=(k, k), argmax=argmax, relu_pooled=pooled if relu else None) if k else {}
+        return cpu.conv2d_backward(dpool, x, w, S, P, need_dx=False, work=work, **kw)[1:]
+    assert_ref_and_thread_independent(grads, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

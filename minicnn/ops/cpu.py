@@ -593,10 +593,14 @@ _CONV_PARALLEL_MIN_MACS = 1 << 20  # multiply-adds of a pass below which it runs
 # and unit 1 dX (all channels: its own copy of the output gradient, the product, the col2im), two
 # products of full size at once. Splitting both by rows ran each half-size product at 60-70% of
 # the whole one's speed (B's conv2 backward, one thread: a part 100-108 us, both 200, the unsplit
-# pass 128). Without dX (a first layer) the rows are split as in the forward, each part's partial
-# dW summed in part order.
+# pass 128). Without dX (a first layer) the filters are split instead, from _FILTER_PARTS_MIN_MACS
+# dW multiply-adds: unit u unfolds the whole image (cheap for the few channels of a first layer)
+# and computes the max-pool's backward and the dW rows of its group of filters, rows no other unit
+# writes. Split by rows, each part had to route the pool's gradient of every row: the two parts
+# together took 1.54-1.66x the serial pass (B's conv1, session 8).
 _PARTS = 2
 _PARTS_MIN_MACS = 1 << 21
+_FILTER_PARTS_MIN_MACS = 1 << 19
 
 
 def _conv_plan(N, C, H, W, F, K, S, P, itemsize):
@@ -620,13 +624,14 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     sized for one block of images (NC = images per block * OH * WR columns):
       cols (T, CKK+1, NC), prod (T, max(F, CKK), NC), gt (T, F, NC), xp (T, (H+2P)*(W+2P) + K)
       padded plane, dwp (G, F, CKK+1) dW partial sums, next (1,) int64 the slots' work counter;
-      "plan": the blocking (_conv_plan), "sizes": the checked sizes. Nothing in it carries data
+      "plan": the blocking (_conv_plan), "filter parts": the units of a backward without dX (one
+      image: groups of filters, see _PARTS), "sizes": the checked sizes. Nothing in it carries data
       between calls: layers may share these buffers (but for "next"). The calls keep their checked
       arguments in it ("call forward", "call backward": _kept_call), so one workspace per layer.
     """
     x_shape, w_shape = tuple(x_shape), tuple(w_shape)
     sizes = _conv_sizes(x_shape, w_shape, w_shape[:1], stride, pad)
-    N, C, H, W, F, K, _, _, stride, pad = sizes
+    N, C, H, W, F, K, OH, _, stride, pad = sizes
     dtype = np.dtype(dtype)
     WR, NB, NC, nblocks, G, parts = plan = _conv_plan(N, C, H, W, F, K, stride, pad, dtype.itemsize)
     T = max(1, numba.config.NUMBA_NUM_THREADS)
@@ -635,6 +640,7 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     return {"cols": np.empty((T, CKK + 1, NC), dtype), "prod": np.empty((T, max(F, CKK), NC), dtype),
             "gt": np.empty((T, F, NC), dtype), "xp": np.empty((T, xp_len), dtype),
             "dwp": np.empty((G, F, CKK + 1), dtype), "next": np.zeros(1, np.int64), "plan": plan,
+            "filter parts": _PARTS if N == 1 and F >= _PARTS and F * CKK * OH * WR >= _FILTER_PARTS_MIN_MACS else 1,
             "key": (x_shape, w_shape, stride, pad), "sizes": sizes}
 
 
@@ -790,10 +796,10 @@ def _epilogue(out, prod, b, n0, nb, i0, i1, F, OW, WR, RELU):
 
 
 @njit(cache=True, inline="always")
-def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
-    # gt: (>= F, >= nb*OH*WR), dout: (N, F, OH, OW);  gt[f, nl*OH*WR + i*WR + j] = dout[n0+nl, f, i, j],
-    # 0 for OW <= j < WR
-    for f in range(F):
+def _gather_dout(gt, dout, n0, nb, f0, f1, OH, OW, WR):
+    # gt: (>= f1, >= nb*OH*WR), dout: (N, F, OH, OW);  gt[f, nl*OH*WR + i*WR + j] = dout[n0+nl, f, i, j],
+    # 0 for OW <= j < WR, for filters f0 <= f < f1
+    for f in range(f0, f1):
         for nl in range(nb):
             base = nl * OH * WR
             for i in range(OH):
@@ -812,7 +818,7 @@ def _gather_dout(gt, dout, n0, nb, F, OH, OW, WR):
 # scratch). With PARTS > 1 (N = 1), forward part p has the output rows [b_p, b_(p+1)),
 # b_p = p*OH/PARTS rounded down to a multiple of ALIGN (the fused max-pool's stride, so that no
 # pooling window straddles two parts); the backward has two units, dW then dX, when it computes dX
-# (SPLIT: dwp has one chunk), else a part's rows per chunk as the forward's.
+# (SPLIT: dwp has one chunk), else (no dX) a group of filters each, dwp[0]'s rows of those filters.
 # The kernels come in two copies, wide (stride 1) and strided, so that each compiles only its own
 # unfold and fold (a flag argument compiled both: ~2-3 s more of a cold start; Numba's literal
 # dispatch re-typed every call, ~40 ms).
@@ -844,17 +850,17 @@ def _chunk_blocks(g, N, NB, PARTS, G):
 
 
 @njit(cache=True, inline="always")
-def _backward_unit(u, N, C, OH, NB, PARTS, ALIGN, SPLIT):
-    # Backward unit u -> (n0, nb, i0, i1, c0, c1, DW): rows i0..i1 of images n0..n0+nb-1 add their
-    # dW when DW, and the unit computes the dX of channels c0..c1. SPLIT (one image with dX): unit
-    # 0 is the whole dW, unit 1 the whole dX. Else with PARTS > 1 (one image, no dX) part u's rows.
+def _backward_unit(u, N, C, F, OH, NB, PARTS, SPLIT):
+    # Backward unit u -> (n0, nb, c0, c1, f0, f1, DW): images n0..n0+nb-1 add the dW of filters
+    # f0..f1 when DW, and the unit computes the dX of channels c0..c1. SPLIT (one image with dX):
+    # unit 0 is the whole dW, unit 1 the whole dX. Else with PARTS > 1 (one image, no dX) unit u
+    # is the dW of the u-th of PARTS groups of filters.
     if SPLIT:
-        return 0, 1, 0, OH, 0, 0 if u == 0 else C, u == 0
+        return 0, 1, 0, 0 if u == 0 else C, 0, F, u == 0
     if PARTS > 1:
-        i0, i1 = _part_rows(u, OH, PARTS, ALIGN)
-        return 0, 1, i0, i1, 0, 0, True
+        return 0, 1, 0, 0, u * F // PARTS, (u + 1) * F // PARTS, True
     n0 = u * NB
-    return n0, min(NB, N - n0), 0, OH, 0, C, True
+    return n0, min(NB, N - n0), 0, C, 0, F, True
 
 
 @njit(cache=True, inline="always")
@@ -907,12 +913,12 @@ def _conv_forward_strided(out, pool_out, argmax, cols, prod, nxt, x, w2, b, N, C
 
 
 @njit(cache=True, inline="always")
-def _unpool_rows(gt, dpool, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, PW, MASK):
-    # The max-pool's backward straight into the block's rows: gt: (>= F, >= nb*OH*WR) zeroed, then
+def _unpool_rows(gt, dpool, argmax, pooled, n0, nb, f0, f1, OH, OW, WR, PK, PS, PH, PW, MASK):
+    # The max-pool's backward straight into the block's rows of filters f0..f1: gt: (>= f1, >= nb*OH*WR) zeroed, then
     # gt[f, nl*OH*WR + h*WR + w] += dpool[n, f, i, j] (times pooled > 0 when MASK: the ReLU before
     # the pool) at the winner (h, w) of window (i, j), windows in row-major order, as
     # maxpool2d_backward. dpool, argmax, pooled: (N, F, PH, PW); argmax: flat index h*OW + w.
-    for f in range(F):
+    for f in range(f0, f1):
         for nl in range(nb):
             n = n0 + nl
             base = nl * OH * WR
@@ -935,26 +941,25 @@ def _unpool_rows(gt, dpool, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, P
 
 
 @njit(cache=True, inline="always")
-def _conv_grad_products(dwp, cols, prod, gt, dout, argmax, pooled, w2, n0, nb, i0, i1, c0, c1, F, CKK, KK, OH, OW,
+def _conv_grad_products(dwp, cols, prod, gt, dout, argmax, pooled, w2, n0, nb, c0, c1, f0, f1, F, CKK, KK, OH, OW,
                         WR, BETA, DW, NEED_DX, POOL, MASK, PK, PS, PH, PW):
-    # The backward of a block whose cols are unfolded (output rows i0..i1; a row range only with
-    # nb = 1): gt = the block's output gradient (every row: dout's, or with POOL the max-pool's
-    # backward of dout), when DW dwp (F, CKK+1) = BETA * dwp + gt[rows] @ cols.T (the ones row gives
-    # db), and when NEED_DX prod[:(c1-c0)*KK] = w2[:, channels c0..c1].T @ gt.
-    # cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), dout: (N, F, OH, OW) or with POOL
-    # (N, F, PH, PW) as argmax and pooled, w2: (F, CKK)
+    # The backward of a block whose cols are unfolded: gt = the block's output gradient of filters
+    # f0..f1 (dout's, or with POOL the max-pool's backward of dout), when DW dwp[f0:f1] =
+    # BETA * dwp[f0:f1] + gt[f0:f1] @ cols.T (the ones row gives db), and when NEED_DX (all filters)
+    # prod[:(c1-c0)*KK] = w2[:, channels c0..c1].T @ gt.
+    # cols: (CKK+1, NC), prod: (>= CKK, NC), gt: (F, NC), dwp: (F, CKK+1), dout: (N, F, OH, OW) or
+    # with POOL (N, F, PH, PW) as argmax and pooled, w2: (F, CKK)
     NC = cols.shape[1]
-    R = i1 - i0
+    M = nb * OH * WR
     if POOL:
-        _unpool_rows(gt, dout, argmax, pooled, n0, nb, F, OH, OW, WR, PK, PS, PH, PW, MASK)
+        _unpool_rows(gt, dout, argmax, pooled, n0, nb, f0, f1, OH, OW, WR, PK, PS, PH, PW, MASK)
     else:
-        _gather_dout(gt, dout, n0, nb, F, OH, OW, WR)
+        _gather_dout(gt, dout, n0, nb, f0, f1, OH, OW, WR)
     if DW:
-        _fill_run(cols[CKK], 1, nb * R * WR)
-        _gemm(dwp, gt.reshape(F * NC)[i0 * WR:], cols, F, CKK + 1, nb * R * WR, CKK + 1, NC, NC, False, True, BETA)
+        _fill_run(cols[CKK], 1, M)
+        _gemm(dwp[f0:], gt[f0:], cols, f1 - f0, CKK + 1, M, CKK + 1, NC, NC, False, True, BETA)
     if NEED_DX and c1 > c0:
-        _gemm(prod, w2.reshape(F * CKK)[c0 * KK:], gt, (c1 - c0) * KK, nb * OH * WR, F, NC, CKK, NC, True, False,
-              0.0)
+        _gemm(prod, w2.reshape(F * CKK)[c0 * KK:], gt, (c1 - c0) * KK, M, F, NC, CKK, NC, True, False, 0.0)
 
 
 @njit(cache=True, nogil=True)
@@ -964,18 +969,18 @@ def _conv_backward_wide(dx, dwp, cols, prod, gt, xp, nxt, dout, argmax, pooled, 
     # prod: (>T, >= CKK, NC), gt: (>T, F, NC), xp: (>T, Hp*Wp+K) scratch, dout: (N, F, OH, OW), or
     # with POOL the pooled output's gradient (N, F, PH, PW) as argmax and pooled, x: (N, C, H, W),
     # w2: (F, CKK).  Slot s of T (see the slots' work above); chunk g's units are summed in order
-    # into dwp[g].
+    # into dwp[g]; with PARTS > 1 (one image) the units are summed into dwp[0] (G = 1).
     G = dwp.shape[0]
     SPLIT = PARTS > 1 and NEED_DX
     g = _claim(nxt)
-    while g < (2 if SPLIT else G):
+    while g < (PARTS if PARTS > 1 else G):
         lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
         for u in range(lo, hi):
-            n0, nb, i0, i1, c0, c1, DW = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1, SPLIT)
+            n0, nb, c0, c1, f0, f1, DW = _backward_unit(u, N, C, F, OH, NB, PARTS, SPLIT)
             if DW:
-                _unfold_wide(cols[s], xp[s], x, n0, nb, i0, i1, C, H, W, K, P)
-            _conv_grad_products(dwp[0 if SPLIT else g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0,
-                                i1, c0, c1, F, C * K * K, K * K, OH, OW, WR, 0.0 if u == lo else 1.0, DW, NEED_DX,
+                _unfold_wide(cols[s], xp[s], x, n0, nb, 0, OH, C, H, W, K, P)
+            _conv_grad_products(dwp[0 if PARTS > 1 else g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb,
+                                c0, c1, f0, f1, F, C * K * K, K * K, OH, OW, WR, 0.0 if u == lo else 1.0, DW, NEED_DX,
                                 POOL, MASK, PK, PS, PH, PW)
             if NEED_DX and c1 > c0:
                 _fold_wide(dx, xp[s], prod[s], n0, nb, c0, c1, H, W, K, P, OH)
@@ -989,14 +994,14 @@ def _conv_backward_strided(dx, dwp, cols, prod, gt, nxt, dout, argmax, pooled, x
     G = dwp.shape[0]
     SPLIT = PARTS > 1 and NEED_DX
     g = _claim(nxt)
-    while g < (2 if SPLIT else G):
+    while g < (PARTS if PARTS > 1 else G):
         lo, hi = _chunk_blocks(g, N, NB, PARTS, G)
         for u in range(lo, hi):
-            n0, nb, i0, i1, c0, c1, DW = _backward_unit(u, N, C, OH, NB, PARTS, PS if POOL else 1, SPLIT)
+            n0, nb, c0, c1, f0, f1, DW = _backward_unit(u, N, C, F, OH, NB, PARTS, SPLIT)
             if DW:
-                _unfold_strided(cols[s], x, n0, nb, i0, i1, C, H, W, K, S, P, OH, OW)
-            _conv_grad_products(dwp[0 if SPLIT else g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb, i0,
-                                i1, c0, c1, F, C * K * K, K * K, OH, OW, OW, 0.0 if u == lo else 1.0, DW, NEED_DX,
+                _unfold_strided(cols[s], x, n0, nb, 0, OH, C, H, W, K, S, P, OH, OW)
+            _conv_grad_products(dwp[0 if PARTS > 1 else g], cols[s], prod[s], gt[s], dout, argmax, pooled, w2, n0, nb,
+                                c0, c1, f0, f1, F, C * K * K, K * K, OH, OW, OW, 0.0 if u == lo else 1.0, DW, NEED_DX,
                                 POOL, MASK, PK, PS, PH, PW)
             if NEED_DX and c1 > c0:
                 _fold_strided(dx, prod[s], n0, nb, c0, c1, H, W, K, S, P, OH, OW)
@@ -1308,10 +1313,11 @@ def conv2d_backward(dout, x, w, stride, pad, dx=None, dw=None, db=None, need_dx=
     dw, db = _output(dw, (F, C, K, K), dt, "dw"), _output(db, (F,), dt, "db")
     dx = _output(dx, (N, C, H, W), dt, "dx") if need_dx else None
     WR, NB, _, _, G, parts, CKK = *work["plan"], C * K * K
-    split = parts > 1 and need_dx              # one image: a dW unit and a dX unit, one dW chunk
-    units, macs = 2 if split else max(G, parts), N * OH * WR * F * CKK * (2 if need_dx else 1)
+    parts = parts if need_dx else work["filter parts"]      # one image: a dW and a dX unit, or groups of filters
+    macs = N * OH * WR * F * CKK * (2 if need_dx else 1)         # (groups: parallel from _FILTER_PARTS_MIN_MACS)
+    units, macs = (parts, max(macs, _CONV_PARALLEL_MIN_MACS)) if parts > 1 else (G, macs)
     dxa, w2, need_dx, mask = dx if need_dx else x, w.reshape(F, CKK), bool(need_dx), relu_pooled is not None
-    nxt, dwp = work["next"], work["dwp"][:1] if split else work["dwp"]
+    nxt, dwp = work["next"], work["dwp"][:1] if N == 1 else work["dwp"]     # one image: one dW chunk
     if stride == 1:
         kernel, args = _conv_backward_wide, (dxa, dwp, work["cols"], work["prod"], work["gt"], work["xp"], nxt, dout,
                                              argmax, pooled, x, w2, N, C, H, W, F, K, pad, OH, OW, WR, NB, parts,
