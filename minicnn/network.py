@@ -839,8 +839,9 @@ class Network:
         bound = self.grads
         if not bound.handed_out:
             return
-        if (sys.getrefcount(bound) == bound.bound_refcounts[0] and _refcounts(bound) == bound.bound_refcounts
-                and bound.buffer() is not None):      # (the list held: the common case, decided in one count)
+        if (sys.getrefcount(bound) + 1 == bound.bound_refcounts[0]      # (+1: _refcounts' own argument) the
+                and _refcounts(bound) == bound.bound_refcounts           # list held, a loop's usual case, is
+                and bound.buffer() is not None):                         # decided in one count
             return
         for views in self._grads_pool:
             if views is not bound and _refcounts(views) == views.free_refcounts and views.buffer() is not None:

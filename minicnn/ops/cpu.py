@@ -1174,7 +1174,7 @@ def _kept_call(work, name, arrays, options, fresh):
     workspace that had the very objects ``arrays``, equal ``options``, and arrays like ``fresh``
     (checked here and put in their places); else None."""
     for kept in work.get(name, ()):
-        if kept[1] == options and all(map(operator.is_, kept[0], arrays)):
+        if all(map(operator.is_, kept[0], arrays)) and kept[1] == options:
             break
     else:
         return None
