@@ -805,9 +805,7 @@ class Network:
         apart, the views each layer's backward writes into (``layer_grads``; the conv ops' kept
         calls hold those, so the counts _unshare_grads checks do not depend on them)."""
         views = FlatViews.of(self.ops.zeros(self.offsets[-1], self.dtype), self._layout)
-        flat = views.flat_buffer
-        own = [flat[a:b].reshape(s) for a, b, s in self._layout]
-        del flat
+        own = [views.flat_buffer[a:b].reshape(s) for a, b, s in self._layout]     # (no local of the buffer)
         views.layer_grads, i = [], 0          # (layer, its grads) of the layers with parameters
         for layer in self.layers:
             n = len(layer.param_shapes)

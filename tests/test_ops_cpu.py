@@ -102,6 +102,13 @@ def test_conv2d_large_pad_and_stride_cases():
             assert_close(g, e, np.float64)
 
 
+def nan_scratch(work):
+    """Fill a conv workspace's float scratch with NaN: anything a call reads before writing it shows."""
+    for arr in work.values():
+        if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+            arr.fill(np.nan)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @FEW_EXAMPLES
 @given(case=conv_case())
@@ -110,9 +117,7 @@ def test_conv2d_workspace_is_filled_by_forward_and_reused_by_backward(dtype, cas
     (x, w, b, dout), (x64, w64, b64, dout64) = cast(dtype, case["x"], case["w"], case["b"], case["dout"])
     _, _, _, _, _, _, S, P = case["shape"]
     work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
-    for arr in work.values():
-        if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
-            arr.fill(np.nan)                        # anything read before it is written shows
+    nan_scratch(work)
     out = cpu.conv2d_forward(x, w, b, S, P, work=work)
     assert_close(out, ref.conv2d_forward(x64, w64, b64, S, P), dtype)
     got = cpu.conv2d_backward(dout, x, w, S, P, work=work)
@@ -191,9 +196,7 @@ def test_conv2d_blockings_match_ref_and_each_other(dtype, case, block_bytes, min
         work = cpu.conv2d_workspace(x.shape, w.shape, S, P, dtype)
 
     def scratch(arrays):                            # before each call: anything read before it is written shows
-        for arr in work.values():
-            if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
-                arr.fill(np.nan)
+        nan_scratch(work)
         return list(arrays())
 
     expected = [ref.conv2d_forward(x64, w64, b64, S, P), *ref.conv2d_backward(dout64, x64, w64, S, P)]
@@ -545,9 +548,7 @@ def test_conv2d_one_image_backward_without_dx_by_groups_of_filters(dtype, case, 
     expected = ref.conv2d_backward(dconv64, x64, w64, S, P)[1:]
 
     def grads():
-        for arr in work.values():
-            if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
-                arr.fill(np.nan)
+        nan_scratch(work)
         kw = dict(pool=(k, k), argmax=argmax, relu_pooled=pooled if relu else None) if k else {}
         return cpu.conv2d_backward(dpool, x, w, S, P, need_dx=False, work=work, **kw)[1:]
     assert_ref_and_thread_independent(grads, expected, dtype)
