@@ -371,6 +371,9 @@ class FlatViews(list):
     """A list of arrays that are consecutive views of one flat buffer, ``flat_buffer`` (net.params,
     net.grads, the gradients loss_and_grads returns). SGD.step updates such lists through their
     buffers in one pass, as train() does with [flat_params], [flat_grads]."""
+    # (slots, not a __dict__: _unshare_grads reads these every step)
+    __slots__ = ("flat_buffer", "layout", "originals", "handed_out", "counted", "free_refcounts",
+                 "bound_refcounts", "layer_grads")
 
     @classmethod
     def of(cls, flat, layout):
@@ -390,15 +393,17 @@ class FlatViews(list):
 
 
 def _refcounts(views):
-    """The reference counts of a FlatViews list, its flat buffer and its views (see _unshare_grads)."""
-    return (sys.getrefcount(views), sys.getrefcount(views.flat_buffer), *map(sys.getrefcount, views))
+    """The reference counts of a FlatViews list and of what it ``counted``: its flat buffer, the
+    array that owns their memory (every view made from them refers to it), its views (see
+    _unshare_grads)."""
+    return (sys.getrefcount(views), *map(sys.getrefcount, views.counted))
 
 
 LAYER_KINDS = {"conv": Conv2d, "relu": ReLU, "maxpool": MaxPool2d, "flatten": Flatten, "fc": Dense}
 
 
-def _share_transient(bufs, names):
-    """Let every conv workspace use one allocation for each buffer in ``names``.
+def _share_transient(bufs, names, empty):
+    """Let every conv workspace use one allocation (from ``empty``, the backend's) for each buffer in ``names``.
 
     Those buffers live only inside one conv2d_forward/backward call (layers run one at a time),
     so the layers can share them. Each shared buffer is sized for the largest layer.
@@ -408,7 +413,7 @@ def _share_transient(bufs, names):
         owners = [w for w in works if name in w]
         if len(owners) < 2:
             continue
-        flat = np.empty(max(w[name].size for w in owners), owners[0][name].dtype)
+        flat = empty(max(w[name].size for w in owners), owners[0][name].dtype)
         for w in owners:
             w[name] = flat[:w[name].size].reshape(w[name].shape)
 
@@ -697,7 +702,7 @@ class Network:
                 bufs[("loss", "y")] = empty((n,), np.int64)
             for layer in self.layers:
                 bufs.update({(layer.name, k): v for k, v in layer.buffers(n, self.ops, dt).items()})
-            _share_transient(bufs, ("cols", "prod", "gt", "xp", "dwp"))
+            _share_transient(bufs, ("cols", "prod", "gt", "xp", "dwp"), empty)
             bufs[("loss", "probs")] = empty((n, self.num_classes), dt)
             bufs[("loss", "dlogits")] = empty((n, self.num_classes), dt)
             bufs[("loss", "loss_out")] = empty((1,), dt)
@@ -814,6 +819,9 @@ class Network:
             i += n
         views.handed_out = False
         if not on_device(views.flat_buffer):
+            owner = views.flat_buffer.base            # (aligned: a view of the array that owns the memory)
+            views.counted = (views.flat_buffer, views.flat_buffer if owner is None else owner, *views.originals)
+            del owner
             self._grads_pool = self._grads_pool[1 - GRAD_BUFFERS:] + [views]
             views.free_refcounts = free = _refcounts(views)    # held by the pool and this frame only
             views.bound_refcounts = (free[0] + 1, free[1] + 1, *free[2:])   # and by net.grads, net.flat_grads
@@ -827,22 +835,24 @@ class Network:
 
     def _unshare_grads(self):
         """Before a backward pass writes the gradients: if loss_and_grads gave the current buffer
-        out and anything besides this network still refers to it (the list, its buffer or any view
-        of it, each with more references than when bound; or the list was changed), move to one of
-        the last GRAD_BUFFERS buffers that nothing refers to, else to a new one. This is NumPy's
-        temporary-elision reasoning: with exactly the references it had when made, nothing can see
-        it change. A training loop drops the gradients of step k-1 while step k runs, so two
-        buffers alternate: no copy, no allocation (at batch 1 the copy this replaced cost ~3% of
-        B's step, NOTES session 9)."""
+        out and anything besides this network still refers to it (the list, its buffer, any view
+        of it: each with more references than when bound; a view made from a view refers to the
+        array that owns the memory), move to one of the last GRAD_BUFFERS buffers that nothing
+        refers to, else to a new one. This is NumPy's temporary-elision reasoning: with exactly
+        the references it had when made, nothing can see it change (and a list the caller changed
+        then dropped is made whole again). A training loop drops the gradients of step k-1 while
+        step k runs, so two buffers alternate: no copy, no allocation (at batch 1 the copy this
+        replaced cost ~3% of B's step, NOTES session 9)."""
         bound = self.grads
         if not bound.handed_out:
             return
         if (sys.getrefcount(bound) + 1 == bound.bound_refcounts[0]      # (+1: _refcounts' own argument) the
-                and _refcounts(bound) == bound.bound_refcounts           # list held, a loop's usual case, is
-                and bound.buffer() is not None):                         # decided in one count
-            return
+                and _refcounts(bound) == bound.bound_refcounts):         # list held, a loop's usual case, is
+            bound[:] = bound.originals           # decided in one count. Nothing else sees the list: undo
+            return                               # any change made to it (cheaper than checking)
         for views in self._grads_pool:
-            if views is not bound and _refcounts(views) == views.free_refcounts and views.buffer() is not None:
+            if views is not bound and _refcounts(views) == views.free_refcounts:
+                views[:] = views.originals
                 break
         else:
             views = self._grad_buffer()

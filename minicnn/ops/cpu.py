@@ -637,9 +637,9 @@ def conv2d_workspace(x_shape, w_shape, stride, pad, dtype):
     T = max(1, numba.config.NUMBA_NUM_THREADS)
     CKK = C * K * K
     xp_len = (H + 2 * pad) * (W + 2 * pad) + K if stride == 1 else 1
-    return {"cols": np.empty((T, CKK + 1, NC), dtype), "prod": np.empty((T, max(F, CKK), NC), dtype),
-            "gt": np.empty((T, F, NC), dtype), "xp": np.empty((T, xp_len), dtype),
-            "dwp": np.empty((G, F, CKK + 1), dtype), "next": np.zeros(1, np.int64), "plan": plan,
+    return {"cols": empty((T, CKK + 1, NC), dtype), "prod": empty((T, max(F, CKK), NC), dtype),
+            "gt": empty((T, F, NC), dtype), "xp": empty((T, xp_len), dtype),
+            "dwp": empty((G, F, CKK + 1), dtype), "next": np.zeros(1, np.int64), "plan": plan,
             "filter parts": _PARTS if N == 1 and F >= _PARTS and F * CKK * OH * WR >= _FILTER_PARTS_MIN_MACS else 1,
             "key": (x_shape, w_shape, stride, pad), "sizes": sizes}
 
