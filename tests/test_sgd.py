@@ -104,3 +104,29 @@ def test_public_api_steps_run_on_the_flat_buffers_with_the_same_result(kw):
     params = nets[0].params
     params[0] = params[0].copy()                 # a replaced element: the list no longer covers the buffer
     assert params.buffer() is None
+
+
+CHANGES = {"setitem": lambda v: v.__setitem__(0, v[0].copy()), "swap": lambda v: v.__setitem__(slice(0, 2), v[1::-1]),
+           "delitem": lambda v: v.__delitem__(-1), "iadd": lambda v: v.__iadd__([]), "imul": lambda v: v.__imul__(1),
+           "append": lambda v: v.append(v[0]), "extend": lambda v: v.extend([]), "insert": lambda v: v.insert(0, v[0]),
+           "pop": lambda v: v.pop(), "remove": lambda v: v.remove(v[0]), "clear": lambda v: v.clear(),
+           "sort": lambda v: v.sort(key=lambda a: 0), "reverse": lambda v: v.reverse()}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_changed_list_of_views_is_stepped_element_by_element(change):
+    """Any change to a FlatViews list, even one that leaves it as it was, makes SGD.step update
+    its elements rather than the flat buffer (which may no longer be what it covers); the
+    network's own lists are made whole again only when nothing else refers to them."""
+    from minicnn import Network
+    net = Network.from_spec("conv2-relu-maxpool2-fc10", (1, 8, 8), seed=1, dtype=np.float64)
+    params, before = net.params, net.flat_params.copy()
+    assert params.buffer() is net.flat_params
+    CHANGES[change](params)
+    assert params.buffer() is None and params.changed
+    grads = [np.ones_like(p) for p in params]
+    SGD(lr=0.5).step(params, grads)
+    moved = np.flatnonzero(net.flat_params != before)
+    seen = {id(p) for p in params}
+    expected = [j for (a, b, _), v in zip(net._layout, params.originals) if id(v) in seen for j in range(a, b)]
+    np.testing.assert_array_equal(moved, expected)             # each element in the list once, nothing else
