@@ -412,6 +412,7 @@ def _changes_the_list(name):
 for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
               "clear", "sort", "reverse"):
     setattr(FlatViews, _name, _changes_the_list(_name))
+del _name
 
 
 def _refcounts(views):

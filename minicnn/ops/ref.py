@@ -305,8 +305,8 @@ def logit_stats(logits, probs, y):
 
 
 # --------------------------------------------------------------------------- arrays
-# Where a backend's arrays live. Host backends (this one and cpu.py) use NumPy arrays, so these
-# are trivial; cuda.py has the same functions for device arrays. Network and SGD use only these.
+# Where a backend's arrays live. Host backends (this one and cpu.py) use NumPy arrays; cuda.py has
+# the same functions for device arrays. Network and SGD use only these.
 # The buffers a network keeps (parameters, gradients, activations, scratch) start on a 64-byte
 # boundary: a cache line, and one AVX-512 vector. NumPy's own allocations are only 16-byte aligned,
 # each at a different offset in its line from run to run, and a vector load or store that straddles
