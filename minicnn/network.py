@@ -842,9 +842,9 @@ class Network:
             i += n
         views.handed_out = False
         if not on_device(views.flat_buffer):
-            owner = views.flat_buffer.base            # (aligned: a view of the array that owns the memory)
-            views.counted = (views.flat_buffer, views.flat_buffer if owner is None else owner, *views.originals)
-            del owner
+            flat = views.flat_buffer                  # (aligned: a view of the array that owns the memory)
+            views.counted = (flat, flat if flat.base is None else flat.base, *views.originals)
+            del flat                                  # (the counts below: no reference from this frame)
             self._grads_pool = self._grads_pool[1 - GRAD_BUFFERS:] + [views]
             views.free_refcounts = free = _refcounts(views)    # held by the pool and this frame only
             views.bound_refcounts = (free[0] + 1, free[1] + 1, *free[2:])   # and by net.grads, net.flat_grads

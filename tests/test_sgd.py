@@ -116,8 +116,7 @@ CHANGES = {"setitem": lambda v: v.__setitem__(0, v[0].copy()), "swap": lambda v:
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_a_changed_list_of_views_is_stepped_element_by_element(change):
     """Any change to a FlatViews list, even one that leaves it as it was, makes SGD.step update
-    its elements rather than the flat buffer (which may no longer be what it covers); the
-    network's own lists are made whole again only when nothing else refers to them."""
+    its elements rather than the flat buffer (which may no longer be what it covers)."""
     from minicnn import Network
     net = Network.from_spec("conv2-relu-maxpool2-fc10", (1, 8, 8), seed=1, dtype=np.float64)
     params, before = net.params, net.flat_params.copy()
